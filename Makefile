@@ -1,0 +1,18 @@
+# The two commands of the README. Each creates (or refreshes, when setup.cfg changed) a local virtual environment first.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m experiments.preview --config=configs/digits_imbalanced.py --workdir=runs/digits_imbalanced
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -n 2 -q

@@ -1,0 +1,23 @@
+"""bmerge: fast previews of weighted multitask finetuning by Bayesian model merging."""
+
+from bmerge import grid
+from bmerge import merge
+from bmerge.posteriors import Beta
+from bmerge.posteriors import DiagGaussian
+from bmerge.posteriors import FullGaussian
+from bmerge.posteriors import IsoGaussian
+from bmerge.posteriors import Mixture
+from bmerge.posteriors import stack
+from bmerge.posteriors import unstack
+
+__all__ = [
+    "Beta",
+    "DiagGaussian",
+    "FullGaussian",
+    "IsoGaussian",
+    "Mixture",
+    "grid",
+    "merge",
+    "stack",
+    "unstack",
+]
