@@ -1,5 +1,6 @@
 """bmerge: fast previews of weighted multitask finetuning by Bayesian model merging."""
 
+from bmerge import em
 from bmerge import grid
 from bmerge import merge
 from bmerge.posteriors import Beta
@@ -16,6 +17,7 @@ __all__ = [
     "FullGaussian",
     "IsoGaussian",
     "Mixture",
+    "em",
     "grid",
     "merge",
     "stack",

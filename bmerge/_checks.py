@@ -1,0 +1,121 @@
+"""Input validation at the public boundary, run once in Python before anything is traced or compiled.
+
+Every error names the argument and says what was expected. Value checks (signs, finiteness) run only on concrete
+arrays: under a user's `jit` the inputs are tracers and are assumed valid, as inside the library.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _leaves_concrete(tree: Any) -> bool:
+  return all(is_concrete(x) for x in jax.tree.leaves(tree))
+
+
+def alphas(value: Any, num_tasks: int, *, name: str = "alphas") -> tuple[Any, bool]:
+  """Checks a grid [G, T] (or one vector [T]); returns it as [G, T] and whether the input was a single vector."""
+  if is_concrete(value):
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.number):
+      raise TypeError(f"`{name}` must be numeric, got dtype {arr.dtype}.")
+  else:
+    arr = value
+  if arr.ndim not in (1, 2):
+    raise ValueError(f"`{name}` must have shape [G, T] or [T] with T = {num_tasks} tasks, got shape {tuple(arr.shape)}.")
+  single = arr.ndim == 1
+  if single:
+    arr = arr[None, :]
+  if arr.shape[1] != num_tasks:
+    raise ValueError(f"`{name}` has {arr.shape[1]} weights per row but the posteriors stack T = {num_tasks} tasks; "
+                     f"expected shape [G, {num_tasks}], got {tuple(arr.shape)}.")
+  if arr.shape[0] == 0:
+    raise ValueError(f"`{name}` is an empty grid (G = 0); expected at least one row of {num_tasks} weights.")
+  if is_concrete(arr):
+    if not np.all(np.isfinite(arr)):
+      bad = np.argwhere(~np.isfinite(arr))[0]
+      raise ValueError(f"`{name}` must be finite; row {bad[0]} has {arr[tuple(bad)]} at task {bad[1]}.")
+    if np.any(arr < 0):
+      bad = np.argwhere(arr < 0)[0]
+      raise ValueError(f"`{name}` must be non-negative; row {bad[0]} has {arr[tuple(bad)]} at task {bad[1]}.")
+  return arr, single
+
+
+def rows_sum_to_one(value: Any, *, name: str = "alphas", what: str = "", atol: float = 1e-5) -> None:
+  """Without a prior, gamma = 1 - sum(alpha) must be 0 (REFERENCE §2)."""
+  if not is_concrete(value):
+    return
+  sums = np.asarray(value, dtype=np.float64).sum(axis=1)
+  bad = np.flatnonzero(np.abs(sums - 1.0) > atol)
+  if bad.size:
+    raise ValueError(f"`{name}` row {bad[0]} sums to {sums[bad[0]]:.6g}, not 1. {what}")
+
+
+def leading(tree: Any, lead: Sequence[int], *, name: str, what: str = "") -> None:
+  """Every leaf of `tree` must start with the axes `lead` (e.g. (T,) for a stack of T tasks)."""
+  lead = tuple(lead)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    shape = tuple(np.shape(leaf))
+    if shape[:len(lead)] != lead:
+      raise ValueError(f"`{name}{jax.tree_util.keystr(path)}` has shape {shape}; expected leading axes {lead}"
+                       f"{' (' + what + ')' if what else ''}.")
+
+
+def same_structure(a: Any, b: Any, *, name_a: str, name_b: str, lead_a: int = 0, lead_b: int = 0) -> None:
+  """`a` and `b` must be the same pytree with the same leaf shapes after dropping `lead_a` / `lead_b` leading axes."""
+  sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+  if sa != sb:
+    raise ValueError(f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n  {sa}\nand\n  {sb}.")
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+    xs, ys = tuple(np.shape(x))[lead_a:], tuple(np.shape(y))[lead_b:]
+    if xs != ys:
+      raise ValueError(f"`{name_a}{jax.tree_util.keystr(path)}` has shape {xs} per model but `{name_b}` has {ys} there; "
+                       "expected equal shapes.")
+
+
+def positive_finite(tree: Any, *, name: str) -> None:
+  """Every entry finite and > 0 (precisions)."""
+  if not _leaves_concrete(tree):
+    return
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    arr = np.asarray(leaf)
+    if not np.all(np.isfinite(arr)):
+      raise ValueError(f"`{name}{jax.tree_util.keystr(path)}` must be finite; it holds {arr[~np.isfinite(arr)].flat[0]}.")
+    if np.any(arr <= 0):
+      raise ValueError(f"`{name}{jax.tree_util.keystr(path)}` must be > 0 (a precision); its smallest entry is "
+                       f"{arr.min():.6g}.")
+
+
+def finite(tree: Any, *, name: str) -> None:
+  if not _leaves_concrete(tree):
+    return
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    arr = np.asarray(leaf)
+    if not np.all(np.isfinite(arr)):
+      raise ValueError(f"`{name}{jax.tree_util.keystr(path)}` must be finite; it holds {arr[~np.isfinite(arr)].flat[0]}.")
+
+
+def positive_definite(mats: Any, *, name: str) -> None:
+  """Symmetric positive definite [..., P, P] matrices (checked by Cholesky in float64)."""
+  if not is_concrete(mats):
+    return
+  arr = np.asarray(mats, dtype=np.float64)
+  if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
+    raise ValueError(f"`{name}` must be square matrices [..., P, P], got shape {arr.shape}.")
+  if not np.all(np.isfinite(arr)):
+    raise ValueError(f"`{name}` must be finite.")
+  asym = np.max(np.abs(arr - np.swapaxes(arr, -1, -2))) if arr.size else 0.0
+  scale = max(np.max(np.abs(arr)), 1e-300) if arr.size else 1.0
+  if asym > 1e-5 * scale:
+    raise ValueError(f"`{name}` must be symmetric; max |A - A^T| = {asym:.3g}.")
+  try:
+    np.linalg.cholesky(arr)
+  except np.linalg.LinAlgError:
+    raise ValueError(f"`{name}` must be positive definite (a precision matrix); Cholesky failed.") from None

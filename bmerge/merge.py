@@ -1,0 +1,329 @@
+"""Merging rules over a grid of task weights (paper §2-3, REFERENCE §2).
+
+Every rule takes T posteriors stacked along a leading axis and `alphas` of shape [G, T] (a single [T] vector also
+works and returns one model) and returns the merged params pytree with a leading G axis. Each rule is a few matrix
+products of the [G, T] grid with the [T, P] stacked parameters, run in one `jit` (one trace per shape), never a
+Python loop over G. Parameters are centred on the mean of the task models before any product so float32 keeps the
+small task vectors (|theta_t - theta_s| ~ 1e-3 next to |theta| ~ 1).
+
+With `sum_t alpha_t != 1`, gamma = 1 - sum_t alpha_t weights a prior p0: `p_alpha ∝ p0^gamma prod_t q_t^alpha_t`
+(Eqs. 5-8). Rules whose prior is not implied by the rule (Hessian-weighted, mixture) need it passed as `prior`.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from bmerge import _checks
+from bmerge import _sharding
+from bmerge import _tree
+from bmerge import posteriors as post
+from bmerge.posteriors import Beta, DiagGaussian, FullGaussian, IsoGaussian, Mixture
+
+PyTree = Any
+
+
+def _num_tasks(tree: PyTree, name: str) -> int:
+  leaves = jax.tree.leaves(tree)
+  if not leaves:
+    raise ValueError(f"`{name}` has no arrays; expected a params pytree stacked along a leading task axis.")
+  shape = jax.numpy.shape(leaves[0])
+  if len(shape) == 0:
+    raise ValueError(f"`{name}` leaves must carry a leading task axis T; got a scalar leaf.")
+  return shape[0]
+
+
+def _run_on_grid(fn, alphas, single: bool, *operands, rows=None):
+  """Calls `fn(alphas, *operands[, rows])` with the grid sharded across devices; strips padding (and G if single).
+
+  `rows` (optional) is a pytree with the same leading G axis as `alphas`, sharded with it.
+  """
+  mesh = _sharding.grid_mesh()
+  alphas, g = _sharding.shard_rows(alphas, mesh)
+  operands = _sharding.replicate(operands, mesh)
+  if rows is not None:
+    rows = jax.tree.map(lambda x: _sharding.shard_rows(x, mesh)[0], rows)
+  out = fn(alphas, *operands) if rows is None else fn(alphas, *operands, rows)
+  padded = alphas.shape[0]
+  if padded != g:  # outputs with a leading grid axis lose the padding; summaries (scalars) stay
+    out = jax.tree.map(lambda x: x[:g] if x.ndim and x.shape[0] == padded else x, out)
+  if single:
+    out = jax.tree.map(lambda x: x[0], out)
+  return out
+
+
+def _grid_dtype(tree: PyTree):
+  return jnp.result_type(*[jnp.asarray(x).dtype for x in jax.tree.leaves(tree)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Simple averaging and task arithmetic: one GEMM each.
+
+
+@jax.jit
+def _affine_core(alphas, stacked, base):
+  """base * (1 - sum alpha) + sum_t alpha_t stacked_t, computed as base + alphas @ (stacked - base)."""
+  flat, unflatten = _tree.flatten(stacked, 1)
+  ref = jnp.mean(flat, axis=0) if base is None else _tree.flatten(base, 0)[0]
+  alphas = alphas.astype(flat.dtype)
+  out = alphas @ (flat - ref)
+  if base is None:  # Simple averaging: the prior N(0, I) contributes gamma * 0, so only ref * sum(alpha) remains.
+    out = out + jnp.sum(alphas, axis=1, keepdims=True) * ref
+  else:
+    out = out + ref
+  return unflatten(out)
+
+
+def simple_average(means: Union[PyTree, IsoGaussian, DiagGaussian], alphas) -> PyTree:
+  """Simple averaging (Eq. 2): theta_alpha = sum_t alpha_t theta_t.
+
+  It is the Hessian-weighted merge with isotropic unit posteriors N(theta_t, I) and prior N(0, I), so rows of
+  `alphas` need not sum to 1 (the prior adds gamma * 0).
+
+  Args:
+    means: the T task models, a params pytree whose leaves carry a leading T axis (or a stacked Gaussian posterior,
+      whose means are used).
+    alphas: [G, T] task weights (or one [T] vector), non-negative.
+
+  Returns:
+    The merged params pytree with a leading G axis (no G axis for a [T] input).
+  """
+  if isinstance(means, (IsoGaussian, DiagGaussian)):
+    means = means.mean
+  t = _num_tasks(means, "means")
+  _checks.leading(means, (t,), name="means", what="T stacked task models")
+  _checks.finite(means, name="means")
+  alphas, single = _checks.alphas(alphas, t)
+  return _run_on_grid(lambda a, m: _affine_core(a, m, None), alphas, single, means)
+
+
+def task_arithmetic(base: PyTree, finetuned: PyTree, alphas) -> PyTree:
+  """Task arithmetic (Eq. 3): theta_alpha = theta_base + sum_t alpha_t (theta_t - theta_base).
+
+  The Hessian-weighted merge with posteriors N(theta_t, I) and the prior N(theta_base, I) (Ilharco et al., 2023).
+
+  Args:
+    base: the pretrained model (params pytree, no task axis).
+    finetuned: the T finetuned models, the same pytree with a leading T axis on every leaf.
+    alphas: [G, T] (or [T]) non-negative task weights (the scaling factors; they need not sum to 1).
+
+  Returns:
+    The merged params pytree with a leading G axis.
+  """
+  t = _num_tasks(finetuned, "finetuned")
+  _checks.leading(finetuned, (t,), name="finetuned", what="T stacked task models")
+  _checks.same_structure(finetuned, base, name_a="finetuned", name_b="base", lead_a=1)
+  _checks.finite(finetuned, name="finetuned")
+  _checks.finite(base, name="base")
+  alphas, single = _checks.alphas(alphas, t)
+  return _run_on_grid(lambda a, m, b: _affine_core(a, m, b), alphas, single, finetuned, base)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hessian-weighted merging (Eq. 10), diagonal and full.
+
+
+@jax.jit
+def _diag_core(alphas, means, precisions, prior_mean, prior_precision):
+  m, unflatten = _tree.flatten(means, 1)  # [T, P]
+  h, _ = _tree.flatten(precisions, 1)
+  h = h.astype(m.dtype)
+  alphas = alphas.astype(m.dtype)
+  ref = jnp.mean(m, axis=0)
+  # One GEMM: [G, T] x [T, 2P] -> numerator sum_t a_t h_t (theta_t - ref) and denominator sum_t a_t h_t.
+  u = alphas @ jnp.concatenate([h * (m - ref), h], axis=1)
+  p = m.shape[1]
+  num, den = u[:, :p], u[:, p:]
+  if prior_mean is not None:
+    m0, _ = _tree.flatten(prior_mean, 0)
+    h0, _ = _tree.flatten(prior_precision, 0)
+    gamma = (1.0 - jnp.sum(alphas, axis=1))[:, None]
+    num = num + gamma * (h0 * (m0 - ref))
+    den = den + gamma * h0
+  return unflatten(ref + num / den), jnp.min(den)
+
+
+@partial(jax.jit, static_argnames="chunk_size")
+def _full_core(alphas, mean, precision, prior_mean, prior_precision, chunk_size):
+  alphas = alphas.astype(mean.dtype)
+  ref = jnp.mean(mean, axis=0)
+  hd = jnp.einsum("tij,tj->ti", precision, mean - ref)  # [T, P]
+  if prior_mean is not None:
+    hd0 = prior_precision @ (prior_mean - ref)
+
+  def one(a):
+    s = jnp.tensordot(a, precision, axes=1)
+    rhs = a @ hd
+    if prior_mean is not None:
+      gamma = 1.0 - jnp.sum(a)
+      s = s + gamma * prior_precision
+      rhs = rhs + gamma * hd0
+    chol = jnp.linalg.cholesky(s)
+    x = jax.scipy.linalg.cho_solve((chol, True), rhs)
+    return ref + x, jnp.all(jnp.isfinite(chol))
+
+  out, ok = jax.lax.map(one, alphas, batch_size=chunk_size)
+  return out, jnp.all(ok)
+
+
+def _check_gaussian_stack(posteriors, name):
+  t = _num_tasks(posteriors.mean, f"{name}.mean")
+  if isinstance(posteriors, FullGaussian):
+    if jnp.ndim(posteriors.mean) != 2:
+      raise ValueError(f"`{name}.mean` must be [T, P] for stacked FullGaussian posteriors, "
+                       f"got shape {jnp.shape(posteriors.mean)}.")
+    p = jnp.shape(posteriors.mean)[1]
+    if jnp.shape(posteriors.precision) != (t, p, p):
+      raise ValueError(f"`{name}.precision` must be [T, P, P] = {(t, p, p)}, got {jnp.shape(posteriors.precision)}.")
+    _checks.finite(posteriors.mean, name=f"{name}.mean")
+    _checks.positive_definite(posteriors.precision, name=f"{name}.precision")
+  else:
+    _checks.leading(posteriors.mean, (t,), name=f"{name}.mean", what="T stacked task models")
+    if isinstance(posteriors, IsoGaussian):
+      if jnp.shape(posteriors.precision) != (t,):
+        raise ValueError(f"`{name}.precision` of stacked IsoGaussian posteriors must be [T] = ({t},), "
+                         f"got {jnp.shape(posteriors.precision)}.")
+    else:
+      _checks.same_structure(posteriors.precision, posteriors.mean, name_a=f"{name}.precision", name_b=f"{name}.mean")
+    _checks.finite(posteriors.mean, name=f"{name}.mean")
+    _checks.positive_finite(posteriors.precision, name=f"{name}.precision")
+  return t
+
+
+def _prior_as(prior, like, name="prior"):
+  """The prior as the same kind as `like` (DiagGaussian over the params pytree, or FullGaussian over [P])."""
+  if isinstance(like, FullGaussian):
+    p = jnp.shape(like.mean)[1]
+    if isinstance(prior, FullGaussian):
+      m0, h0 = prior.mean, prior.precision
+      _checks.positive_definite(h0, name=f"{name}.precision")
+    elif isinstance(prior, (IsoGaussian, DiagGaussian)):
+      _checks.positive_finite(prior.precision, name=f"{name}.precision")
+      m0 = prior.mean
+      h0 = jnp.diag(jnp.broadcast_to(jnp.asarray(prior.precision), (p,)))
+    else:
+      raise TypeError(f"`{name}` must be a Gaussian posterior (FullGaussian, DiagGaussian or IsoGaussian), "
+                      f"got {type(prior).__name__}.")
+    if jnp.shape(m0) != (p,) or jnp.shape(h0) != (p, p):
+      raise ValueError(f"`{name}` must have mean [P] = ({p},) and precision [P, P]; got mean {jnp.shape(m0)} and "
+                       f"precision {jnp.shape(h0)}.")
+    _checks.finite(m0, name=f"{name}.mean")
+    return jnp.asarray(m0, like.mean.dtype), jnp.asarray(h0, like.mean.dtype)
+  if not isinstance(prior, (IsoGaussian, DiagGaussian)):
+    raise TypeError(f"`{name}` must be an IsoGaussian or DiagGaussian over the params pytree, got {type(prior).__name__}.")
+  _checks.same_structure(prior.mean, like.mean, name_a=f"{name}.mean", name_b="posteriors.mean", lead_b=1)
+  _checks.finite(prior.mean, name=f"{name}.mean")
+  _checks.positive_finite(prior.precision, name=f"{name}.precision")
+  prior = post.as_diag(prior)
+  return prior.mean, prior.precision
+
+
+def hessian_weighted(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian], alphas,
+                     prior: Optional[Union[DiagGaussian, IsoGaussian, FullGaussian]] = None,
+                     *, chunk_size: int = 64) -> PyTree:
+  """Hessian-weighted merging (Eq. 10): the mode of p0^gamma prod_t N(theta_t, H_t^-1)^alpha_t.
+
+    theta_alpha = (sum_t alpha_t H_t + gamma H_0)^-1 (sum_t alpha_t H_t theta_t + gamma H_0 theta_0),
+    gamma = 1 - sum_t alpha_t,
+
+  elementwise for diagonal precisions (two GEMMs of [G, T] by [T, P]) and with a Cholesky solve per alpha for full
+  ones. Daheim et al. (2024) is this rule with the prior centred at the pretrained model.
+
+  Args:
+    posteriors: T stacked posteriors: `DiagGaussian` / `IsoGaussian` (leaves with a leading T axis) or `FullGaussian`
+      (mean [T, P], precision [T, P, P]).
+    alphas: [G, T] (or [T]) non-negative task weights. Without `prior` every row must sum to 1 (gamma = 0).
+    prior: p0, needed when rows do not sum to 1; a Gaussian over the same parameters (no T axis).
+    chunk_size: for full precisions, how many alphas are solved at once (memory chunk_size * P^2).
+
+  Returns:
+    The merged params pytree with a leading G axis (a [P] vector per alpha for `FullGaussian`).
+
+  Raises:
+    ValueError: if a merged precision is not positive (possible only with a prior and sum(alpha) > 1).
+  """
+  if isinstance(posteriors, Mixture):
+    raise TypeError("`posteriors` is a Mixture; use `bmerge.merge.mixture_weighted` for mixture posteriors.")
+  if not isinstance(posteriors, (DiagGaussian, IsoGaussian, FullGaussian)):
+    raise TypeError(f"`posteriors` must be stacked DiagGaussian, IsoGaussian or FullGaussian posteriors, "
+                    f"got {type(posteriors).__name__}.")
+  t = _check_gaussian_stack(posteriors, "posteriors")
+  alphas, single = _checks.alphas(alphas, t)
+  if prior is None:
+    _checks.rows_sum_to_one(alphas, what="Without a prior gamma = 1 - sum(alpha) must be 0; pass `prior=` (the "
+                            "regulariser p0) to merge with weights that do not sum to 1.")
+    m0 = h0 = None
+  else:
+    m0, h0 = _prior_as(prior, posteriors)
+  if isinstance(posteriors, FullGaussian):
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+      raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
+    out, ok = _run_on_grid(lambda a, m, h, pm, ph: _full_core(a, m, h, pm, ph, chunk_size), alphas, False,
+                           posteriors.mean, posteriors.precision, m0, h0)
+    if _checks.is_concrete(ok) and not bool(ok):
+      raise ValueError("The merged precision sum_t alpha_t H_t + gamma H_0 is not positive definite for some alpha; "
+                       "with a prior, keep sum(alpha) <= 1 or use a prior that keeps it positive definite.")
+    return out[0] if single else out
+  diag = post.as_diag(posteriors)
+  out, min_den = _run_on_grid(lambda a, m, h, pm, ph: _diag_core(a, m, h, pm, ph), alphas, False,
+                              diag.mean, diag.precision, m0, h0)
+  if _checks.is_concrete(min_den) and not float(min_den) > 0:
+    raise ValueError(f"The merged precision sum_t alpha_t h_t + gamma h_0 reaches {float(min_den):.4g} <= 0 for some "
+                     "alpha; with a prior, keep sum(alpha) <= 1 or its precision small enough.")
+  return jax.tree.map(lambda x: x[0], out) if single else out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixtures (Eqs. 11-12, Algorithm 1) and general exponential families (App. A.2).
+
+
+def mixture_weighted(mixtures: Mixture, alphas, num_iters: int = 10, **kwargs) -> PyTree:
+  """Mixture-weighted merging (Eqs. 11-12, Algorithm 1): the EM mode of prod_t q_t^alpha_t for mixtures q_t.
+
+  A thin wrapper over `bmerge.em.find_modes` returning only the merged params; use that function for the
+  convergence measures. See it for the arguments.
+  """
+  from bmerge import em  # em imports this module's helpers.
+  return em.find_modes(mixtures, alphas, num_iters=num_iters, **kwargs).params
+
+
+@partial(jax.jit, static_argnames="kind")
+def _expfam_core(alphas, lam, prior_lam, kind):
+  return post.mode(post.from_natural(kind, post.aggregate(lam, alphas, prior_lam)))
+
+
+def exponential_family(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian, Beta], alphas,
+                       prior=None) -> PyTree:
+  """Merging by natural-parameter aggregation for any supported family (App. A.2).
+
+  lambda_alpha = sum_t alpha_t lambda_t + gamma lambda_0, then the mode of the family at lambda_alpha. For Gaussians
+  this is Eq. 10 (prefer `hessian_weighted`, which also centres for float32); for `Beta` it is the Beta-Bernoulli
+  example: theta_alpha = log((a_alpha - 1) / (b_alpha - 1)), the logit of the merged coin probability.
+  """
+  if not isinstance(posteriors, (DiagGaussian, IsoGaussian, FullGaussian, Beta)):
+    raise TypeError(f"`posteriors` must be a stacked DiagGaussian, IsoGaussian, FullGaussian or Beta, "
+                    f"got {type(posteriors).__name__}.")
+  if isinstance(posteriors, Beta):
+    t = _num_tasks(posteriors.a, "posteriors.a")
+    _checks.same_structure(posteriors.a, posteriors.b, name_a="posteriors.a", name_b="posteriors.b")
+    _checks.positive_finite(posteriors.a, name="posteriors.a")
+    _checks.positive_finite(posteriors.b, name="posteriors.b")
+  else:
+    t = _check_gaussian_stack(posteriors, "posteriors")
+  alphas, single = _checks.alphas(alphas, t)
+  if prior is None:
+    _checks.rows_sum_to_one(alphas, what="Without a prior gamma must be 0; pass `prior=`.")
+    prior_lam = None
+  else:
+    if type(prior) is not type(posteriors) and not (
+        isinstance(prior, (IsoGaussian, DiagGaussian)) and isinstance(posteriors, (IsoGaussian, DiagGaussian))):
+      raise TypeError(f"`prior` must be a {type(posteriors).__name__} like the posteriors, got {type(prior).__name__}.")
+    prior_lam = post.natural_params(prior)
+  kind = DiagGaussian if isinstance(posteriors, IsoGaussian) else type(posteriors)
+  out = _run_on_grid(lambda a, lam, lam0: _expfam_core(a, lam, lam0, kind), alphas, single,
+                     post.natural_params(posteriors), prior_lam)
+  return out

@@ -1,0 +1,59 @@
+"""The grid axis is sharded across devices and the results equal the single-device ones."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    import bmerge
+    from bmerge import em, grid, merge
+    assert jax.device_count() == 4, jax.devices()
+    rng = np.random.default_rng(0)
+    t, k = 3, 4
+    means = {"w": rng.normal(size=(t, k, 5, 3)).astype(np.float32), "b": rng.normal(size=(t, k, 3)).astype(np.float32)}
+    precs = jax.tree.map(lambda x: np.exp(rng.normal(size=x.shape)).astype(np.float32), means)
+    mix = bmerge.Mixture(bmerge.DiagGaussian(means, precs), rng.normal(size=(t, k)).astype(np.float32))
+    diag = jax.tree.map(lambda x: x[:, 0], mix.components)
+    alphas = grid.simplex(3, 0.05).astype(np.float32)  # G = 231, not a multiple of 4: padding is exercised
+    out = {
+        "hessian": merge.hessian_weighted(diag, alphas),
+        "simple": merge.simple_average(diag.mean, alphas),
+        "mixture": em.find_modes(mix, alphas, 6).params,
+    }
+    for name, tree in out.items():
+      for leaf in jax.tree.leaves(tree):
+        assert leaf.shape[0] == 231, (name, leaf.shape)
+        assert len(leaf.sharding.device_set) == 4, (name, leaf.sharding)
+    np.savez(os.environ["OUT"], **{f"{n}_{i}": np.asarray(l) for n, tr in out.items()
+                                    for i, l in enumerate(jax.tree.leaves(tr))})
+""")
+
+
+def test_grid_sharded_over_four_devices_equals_single_device(tmp_path):
+  import jax
+  import numpy as np
+  import bmerge
+  from bmerge import em, grid, merge
+
+  out = tmp_path / "sharded.npz"
+  env = dict(os.environ, OUT=str(out))
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  sharded = np.load(out)
+
+  rng = np.random.default_rng(0)
+  t, k = 3, 4
+  means = {"w": rng.normal(size=(t, k, 5, 3)).astype(np.float32), "b": rng.normal(size=(t, k, 3)).astype(np.float32)}
+  precs = jax.tree.map(lambda x: np.exp(rng.normal(size=x.shape)).astype(np.float32), means)
+  mix = bmerge.Mixture(bmerge.DiagGaussian(means, precs), rng.normal(size=(t, k)).astype(np.float32))
+  diag = jax.tree.map(lambda x: x[:, 0], mix.components)
+  alphas = grid.simplex(3, 0.05).astype(np.float32)
+  single = {"hessian": merge.hessian_weighted(diag, alphas), "simple": merge.simple_average(diag.mean, alphas),
+            "mixture": em.find_modes(mix, alphas, 6).params}
+  for name, tree in single.items():
+    for i, leaf in enumerate(jax.tree.leaves(tree)):
+      np.testing.assert_allclose(sharded[f"{name}_{i}"], leaf, rtol=1e-6, atol=1e-6)
