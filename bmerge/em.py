@@ -272,9 +272,10 @@ def find_mode_reference(mixtures: Mixture, alpha: jax.Array, num_iters: int = 10
     return jnp.sum(w * m, axis=(0, 1)) / jnp.sum(w, axis=(0, 1))
 
   theta = update(jnp.exp(log_pi))
+  half_logdet = 0.5 * jnp.sum(jnp.log(h), -1)  # loop-invariant, hoisted
 
   def body(_, theta):
-    lj = log_pi + 0.5 * jnp.sum(jnp.log(h), -1) - 0.5 * jnp.sum(h * (theta - m) ** 2, -1)
+    lj = log_pi + half_logdet - 0.5 * jnp.sum(h * (theta - m) ** 2, -1)
     r = jnp.exp(lj - logsumexp(lj, axis=1, keepdims=True))
     return update(r)
 

@@ -64,13 +64,28 @@ def _grid_dtype(tree: PyTree):
 # Simple averaging and task arithmetic: one GEMM each.
 
 
+_UNROLL_MAX_TASKS = 16
+
+
+def _weighted_sum(alphas, rows):
+  """alphas [G, T] @ rows [T, P] -> [G, P].
+
+  For the usual handful of tasks an unrolled sum of T scaled rows, which XLA fuses with what follows into one pass
+  writing the [G, P] output once (a GEMM with inner dimension T is memory-bound and, on the CPU, measured 1.5-2.5x
+  slower here); a GEMM for many tasks.
+  """
+  if rows.shape[0] > _UNROLL_MAX_TASKS:
+    return alphas @ rows
+  return sum(alphas[:, t, None] * rows[t] for t in range(rows.shape[0]))
+
+
 @jax.jit
 def _affine_core(alphas, stacked, base):
   """base * (1 - sum alpha) + sum_t alpha_t stacked_t, computed as base + alphas @ (stacked - base)."""
   flat, unflatten = _tree.flatten(stacked, 1)
   ref = jnp.mean(flat, axis=0) if base is None else _tree.flatten(base, 0)[0]
   alphas = alphas.astype(flat.dtype)
-  out = alphas @ (flat - ref)
+  out = _weighted_sum(alphas, flat - ref)
   if base is None:  # Simple averaging: the prior N(0, I) contributes gamma * 0, so only ref * sum(alpha) remains.
     out = out + jnp.sum(alphas, axis=1, keepdims=True) * ref
   else:
@@ -134,10 +149,9 @@ def _diag_core(alphas, means, precisions, prior_mean, prior_precision):
   h = h.astype(m.dtype)
   alphas = alphas.astype(m.dtype)
   ref = jnp.mean(m, axis=0)
-  # One GEMM: [G, T] x [T, 2P] -> numerator sum_t a_t h_t (theta_t - ref) and denominator sum_t a_t h_t.
-  u = alphas @ jnp.concatenate([h * (m - ref), h], axis=1)
-  p = m.shape[1]
-  num, den = u[:, :p], u[:, p:]
+  # Numerator sum_t a_t h_t (theta_t - ref) and denominator sum_t a_t h_t: [G, T] x [T, P] products.
+  num = _weighted_sum(alphas, h * (m - ref))
+  den = _weighted_sum(alphas, h)
   if prior_mean is not None:
     m0, _ = _tree.flatten(prior_mean, 0)
     h0, _ = _tree.flatten(prior_precision, 0)
