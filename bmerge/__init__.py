@@ -1,8 +1,13 @@
 """bmerge: fast previews of weighted multitask finetuning by Bayesian model merging."""
 
+from bmerge import checkpoint
 from bmerge import em
+from bmerge import exact
 from bmerge import grid
 from bmerge import merge
+from bmerge import metrics
+from bmerge.grid_eval import chunked_map
+from bmerge.grid_eval import preview
 from bmerge.posteriors import Beta
 from bmerge.posteriors import DiagGaussian
 from bmerge.posteriors import FullGaussian
@@ -17,9 +22,14 @@ __all__ = [
     "FullGaussian",
     "IsoGaussian",
     "Mixture",
+    "checkpoint",
+    "chunked_map",
     "em",
+    "exact",
     "grid",
     "merge",
+    "metrics",
+    "preview",
     "stack",
     "unstack",
 ]

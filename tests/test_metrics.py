@@ -1,0 +1,233 @@
+"""bmerge.metrics against values worked out by hand, and Pareto fronts / hypervolumes against brute force."""
+
+import json
+import math
+import warnings
+
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+
+from bmerge import metrics
+
+# Four grid points of a 3-task simplex, used throughout:
+#   g   alpha          preview  exact
+#   0   (1, 0, 0)      0.70     0.80
+#   1   (.5, .5, 0)    0.90     0.85
+#   2   (0, 1, 0)      0.60     0.90
+#   3   (0, 0, 1)      0.50     0.40
+ALPHAS = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+PREVIEW = np.array([0.70, 0.90, 0.60, 0.50])
+EXACT = np.array([0.80, 0.85, 0.90, 0.40])
+
+
+def test_mse_by_hand():
+  # differences -0.1, 0.05, -0.3, 0.1 -> squares 0.01 + 0.0025 + 0.09 + 0.01 = 0.1125, over 4 = 0.028125
+  assert metrics.mse(PREVIEW, EXACT) == pytest.approx(0.028125, abs=1e-15)
+  assert metrics.mse(EXACT, EXACT) == 0.0
+
+
+def test_best_by_hand_for_accuracy_and_loss():
+  b = metrics.best(ALPHAS, PREVIEW, EXACT)
+  # preview is largest at g = 1 (0.90); joint training there gives 0.85; the best exact is 0.90 at g = 2.
+  assert b.index == 1 and b.preview == 0.90 and b.exact_at_best == 0.85
+  np.testing.assert_array_equal(b.alpha, [0.5, 0.5, 0.0])
+  assert b.exact_index == 2 and b.exact_best == 0.90
+  np.testing.assert_array_equal(b.exact_alpha, [0.0, 1.0, 0.0])
+  # As a loss: preview is smallest at g = 3 (0.50), exact there 0.40, which is also the smallest exact.
+  b = metrics.best(ALPHAS, PREVIEW, EXACT, maximize=False)
+  assert (b.index, b.preview, b.exact_at_best, b.exact_index, b.exact_best) == (3, 0.50, 0.40, 3, 0.40)
+
+
+def test_ties_go_to_the_first_index():
+  alphas = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+  preview, exact = np.array([0.9, 0.9, 0.1]), np.array([0.2, 0.8, 0.8])
+  b = metrics.best(alphas, preview, exact)
+  assert b.index == 0 and b.exact_at_best == 0.2 and b.exact_index == 1
+  # top-1 of the preview is g = 0 (first of the tie): regret 0.8 - 0.2; top-2 adds g = 1: regret 0.
+  assert metrics.regret_at_k(preview, exact, 1) == pytest.approx(0.6)
+  assert metrics.regret_at_k(preview, exact, 2) == 0.0
+
+
+def test_spearman_by_hand():
+  # ranks of preview (0.7, 0.9, 0.6, 0.5) = (3, 4, 2, 1); of exact (0.8, 0.85, 0.9, 0.4) = (2, 3, 4, 1);
+  # d = (1, 1, -2, 0), sum d^2 = 6, rho = 1 - 6 * 6 / (4 * (16 - 1)) = 0.4
+  assert metrics.spearman(PREVIEW, EXACT) == pytest.approx(0.4)
+  # ties get average ranks: (1, 1, 2) -> (1.5, 1.5, 3) against (1, 2, 3): cov 1.5 / sqrt(1.5 * 2) = sqrt(3) / 2
+  assert metrics.spearman([1.0, 1.0, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(math.sqrt(3) / 2)
+  assert metrics.spearman(EXACT, EXACT) == pytest.approx(1.0)
+  assert metrics.spearman(-EXACT, EXACT) == pytest.approx(-1.0)
+
+
+def test_spearman_of_a_constant_surface_is_nan_without_warning():
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert math.isnan(metrics.spearman(np.full(4, 0.5), EXACT))
+    assert math.isnan(metrics.spearman(EXACT, np.zeros(4)))
+    assert math.isnan(metrics.spearman([0.3], [0.2]))
+
+
+def test_regret_by_hand():
+  # preview ranks g = 1, 0, 2, 3; exact there 0.85, 0.80, 0.90, 0.40; best exact 0.90.
+  assert metrics.regret_at_k(PREVIEW, EXACT, 1) == pytest.approx(0.05)
+  assert metrics.regret_at_k(PREVIEW, EXACT, 2) == pytest.approx(0.05)
+  assert metrics.regret_at_k(PREVIEW, EXACT, 3) == 0.0
+  assert metrics.regret_at_k(PREVIEW, EXACT, 100) == 0.0  # k > G is clipped
+  # As a loss with exact (0.3, 0.85, 0.9, 0.4): preview ranks g = 3, 2, 0, 1 (smallest first); best exact 0.3 at g = 0.
+  exact = np.array([0.30, 0.85, 0.90, 0.40])
+  assert metrics.regret_at_k(PREVIEW, exact, 1, maximize=False) == pytest.approx(0.1)
+  assert metrics.regret_at_k(PREVIEW, exact, 2, maximize=False) == pytest.approx(0.1)
+  assert metrics.regret_at_k(PREVIEW, exact, 3, maximize=False) == 0.0
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.integers(1, 12).flatmap(lambda g: st.tuples(
+    hnp.arrays(np.float64, g, elements=st.floats(0, 1)), hnp.arrays(np.float64, g, elements=st.floats(0, 1)))),
+                  st.integers(1, 14), st.booleans())
+def test_regret_is_nonnegative_and_nonincreasing_in_k(pair, k, maximize):
+  preview, exact = pair
+  r_k = metrics.regret_at_k(preview, exact, k, maximize)
+  assert r_k >= 0.0
+  assert metrics.regret_at_k(preview, exact, k + 1, maximize) <= r_k
+  # regret@1 is exactly the gap between the best exact and the exact at the preview's best alpha.
+  b = metrics.best(np.ones((preview.size, 1)), preview, exact, maximize)
+  assert metrics.regret_at_k(preview, exact, 1, maximize) == pytest.approx(abs(b.exact_best - b.exact_at_best))
+
+
+def test_histogram_by_hand():
+  # bins [0, .25), [.25, .5), [.5, .75), [.75, 1]: 0.1, 0.2, 0.2 in the first, 1.0 (right edge) in the last.
+  h = metrics.histogram([0.1, 0.2, 0.2, 1.0], bins=4, range=(0.0, 1.0))
+  np.testing.assert_array_equal(h.counts, [3, 0, 0, 1])
+  np.testing.assert_allclose(h.edges, [0.0, 0.25, 0.5, 0.75, 1.0])
+  h = metrics.histogram([0.1, 0.2, 0.6], bins=[0.0, 0.5, 1.0])
+  np.testing.assert_array_equal(h.counts, [2, 1])
+  with pytest.raises(ValueError, match="`bins`"):
+    metrics.histogram([0.1], bins=[1.0, 0.0])
+  with pytest.raises(ValueError, match="`range`"):
+    metrics.histogram([0.1], bins=3, range=(1.0, 1.0))
+
+
+def test_pareto_front_by_hand():
+  points = np.array([[1, 3], [2, 2], [3, 1], [1, 1], [2, 2]])
+  # (1, 1) is dominated by all others; the two copies of (2, 2) do not dominate each other.
+  np.testing.assert_array_equal(metrics.pareto_front(points), [0, 1, 2, 4])
+  # Minimising, (1, 1) dominates every other point.
+  np.testing.assert_array_equal(metrics.pareto_front(points, maximize=False), [3])
+
+
+def _brute_force_front(points, maximize):
+  pts = points if maximize else -points
+  return [i for i in range(len(pts))
+          if not any(np.all(pts[j] >= pts[i]) and np.any(pts[j] > pts[i]) for j in range(len(pts)))]
+
+
+# Few distinct values force ties and duplicate rows.
+_points = st.tuples(st.integers(1, 25), st.integers(1, 4)).flatmap(
+    lambda s: hnp.arrays(np.int64, s, elements=st.integers(0, 3)))
+
+
+@hypothesis.settings(max_examples=150, deadline=None)
+@hypothesis.given(_points, st.booleans())
+def test_pareto_front_matches_brute_force(points, maximize):
+  np.testing.assert_array_equal(metrics.pareto_front(points, maximize), _brute_force_front(points, maximize))
+
+
+def test_hypervolume_by_hand():
+  # Boxes [0,3]x[0,1], [0,2]x[0,2], [0,1]x[0,3]: a staircase of area 3 + 2 + 1 = 6.
+  pts = np.array([[3, 1], [1, 3], [2, 2]])
+  assert metrics.hypervolume_2d(pts, [0, 0]) == pytest.approx(6.0)
+  # From (1, 1) the points are (2, 0), (0, 2), (1, 1): only the last encloses area, 1 x 1.
+  assert metrics.hypervolume_2d(pts, [1, 1]) == pytest.approx(1.0)
+  assert metrics.hypervolume_2d(np.zeros((0, 2)), [0, 0]) == 0.0
+  assert metrics.hypervolume_2d([[-1, 5]], [0, 0]) == 0.0  # worse than the reference in one column
+
+
+@hypothesis.settings(max_examples=100, deadline=None)
+@hypothesis.given(st.integers(0, 12).flatmap(lambda n: hnp.arrays(np.int64, (n, 2), elements=st.integers(-2, 6))))
+def test_hypervolume_matches_counting_unit_cells(points):
+  # With integer points and reference (0, 0), the union of boxes [0, p] is a union of unit cells: count them.
+  cells = sum(1 for a in range(6) for b in range(6) if any(px >= a + 1 and py >= b + 1 for px, py in points))
+  assert metrics.hypervolume_2d(points, [0, 0]) == pytest.approx(cells)
+  # Minimising the negated points is the same problem.
+  assert metrics.hypervolume_2d(-points, [0, 0], maximize=False) == pytest.approx(cells)
+
+
+def test_compare_fronts_by_hand():
+  exact = np.array([[0.9, 0.1], [0.6, 0.6], [0.1, 0.9], [0.5, 0.5]])
+  preview = np.array([[0.9, 0.2], [0.4, 0.4], [0.2, 0.9], [0.5, 0.5]])
+  alphas = np.array([[1.0, 0.0], [0.6, 0.4], [0.0, 1.0], [0.4, 0.6]])
+  c = metrics.compare_fronts(alphas, preview, exact)
+  # exact front {0, 1, 2} ((.5,.5) < (.6,.6)); preview front {0, 2, 3} ((.4,.4) < (.5,.5)); both: {0, 2}.
+  np.testing.assert_array_equal(c.exact_front, [0, 1, 2])
+  np.testing.assert_array_equal(c.preview_front, [0, 2, 3])
+  np.testing.assert_array_equal(c.recovered, [0, 2])
+  assert c.recall == pytest.approx(2 / 3)
+  # IGD: exact front points 0 and 2 are hit; (.6,.6) is sqrt(.02) from (.5,.5): mean sqrt(.02) / 3.
+  assert c.igd == pytest.approx(math.sqrt(0.02) / 3)
+  # Reference: worst 0.1 per column minus 10 % of the range 0.8 -> (0.02, 0.02). Shifted exact front
+  # (.88,.08), (.58,.58), (.08,.88): .88*.08 + .58*.50 + .08*.30 = .3844. Preview alphas' exact points
+  # (.88,.08), (.48,.48), (.08,.88): .88*.08 + .48*.40 + .08*.40 = .2944.
+  np.testing.assert_allclose(c.reference, [0.02, 0.02])
+  assert c.hypervolume_exact == pytest.approx(0.3844)
+  assert c.hypervolume_preview == pytest.approx(0.2944)
+  same = metrics.compare_fronts(alphas, exact, exact)
+  assert same.recall == 1.0 and same.igd == 0.0 and same.hypervolume_preview == same.hypervolume_exact
+  three = metrics.compare_fronts(np.ones((4, 1)), np.c_[preview, preview[:, :1]], np.c_[exact, exact[:, :1]])
+  assert math.isnan(three.hypervolume_exact) and three.recall == pytest.approx(2 / 3)
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(st.integers(1, 15).flatmap(lambda g: st.tuples(
+    hnp.arrays(np.float64, (g, 2), elements=st.floats(0, 1)),
+    hnp.arrays(np.float64, (g, 2), elements=st.floats(0, 1)))),
+                  st.booleans())
+def test_preview_front_never_beats_the_exact_front(pair, maximize):
+  preview, exact = pair
+  c = metrics.compare_fronts(np.ones((len(exact), 1)), preview, exact, maximize)
+  assert 0.0 <= c.recall <= 1.0 and c.igd >= 0.0
+  assert c.hypervolume_preview <= c.hypervolume_exact + 1e-12
+
+
+def test_summarize_by_hand_and_json():
+  out = metrics.summarize(ALPHAS, {"simple": PREVIEW, "flat": np.full(4, 0.5)}, EXACT)
+  text = json.dumps(out, allow_nan=False)  # plain Python types only, no NaN
+  assert json.loads(text) == out
+  s = out["methods"]["simple"]
+  assert s["mse"] == pytest.approx(0.028125)
+  assert s["best_alpha"] == [0.5, 0.5, 0.0] and s["best_preview"] == 0.9 and s["exact_at_best"] == 0.85
+  assert s["spearman"] == pytest.approx(0.4)
+  assert s["regret_at_1"] == pytest.approx(0.05) and s["regret_at_5"] == 0.0
+  f = out["methods"]["flat"]
+  assert f["spearman"] is None  # constant preview: undefined rank correlation
+  assert f["best_alpha"] == [1.0, 0.0, 0.0] and f["exact_at_best"] == 0.8  # first of the tie
+  assert out["exact_best"] == 0.9 and out["exact_best_alpha"] == [0.0, 1.0, 0.0]
+  assert set(s) == {"mse", "best_alpha", "best_preview", "exact_at_best", "spearman", "regret_at_1", "regret_at_5"}
+  loss = metrics.summarize(ALPHAS, {"simple": PREVIEW}, EXACT, maximize=False)
+  assert loss["exact_best"] == 0.4 and loss["methods"]["simple"]["best_alpha"] == [0.0, 0.0, 1.0]
+
+
+def test_errors_name_the_argument():
+  with pytest.raises(ValueError, match="`preview`.*G = 4"):
+    metrics.mse(PREVIEW[:3], EXACT)
+  with pytest.raises(ValueError, match="`exact` must be finite"):
+    metrics.mse(PREVIEW, np.array([0.1, np.nan, 0.2, 0.3]))
+  with pytest.raises(ValueError, match="`preview` must be finite"):
+    metrics.spearman(np.array([0.1, np.inf, 0.2, 0.3]), EXACT)
+  with pytest.raises(ValueError, match="`alphas`"):
+    metrics.best(ALPHAS[:3], PREVIEW, EXACT)
+  with pytest.raises(ValueError, match="`alphas`"):
+    metrics.best(ALPHAS[0], PREVIEW, EXACT)
+  with pytest.raises(ValueError, match="`preview` must have shape"):
+    metrics.mse(PREVIEW[:, None], EXACT)
+  with pytest.raises(ValueError, match="`k`"):
+    metrics.regret_at_k(PREVIEW, EXACT, 0)
+  with pytest.raises(ValueError, match=r"previews\['simple'\]` must be finite"):
+    metrics.summarize(ALPHAS, {"simple": np.array([0.1, 0.2, np.nan, 0.3])}, EXACT)
+  with pytest.raises(ValueError, match="`previews`"):
+    metrics.summarize(ALPHAS, {}, EXACT)
+  with pytest.raises(ValueError, match="`points`"):
+    metrics.pareto_front(np.array([1.0, 2.0]))
+  with pytest.raises(TypeError, match="`maximize`"):
+    metrics.best(ALPHAS, PREVIEW, EXACT, maximize="yes")
