@@ -23,7 +23,7 @@ PyTree = Any
 def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: PyTree, alphas,
                 optimizer: optax.GradientTransformation, num_steps: int, batch: Any, *,
                 eval_fn: Optional[Callable[[PyTree, Any], Any]] = None, eval_batch: Any = None,
-                chunk_size: int = 64, workdir: Optional[str] = None, tag: str = "exact",
+                chunk_size: int = 64, workdir: Optional[str] = None, tag: str = "exact", salt: str = "",
                 progress: bool = True) -> PyTree:
   """Trains argmin_theta sum_t alpha_t loss_t(theta) for every alpha of a grid, full batch.
 
@@ -40,6 +40,7 @@ def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: Py
     chunk_size: alphas trained together in one compiled call.
     workdir: if given, finished chunks are saved under `<workdir>/<tag>/` and reused on the next run.
     tag: sub-folder in `workdir`.
+    salt: identifies the data, losses and optimizer (e.g. a config fingerprint); chunks of another salt are refused.
     progress: show a progress bar.
 
   Returns:
@@ -79,5 +80,5 @@ def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: Py
     return jax.vmap(eval_fn, in_axes=(0, None))(trained, eval_batch)
 
   return chunked_map(lambda chunk: chunk_fn(chunk, init_params, batch, eval_batch), a.astype(dtype),
-                     chunk_size=chunk_size, workdir=workdir, tag=tag, progress=progress,
+                     chunk_size=chunk_size, workdir=workdir, tag=tag, salt=salt, progress=progress,
                      description=f"joint training {tag}")

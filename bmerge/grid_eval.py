@@ -27,10 +27,10 @@ from bmerge import _sharding
 PyTree = Any
 
 
-def _fingerprint(alphas: np.ndarray, chunk_size: int, tag: str) -> str:
+def _fingerprint(alphas: np.ndarray, chunk_size: int, tag: str, salt: str) -> str:
   h = hashlib.sha256()
   h.update(np.ascontiguousarray(alphas, dtype=np.float64).tobytes())
-  h.update(f"{alphas.shape}|{chunk_size}|{tag}".encode())
+  h.update(f"{alphas.shape}|{chunk_size}|{tag}|{salt}".encode())
   return h.hexdigest()[:16]
 
 
@@ -47,13 +47,15 @@ def _load_chunk(path: str, treedef) -> PyTree:
 
 
 def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 64, workdir: Optional[str] = None,
-                tag: str = "map", progress: bool = True, description: str = "") -> PyTree:
+                tag: str = "map", salt: str = "", progress: bool = True, description: str = "") -> PyTree:
   """Applies `fn(alphas_chunk [C, T]) -> pytree with leading C axis` over `alphas` [G, T] chunk by chunk.
 
   The last chunk is padded (with its first row) to `chunk_size` so every call has one shape: one trace in all.
   With several devices each chunk is split across them along its rows. With `workdir`, chunk i is saved as
   `<workdir>/<tag>/chunk_<i>.npz` when it finishes and loaded instead of recomputed on the next run; a manifest
-  holding a fingerprint of (alphas, chunk_size, tag) guards against mixing runs.
+  holding a fingerprint of (alphas, chunk_size, tag, salt) guards against mixing runs: pass as `salt` anything else
+  that determines the results (e.g. `bmerge.checkpoint.config_fingerprint(config)`), and a folder holding chunks of
+  another run is refused, never overwritten.
 
   Returns the pytree of numpy arrays with a leading G axis.
   """
@@ -71,12 +73,12 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
     folder = os.path.join(workdir, tag)
     os.makedirs(folder, exist_ok=True)
     manifest = os.path.join(folder, "manifest.json")
-    fp = _fingerprint(alphas, chunk_size, tag)
+    fp = _fingerprint(alphas, chunk_size, tag, salt)
     if os.path.exists(manifest):
       with open(manifest) as f:
         old = json.load(f)
       if old.get("fingerprint") != fp:
-        raise ValueError(f"`workdir` {folder} holds chunks of a different run (other alphas, chunk_size or tag); "
+        raise ValueError(f"`workdir` {folder} holds chunks of a different run (other alphas, chunk_size, tag or salt); "
                          "use a new workdir or delete that folder.")
     else:
       with open(manifest + ".tmp", "w") as f:
@@ -116,7 +118,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
 
 def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree, alphas,
             eval_fn: Callable[[PyTree, Any], Any], batch: Any, *, chunk_size: int = 64,
-            workdir: Optional[str] = None, tag: str = "preview", progress: bool = True) -> PyTree:
+            workdir: Optional[str] = None, tag: str = "preview", salt: str = "", progress: bool = True) -> PyTree:
   """The preview: for every alpha, merge the task posteriors and evaluate the merged model (paper §1, Fig. 1).
 
   Args:
@@ -130,6 +132,8 @@ def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree,
     chunk_size: alphas merged and evaluated per compiled call (memory ~ chunk_size merged models).
     workdir: if given, finished chunks are saved under `<workdir>/<tag>/` and reused when run again.
     tag: the sub-folder name of this preview in `workdir` (use one tag per merge rule).
+    salt: a string identifying the posteriors and data (e.g. a config fingerprint); chunks saved under another salt
+      are refused instead of silently reused.
     progress: show a tqdm progress bar.
 
   Returns:
@@ -155,4 +159,4 @@ def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree,
     return jax.vmap(eval_fn, in_axes=(0, None))(params, batch)
 
   return chunked_map(lambda chunk: fused(chunk, posteriors, batch), a.astype(leaves[0].dtype), chunk_size=chunk_size,
-                     workdir=workdir, tag=tag, progress=progress, description=f"preview {tag}")
+                     workdir=workdir, tag=tag, salt=salt, progress=progress, description=f"preview {tag}")
