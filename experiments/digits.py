@@ -1,0 +1,255 @@
+"""Figs. 8/9 on real data shipped with scikit-learn: logistic regression on digits, three tasks by class.
+
+Every posterior type of the paper is built per task, previewed over the simplex and compared with weighted joint
+training at every alpha. Posteriors, preview chunks and joint-training chunks are saved in the workdir and reused,
+so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import bmerge
+from bmerge import checkpoint, curvature, data, exact, grid, merge, metrics
+from bmerge.models import logistic
+from bmerge.optim import ivon as ivon_lib
+from bmerge.optim import mog as mog_lib
+from bmerge.optim import von as von_lib
+from experiments import report
+
+# The paper's rows for this experiment (REFERENCE §4, Tables 1-2), keyed by our method names.
+PAPER = {
+    "imbalanced": {"mse": {"simple": 0.2067, "von": 0.1528, "mog": 0.0463},
+                   "best": {"simple": (76.8, 90.0), "von": (80.3, 89.4), "mog": (87.2, 90.4)}, "exact_best": 90.4},
+    "balanced": {"mse": {"simple": 0.2015, "von": 0.1191, "mog": 0.0809},
+                 "best": {"simple": (71.3, 90.7), "von": (78.5, 90.5), "mog": (83.2, 90.2)}, "exact_best": 90.7},
+}
+PAPER_COLUMN = {"simple": "Simple", "von": "Hessian (full, VON)", "mog": "Mixture (MoG VI)"}
+MERGE_RULE = {"simple": "simple averaging", "laplace_diag": "Hessian-weighted, diagonal",
+              "laplace_full": "Hessian-weighted, full", "von": "Hessian-weighted, full",
+              "mog": "mixture-weighted (EM)", "ivon": "Hessian-weighted, diagonal",
+              "adamw_sg": "Hessian-weighted, diagonal"}
+LEARNER = {"simple": "GD (MAP)", "laplace_diag": "GD + diagonal of the exact Hessian",
+           "laplace_full": "GD + exact Hessian (Laplace)", "von": "VON, full covariance",
+           "mog": "mixture-of-Gaussians VI", "ivon": "IVON", "adamw_sg": "AdamW + squared-gradient Fisher"}
+
+
+def _timed(costs: dict, name: str):
+  class _T:
+    def __enter__(self):
+      self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+      costs[name] = costs.get(name, 0.0) + time.perf_counter() - self.t0
+  return _T()
+
+
+def _gd(config):
+  return optax.sgd(config.gd.learning_rate, momentum=config.gd.momentum or None)
+
+
+def build_posteriors(config, ds, task_data, key) -> dict:
+  """Every requested posterior, per task, through the checkpoint cache; returns method -> stacked posterior."""
+  num_tasks, p = len(task_data), logistic.num_params(ds.num_features, ds.num_classes)
+  prior = config.prior_precision
+  n_train = ds.train_x.shape[0]
+  cache = os.path.join(config.workdir_posteriors)
+  losses = [logistic.task_loss_fn(x, y, ds.num_classes, prior) for x, y in task_data]
+
+  # MAP of every task: the joint-training driver at the vertices of the simplex (same optimizer and budget as the
+  # exact baseline, so the preview's vertices are the exact solution's).
+  batch = logistic.multitask_batch(task_data, ds.num_classes)
+  task_losses = lambda theta, b: logistic.multitask_losses(theta, b, prior) / n_train
+  maps = checkpoint.cached_posterior(
+      cache, "maps", _subset(config, "gd", "prior_precision"),
+      lambda: bmerge.IsoGaussian(jnp.asarray(exact.joint_train(task_losses, jnp.zeros(p), np.eye(num_tasks), _gd(config),
+                                                               config.gd.num_steps, batch, progress=False)),
+                                 jnp.ones(num_tasks)))
+  means = maps.mean
+  hess = jnp.stack([logistic.hessian(m, x, ds.num_classes, prior) for m, (x, _) in zip(means, task_data)])
+  out = {}
+  methods = set(config.methods)
+  if "simple" in methods:
+    out["simple"] = maps
+  if "laplace_full" in methods:
+    out["laplace_full"] = bmerge.FullGaussian(means, hess)
+  if "laplace_diag" in methods:
+    out["laplace_diag"] = bmerge.DiagGaussian(means, jnp.diagonal(hess, axis1=1, axis2=2))
+  keys = jax.random.split(key, 4)
+  if "von" in methods:
+    def build_von():
+      qs = []
+      for t, (x, _) in enumerate(task_data):
+        ggn = lambda th, x=x: logistic.hessian(th, x, ds.num_classes, prior)
+        state = von_lib.fit(jax.random.fold_in(keys[0], t), losses[t], means[t], hess[t], config.von.num_steps,
+                            rho=config.von.rho, num_samples=config.von.num_samples, estimator="gauss_newton",
+                            gauss_newton_fn=ggn)
+        qs.append(von_lib.posterior(state))
+      return bmerge.stack(qs)
+    out["von"] = checkpoint.cached_posterior(cache, "von", _subset(config, "gd", "prior_precision", "von", "seed"),
+                                             build_von)
+  if "mog" in methods:
+    def build_mog():
+      qs = []
+      k = config.mog.num_components
+      for t, (x, _) in enumerate(task_data):
+        kt = jax.random.fold_in(keys[1], t)
+        # Components start around the MAP, spread by the Laplace covariance, all with the Laplace precision.
+        chol = jnp.linalg.cholesky(hess[t])
+        eps = jax.random.normal(kt, (k, p))
+        init_means = means[t] + config.mog.init_scale * jax.scipy.linalg.solve_triangular(chol.T, eps.T, lower=False).T
+        ggn = lambda th, x=x: logistic.hessian(th, x, ds.num_classes, prior)
+        state = mog_lib.fit(jax.random.fold_in(keys[2], t), losses[t], init_means, jnp.broadcast_to(hess[t], (k, p, p)),
+                            config.mog.num_steps, beta=config.mog.beta, beta_w=config.mog.beta_w,
+                            num_samples=config.mog.num_samples, estimator="gauss_newton", gauss_newton_fn=ggn)
+        qs.append(mog_lib.posterior(state))
+      return bmerge.stack(qs)
+    out["mog"] = checkpoint.cached_posterior(cache, "mog", _subset(config, "gd", "prior_precision", "mog", "seed"),
+                                             build_mog)
+  if "ivon" in methods:
+    out["ivon"] = checkpoint.cached_posterior(
+        cache, "ivon", _subset(config, "prior_precision", "ivon", "seed"),
+        lambda: bmerge.stack([_train_ivon(config, jax.random.fold_in(keys[3], t), x, y, ds.num_classes, p)
+                              for t, (x, y) in enumerate(task_data)]))
+  if "adamw_sg" in methods:
+    out["adamw_sg"] = checkpoint.cached_posterior(
+        cache, "adamw_sg", _subset(config, "prior_precision", "adamw", "seed"),
+        lambda: bmerge.stack([_train_adamw_sg(config, jax.random.fold_in(keys[3], 100 + t), x, y, ds.num_classes, p)
+                              for t, (x, y) in enumerate(task_data)]))
+  return out
+
+
+def _minibatch_loop(key, step_fn, state, n, batch_size, num_steps):
+  """lax.scan over `num_steps` minibatch steps; step_fn(key, state, idx) with idx a random minibatch of [0, n)."""
+  def body(state, k):
+    k1, k2 = jax.random.split(k)
+    idx = jax.random.choice(k1, n, (min(batch_size, n),), replace=False)
+    return step_fn(k2, state, idx), None
+  state, _ = jax.lax.scan(body, state, jax.random.split(key, num_steps))
+  return state
+
+
+def _train_ivon(config, key, x, y, num_classes, p):
+  """IVON on task t: minibatch mean cross-entropy, ess = N_t, weight decay = prior / N_t (so the exported precision
+  ess (h + wd) is on the scale of the summed loss plus the prior, like the other posteriors)."""
+  c = config.ivon
+  n = x.shape[0]
+  tx = ivon_lib.ivon(c.learning_rate, ess=float(n), hess_init=c.hess_init, beta2=c.beta2,
+                     weight_decay=config.prior_precision / n)
+  mean_loss = lambda th, idx: logistic.mean_ce(th, x[idx], y[idx], num_classes)
+  theta0 = jnp.zeros(p)
+
+  def step(k, carry, idx):
+    theta, opt_state = carry
+    samples, noise = ivon_lib.sample_params(k, opt_state, theta, float(n), config.prior_precision / n, c.mc_samples)
+    grads = jax.vmap(jax.grad(mean_loss), in_axes=(0, None))(samples, idx)
+    updates, opt_state = tx.update(grads, opt_state, theta, noise=noise)
+    return optax.apply_updates(theta, updates), opt_state
+
+  theta, opt_state = jax.jit(lambda k: _minibatch_loop(k, step, (theta0, tx.init(theta0)), n, c.batch_size,
+                                                        c.num_steps))(key)
+  return ivon_lib.posterior(theta, opt_state, float(n), config.prior_precision / n)
+
+
+def _train_adamw_sg(config, key, x, y, num_classes, p):
+  """AdamW on task t (weight decay = the prior), then one squared-gradient pass: precision = Fisher + prior."""
+  c = config.adamw
+  n = x.shape[0]
+  tx = optax.adamw(c.learning_rate, weight_decay=config.prior_precision / n)
+  mean_loss = lambda th, idx: logistic.mean_ce(th, x[idx], y[idx], num_classes)
+  theta0 = jnp.zeros(p)
+
+  def step(k, carry, idx):
+    theta, opt_state = carry
+    updates, opt_state = tx.update(jax.grad(mean_loss)(theta, idx), opt_state, theta)
+    return optax.apply_updates(theta, updates), opt_state
+
+  k1, k2 = jax.random.split(key)
+  theta, _ = jax.jit(lambda k: _minibatch_loop(k, step, (theta0, tx.init(theta0)), n, c.batch_size, c.num_steps))(k1)
+  return curvature.diagonal_fisher(
+      k2, lambda th, xb: logistic.logits(th, xb, num_classes), theta, (x, y), variant=c.fisher,
+      prior_precision=config.prior_precision)
+
+
+def _subset(config, *names) -> dict:
+  d = config.to_dict()
+  out = {n: d[n] for n in names}
+  out.update(dataset=d["dataset"], tasks=d["tasks"], test_fraction=d["test_fraction"], seed=d["seed"])
+  return out
+
+
+def merge_fn(method: str, config):
+  if method == "simple":
+    return lambda q, a: merge.simple_average(q.mean, a)
+  if method == "mog":
+    return lambda q, a: merge.mixture_weighted(q, a, num_iters=config.em_iters)
+  return merge.hessian_weighted
+
+
+def run(config, workdir: str) -> dict:
+  """Runs the whole experiment into `workdir`; returns {'metrics': ..., 'report': path, 'recommendation': ...}."""
+  os.makedirs(workdir, exist_ok=True)
+  costs: dict[str, float] = {}
+  key = jax.random.key(config.seed)
+  with config.unlocked():
+    config.workdir_posteriors = os.path.join(workdir, "posteriors")
+  ds = data.load(config.dataset, seed=config.seed, test_fraction=config.test_fraction)
+  task_data = [(jnp.asarray(x), jnp.asarray(y)) for x, y in data.split_by_classes(ds.train_x, ds.train_y, config.tasks)]
+  test = (jnp.asarray(ds.test_x), jnp.asarray(ds.test_y))
+  num_tasks = len(task_data)
+  alphas = grid.simplex(num_tasks, config.spacing)
+  accuracy = lambda theta, batch: logistic.accuracy(theta, batch[0], batch[1], ds.num_classes)
+
+  with _timed(costs, "posteriors_s"):
+    posts = build_posteriors(config, ds, task_data, key)
+
+  previews = {}
+  for method in config.methods:
+    with _timed(costs, f"preview_{method}_s"):
+      previews[method] = bmerge.preview(merge_fn(method, config), posts[method], alphas, accuracy, test,
+                                        chunk_size=config.chunk_size, workdir=workdir, tag=f"preview_{method}")
+
+  n_train = ds.train_x.shape[0]
+  batch = logistic.multitask_batch(task_data, ds.num_classes)
+  task_losses = lambda theta, b: logistic.multitask_losses(theta, b, config.prior_precision) / n_train
+  p = logistic.num_params(ds.num_features, ds.num_classes)
+  with _timed(costs, "exact_s"):
+    exact_acc = exact.joint_train(task_losses, jnp.zeros(p), alphas, _gd(config), config.gd.num_steps, batch,
+                                  eval_fn=accuracy, eval_batch=test, chunk_size=config.chunk_size, workdir=workdir,
+                                  tag="exact")
+  costs["exact_per_alpha_s"] = costs["exact_s"] / len(alphas)
+
+  summary = metrics.summarize(alphas, previews, exact_acc, maximize=True)
+  summary["costs"] = costs
+  summary["num_alphas"] = len(alphas)
+  summary["config"] = config.to_dict()
+
+  # Recommendation: the top-k alphas of the preview a user would trust (the mixture if built), as a config.
+  source = "mog" if "mog" in previews else config.methods[-1]
+  top = np.argsort(-previews[source], kind="stable")[:config.recommend_k]
+  rec = {"from": source, "alphas": alphas[top].tolist(), "preview": previews[source][top].tolist()}
+  if config.run_recommended:
+    with _timed(costs, "recommended_joint_s"):
+      rec_acc = exact.joint_train(task_losses, jnp.zeros(p), alphas[top], _gd(config), config.gd.num_steps, batch,
+                                  eval_fn=accuracy, eval_batch=test, chunk_size=len(top), progress=False)
+    rec["joint_accuracy"] = np.asarray(rec_acc).tolist()
+    rec["regret"] = float(np.max(exact_acc) - np.max(rec_acc))
+  summary["recommendation"] = rec
+
+  figures = report.figures(workdir, alphas, previews, exact_acc, config.task_names)
+  split = "balanced" if tuple(map(tuple, config.tasks)) == ((0, 1, 2), (3, 4, 5, 6), (7, 8, 9)) else "imbalanced"
+  with open(os.path.join(workdir, "metrics.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  path = report.write(workdir, title=f"digits, {split} split ({config.dataset})", summary=summary,
+                      paper=PAPER[split] if config.dataset in ("digits", "mnist") else None,
+                      paper_column=PAPER_COLUMN, describe={m: f"{LEARNER[m]} -> {MERGE_RULE[m]}" for m in previews},
+                      figures=figures)
+  return {"metrics": summary, "report": path, "recommendation": rec}
