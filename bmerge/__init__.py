@@ -1,11 +1,14 @@
 """bmerge: fast previews of weighted multitask finetuning by Bayesian model merging."""
 
 from bmerge import checkpoint
+from bmerge import curvature
+from bmerge import data
 from bmerge import em
 from bmerge import exact
 from bmerge import grid
 from bmerge import merge
 from bmerge import metrics
+from bmerge import models
 from bmerge.grid_eval import chunked_map
 from bmerge.grid_eval import preview
 from bmerge.posteriors import Beta
@@ -24,11 +27,14 @@ __all__ = [
     "Mixture",
     "checkpoint",
     "chunked_map",
+    "curvature",
+    "data",
     "em",
     "exact",
     "grid",
     "merge",
     "metrics",
+    "models",
     "preview",
     "stack",
     "unstack",

@@ -1,0 +1,22 @@
+"""Small models for the experiments, each as a `Model(init, apply)` pair of pure functions.
+
+`init(key, input_shape) -> params` (input_shape: one example, no batch axis) and `apply(params, x) -> logits [B, C]`
+on a batch x [B, *input_shape]. Params are plain pytrees (a dict for logistic regression, a Linen params dict for the
+MLP and the CNN), so they go straight into the optimizers, `bmerge.curvature` and the merge rules.
+"""
+
+from typing import Any, Callable, NamedTuple
+
+
+class Model(NamedTuple):
+  """A model as two pure functions."""
+
+  init: Callable[..., Any]  # (key, input_shape) -> params pytree
+  apply: Callable[..., Any]  # (params, x [B, ...]) -> logits [B, C]
+
+
+from bmerge.models import cnn  # noqa: E402  (the modules import Model from here)
+from bmerge.models import logistic  # noqa: E402
+from bmerge.models import mlp  # noqa: E402
+
+__all__ = ["Model", "cnn", "logistic", "mlp"]

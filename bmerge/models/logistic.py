@@ -1,0 +1,169 @@
+"""Multinomial logistic regression: logits = x W + b (the model of the paper's MNIST experiments, Figs. 8/9).
+
+Params are either a dict {'w': [D, C], 'b': [C]} or one flat vector theta [P], P = D C + C, laid out as the rows of
+the [D + 1, C] matrix [W; b] (row-major), so `theta.reshape(D + 1, C)` is [W; b]. The flat form is what the
+full-covariance learners (VON, mixtures, Laplace) work with; every function here takes either.
+
+Task losses are *summed* cross-entropies plus an isotropic Gaussian prior,
+
+    loss_t(theta) = sum_{i in task t} -log softmax(x_i W + b)[y_i] + prior_precision / 2 |theta|^2,
+
+so exp(-loss_t) is the unnormalised posterior given task t's data, and its Hessian (`hessian`) is the exact
+precision of the Laplace approximation:
+
+    H = sum_i (x~_i x~_i^T) ⊗ (diag(p_i) - p_i p_i^T) + prior_precision I,   x~_i = [x_i, 1], p_i = softmax(logits_i).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bmerge.models import Model
+
+PyTree = Any
+
+
+def num_params(num_features: int, num_classes: int) -> int:
+  """P = D C + C (weights and biases); 650 for digits (D = 64, C = 10)."""
+  return num_features * num_classes + num_classes
+
+
+def init(key: jax.Array, input_shape: Sequence[int], num_classes: int = 10, dtype=jnp.float32) -> dict:
+  """{'w': [D, C], 'b': [C]} with D = prod(input_shape); w ~ N(0, 1/D) (LeCun normal), b = 0.
+
+  `input_shape` is the shape of one example (no batch axis); images are flattened.
+  """
+  d = int(np.prod(input_shape))
+  if d < 1 or num_classes < 1:
+    raise ValueError(f"`input_shape` {tuple(input_shape)} and `num_classes` {num_classes} must be non-empty.")
+  w = jax.random.normal(key, (d, num_classes), dtype) / jnp.sqrt(jnp.asarray(d, dtype))
+  return {"w": w, "b": jnp.zeros((num_classes,), dtype)}
+
+
+def flatten(params: dict) -> jax.Array:
+  """{'w', 'b'} -> theta [P] (rows of [W; b])."""
+  return jnp.concatenate([params["w"], params["b"][None, :]], axis=0).reshape(-1)
+
+
+def unflatten(theta: jax.Array, num_classes: int) -> dict:
+  """theta [P] -> {'w': [D, C], 'b': [C]}."""
+  if theta.shape[-1] % num_classes:
+    raise ValueError(f"`theta` has {theta.shape[-1]} entries, not a multiple of num_classes = {num_classes}.")
+  m = theta.reshape(theta.shape[:-1] + (-1, num_classes))
+  return {"w": m[..., :-1, :], "b": m[..., -1, :]}
+
+
+def _as_dict(params, num_classes: Optional[int]) -> dict:
+  if isinstance(params, dict):
+    return params
+  if num_classes is None:
+    raise ValueError("`num_classes` is required when `params` is a flat vector theta [P].")
+  return unflatten(jnp.asarray(params), num_classes)
+
+
+def logits(params, x: jax.Array, num_classes: Optional[int] = None) -> jax.Array:
+  """x [B, ...] -> logits [B, C] = flatten(x) W + b. `params`: {'w', 'b'} or flat theta [P] (then `num_classes`)."""
+  p = _as_dict(params, num_classes)
+  x = jnp.reshape(x, (x.shape[0], -1))
+  return x @ p["w"] + p["b"]
+
+
+apply = logits
+
+
+def make(num_classes: int = 10) -> Model:
+  """The model as `Model(init(key, input_shape) -> params dict, apply(params, x) -> logits)`."""
+  return Model(init=lambda key, input_shape: init(key, input_shape, num_classes), apply=logits)
+
+
+def cross_entropy(params, x: jax.Array, y: jax.Array, num_classes: Optional[int] = None) -> jax.Array:
+  """Per-example -log softmax(logits_i)[y_i], shape [B]."""
+  lg = logits(params, x, num_classes)
+  return -jnp.take_along_axis(jax.nn.log_softmax(lg), y[:, None].astype(jnp.int32), axis=1)[:, 0]
+
+
+def mean_ce(params, x, y, num_classes: Optional[int] = None) -> jax.Array:
+  """Mean cross-entropy over the batch (the minibatch training loss)."""
+  return jnp.mean(cross_entropy(params, x, y, num_classes))
+
+
+def accuracy(params, x, y, num_classes: Optional[int] = None) -> jax.Array:
+  """Fraction of examples whose argmax logit is the label."""
+  return jnp.mean((jnp.argmax(logits(params, x, num_classes), axis=1) == y).astype(jnp.float32))
+
+
+def _sq_norm(params) -> jax.Array:
+  return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def task_loss_fn(x, y, num_classes: int, prior_precision=0.0):
+  """theta -> sum_i CE(theta; x_i, y_i) + prior_precision / 2 |theta|^2 for one task's data (flat or dict theta)."""
+  x, y = jnp.asarray(x), jnp.asarray(y)
+
+  def loss(theta):
+    return jnp.sum(cross_entropy(theta, x, y, num_classes)) + 0.5 * prior_precision * _sq_norm(theta)
+  return loss
+
+
+def hessian(theta: jax.Array, x: jax.Array, num_classes: int, prior_precision=0.0) -> jax.Array:
+  """Exact Hessian [P, P] of `task_loss_fn(x, ., num_classes, prior_precision)` at flat theta (closed form).
+
+  H = sum_i (x~_i x~_i^T) ⊗ (diag(p_i) - p_i p_i^T) + prior_precision I, in the flat layout of this module. For
+  this model it equals the generalised Gauss-Newton matrix and the (true) Fisher of the summed loss.
+  """
+  x = jnp.reshape(x, (x.shape[0], -1))
+  p = jax.nn.softmax(logits(theta, x, num_classes))  # [N, C]
+  xt = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)  # [N, D + 1]
+  # sum_i xt_id xt_ie (p_ia [a = b] - p_ia p_ib), as two contractions over i (never [N, D, D, C, C]).
+  diag_part = jnp.einsum("nd,ne,na->dae", xt, xt, p)  # [D + 1, C, D + 1]
+  outer_part = jnp.einsum("nd,na,ne,nb->daeb", xt, p, xt, p)  # [D + 1, C, D + 1, C]
+  d1, c = xt.shape[1], num_classes
+  h = outer_part * -1.0
+  h = h + jnp.einsum("dae,ab->daeb", diag_part, jnp.eye(c, dtype=p.dtype))
+  h = h.reshape(d1 * c, d1 * c)
+  return h + prior_precision * jnp.eye(d1 * c, dtype=h.dtype)
+
+
+class MultitaskBatch(NamedTuple):
+  """T tasks' data padded to a common length, for `multitask_losses` (full-batch joint training)."""
+
+  x: jax.Array  # [T, N_max, D]
+  y: jax.Array  # [T, N_max] int32
+  mask: jax.Array  # [T, N_max] 1 for real examples, 0 for padding
+
+
+def multitask_batch(task_data: Sequence[tuple], num_classes: int) -> MultitaskBatch:
+  """Pads the tasks' (x_t, y_t) to the longest task and stacks them (labels checked against `num_classes`)."""
+  task_data = list(task_data)
+  if not task_data:
+    raise ValueError("`task_data` is empty; expected a list of (x_t, y_t) per task.")
+  n_max = max(len(np.asarray(y)) for _, y in task_data)
+  xs, ys, ms = [], [], []
+  for t, (x, y) in enumerate(task_data):
+    x = np.asarray(x).reshape(len(x), -1)
+    y = np.asarray(y)
+    if len(x) != len(y):
+      raise ValueError(f"`task_data[{t}]` has {len(x)} inputs but {len(y)} labels.")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+      raise ValueError(f"`task_data[{t}]` labels must lie in [0, {num_classes}), got range [{y.min()}, {y.max()}].")
+    pad = n_max - len(y)
+    xs.append(np.concatenate([x, np.zeros((pad, x.shape[1]), x.dtype)]))
+    ys.append(np.concatenate([y, np.zeros((pad,), y.dtype)]).astype(np.int32))
+    ms.append(np.concatenate([np.ones(len(y)), np.zeros(pad)]))
+  x = jnp.asarray(np.stack(xs))
+  return MultitaskBatch(x, jnp.asarray(np.stack(ys)), jnp.asarray(np.stack(ms), x.dtype))
+
+
+def multitask_losses(theta, batch: MultitaskBatch, prior_precision=0.0) -> jax.Array:
+  """[T] task losses loss_t(theta) (summed CE of task t + prior_precision / 2 |theta|^2), see the module docstring.
+
+  With sum_t alpha_t = 1, sum_t alpha_t loss_t is the weighted multitask loss plus the prior once.
+  """
+  # C from the parameter layout: P = (D + 1) C.
+  num_classes = theta["b"].shape[-1] if isinstance(theta, dict) else theta.shape[-1] // (batch.x.shape[-1] + 1)
+  ce = jax.vmap(lambda x, y: cross_entropy(theta, x, y, num_classes))(batch.x, batch.y)  # [T, N_max]
+  return jnp.sum(ce * batch.mask, axis=1) + 0.5 * prior_precision * _sq_norm(theta)
