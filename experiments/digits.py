@@ -20,7 +20,7 @@ import optax
 import bmerge
 from bmerge import checkpoint, curvature, data, exact, grid, merge, metrics
 from bmerge.models import logistic
-from bmerge.optim import ivon as ivon_lib
+from bmerge.optim.ivon import ivon, posterior as ivon_posterior, sample_params as ivon_sample_params
 from bmerge.optim import mog as mog_lib
 from bmerge.optim import von as von_lib
 from experiments import report
@@ -57,16 +57,19 @@ def _gd(config):
 
 
 def build_posteriors(config, ds, task_data, key) -> dict:
-  """Every requested posterior, per task, through the checkpoint cache; returns method -> stacked posterior."""
+  """Every requested posterior through the checkpoint cache; returns method -> posterior stacked over tasks.
+
+  Tasks are padded to a common length (zero weights) so each learner is one compiled call `vmap`ped over tasks.
+  """
   num_tasks, p = len(task_data), logistic.num_params(ds.num_features, ds.num_classes)
-  prior = config.prior_precision
+  prior, c = config.prior_precision, ds.num_classes
   n_train = ds.train_x.shape[0]
-  cache = os.path.join(config.workdir_posteriors)
-  losses = [logistic.task_loss_fn(x, y, ds.num_classes, prior) for x, y in task_data]
+  cache = config.workdir_posteriors
+  batch = logistic.multitask_batch(task_data, c)  # x [T, N_max, D], y [T, N_max], mask [T, N_max]
+  sizes = jnp.asarray([len(y) for _, y in task_data])
 
   # MAP of every task: the joint-training driver at the vertices of the simplex (same optimizer and budget as the
   # exact baseline, so the preview's vertices are the exact solution's).
-  batch = logistic.multitask_batch(task_data, ds.num_classes)
   task_losses = lambda theta, b: logistic.multitask_losses(theta, b, prior) / n_train
   maps = checkpoint.cached_posterior(
       cache, "maps", _subset(config, "gd", "prior_precision"),
@@ -74,7 +77,7 @@ def build_posteriors(config, ds, task_data, key) -> dict:
                                                                config.gd.num_steps, batch, progress=False)),
                                  jnp.ones(num_tasks)))
   means = maps.mean
-  hess = jnp.stack([logistic.hessian(m, x, ds.num_classes, prior) for m, (x, _) in zip(means, task_data)])
+  hess = jax.jit(jax.vmap(lambda m, x, w: logistic.hessian(m, x, c, prior, weights=w)))(means, batch.x, batch.mask)
   out = {}
   methods = set(config.methods)
   if "simple" in methods:
@@ -84,86 +87,92 @@ def build_posteriors(config, ds, task_data, key) -> dict:
   if "laplace_diag" in methods:
     out["laplace_diag"] = bmerge.DiagGaussian(means, jnp.diagonal(hess, axis1=1, axis2=2))
   keys = jax.random.split(key, 4)
+  task_keys = lambda k: jax.random.split(k, num_tasks)
+
   if "von" in methods:
-    def build_von():
-      qs = []
-      for t, (x, _) in enumerate(task_data):
-        ggn = lambda th, x=x: logistic.hessian(th, x, ds.num_classes, prior)
-        state = von_lib.fit(jax.random.fold_in(keys[0], t), losses[t], means[t], hess[t], config.von.num_steps,
-                            rho=config.von.rho, num_samples=config.von.num_samples, estimator="gauss_newton",
-                            gauss_newton_fn=ggn)
-        qs.append(von_lib.posterior(state))
-      return bmerge.stack(qs)
-    out["von"] = checkpoint.cached_posterior(cache, "von", _subset(config, "gd", "prior_precision", "von", "seed"),
-                                             build_von)
+    def fit_von(k, x, y, w, mean, h0):
+      state = von_lib.fit(k, logistic.task_loss_fn(x, y, c, prior, weights=w), mean, h0, config.von.num_steps,
+                          rho=config.von.rho, num_samples=config.von.num_samples, estimator="gauss_newton",
+                          gauss_newton_fn=lambda th: logistic.hessian(th, x, c, prior, weights=w))
+      return von_lib.posterior(state)
+    out["von"] = checkpoint.cached_posterior(
+        cache, "von", _subset(config, "gd", "prior_precision", "von", "seed"),
+        lambda: jax.jit(jax.vmap(fit_von))(task_keys(keys[0]), batch.x, batch.y, batch.mask, means, hess))
+
   if "mog" in methods:
-    def build_mog():
-      qs = []
-      k = config.mog.num_components
-      for t, (x, _) in enumerate(task_data):
-        kt = jax.random.fold_in(keys[1], t)
-        # Components start around the MAP, spread by the Laplace covariance, all with the Laplace precision.
-        chol = jnp.linalg.cholesky(hess[t])
-        eps = jax.random.normal(kt, (k, p))
-        init_means = means[t] + config.mog.init_scale * jax.scipy.linalg.solve_triangular(chol.T, eps.T, lower=False).T
-        ggn = lambda th, x=x: logistic.hessian(th, x, ds.num_classes, prior)
-        state = mog_lib.fit(jax.random.fold_in(keys[2], t), losses[t], init_means, jnp.broadcast_to(hess[t], (k, p, p)),
-                            config.mog.num_steps, beta=config.mog.beta, beta_w=config.mog.beta_w,
-                            num_samples=config.mog.num_samples, estimator="gauss_newton", gauss_newton_fn=ggn)
-        qs.append(mog_lib.posterior(state))
-      return bmerge.stack(qs)
-    out["mog"] = checkpoint.cached_posterior(cache, "mog", _subset(config, "gd", "prior_precision", "mog", "seed"),
-                                             build_mog)
+    k_comp = config.mog.num_components
+
+    def fit_mog(k, x, y, w, mean, h0):
+      k1, k2 = jax.random.split(k)
+      # Components start around the MAP, spread by the Laplace covariance, all with the Laplace precision.
+      chol = jnp.linalg.cholesky(h0)
+      eps = jax.random.normal(k1, (k_comp, p))
+      init_means = mean + config.mog.init_scale * jax.scipy.linalg.solve_triangular(chol.T, eps.T, lower=False).T
+      state = mog_lib.fit(k2, logistic.task_loss_fn(x, y, c, prior, weights=w), init_means,
+                          jnp.broadcast_to(h0, (k_comp, p, p)), config.mog.num_steps, beta=config.mog.beta,
+                          beta_w=config.mog.beta_w, num_samples=config.mog.num_samples, estimator="gauss_newton",
+                          gauss_newton_fn=lambda th: logistic.hessian(th, x, c, prior, weights=w))
+      return mog_lib.posterior(state)
+    out["mog"] = checkpoint.cached_posterior(
+        cache, "mog", _subset(config, "gd", "prior_precision", "mog", "seed"),
+        lambda: jax.jit(jax.vmap(fit_mog))(task_keys(keys[1]), batch.x, batch.y, batch.mask, means, hess))
+
   if "ivon" in methods:
+    fit = lambda k, x, y, n: _train_ivon(config, k, x, y, n, c, p)
     out["ivon"] = checkpoint.cached_posterior(
         cache, "ivon", _subset(config, "prior_precision", "ivon", "seed"),
-        lambda: bmerge.stack([_train_ivon(config, jax.random.fold_in(keys[3], t), x, y, ds.num_classes, p)
-                              for t, (x, y) in enumerate(task_data)]))
+        lambda: jax.jit(jax.vmap(fit))(task_keys(keys[2]), batch.x, batch.y, sizes))
   if "adamw_sg" in methods:
+    def build_adamw_sg():
+      fit = lambda k, x, y, n: _train_adamw(config, k, x, y, n, c, p)
+      thetas = jax.jit(jax.vmap(fit))(task_keys(keys[3]), batch.x, batch.y, sizes)
+      # One squared-gradient pass per task over its own (unpadded) examples: precision = Fisher + prior.
+      return bmerge.stack([
+          curvature.diagonal_fisher(jax.random.fold_in(keys[3], t), lambda th, xb: logistic.logits(th, xb, c), theta,
+                                    task_data[t], variant=config.adamw.fisher, prior_precision=prior)
+          for t, theta in enumerate(thetas)])
     out["adamw_sg"] = checkpoint.cached_posterior(
-        cache, "adamw_sg", _subset(config, "prior_precision", "adamw", "seed"),
-        lambda: bmerge.stack([_train_adamw_sg(config, jax.random.fold_in(keys[3], 100 + t), x, y, ds.num_classes, p)
-                              for t, (x, y) in enumerate(task_data)]))
+        cache, "adamw_sg", _subset(config, "prior_precision", "adamw", "seed"), build_adamw_sg)
   return out
 
 
 def _minibatch_loop(key, step_fn, state, n, batch_size, num_steps):
-  """lax.scan over `num_steps` minibatch steps; step_fn(key, state, idx) with idx a random minibatch of [0, n)."""
+  """lax.scan over `num_steps` steps; step_fn(key, state, idx) with idx a uniform minibatch (with replacement) of
+  the first n examples (n may be traced: tasks padded to one length share the compiled loop)."""
   def body(state, k):
     k1, k2 = jax.random.split(k)
-    idx = jax.random.choice(k1, n, (min(batch_size, n),), replace=False)
+    idx = jax.random.randint(k1, (batch_size,), 0, n)
     return step_fn(k2, state, idx), None
   state, _ = jax.lax.scan(body, state, jax.random.split(key, num_steps))
   return state
 
 
-def _train_ivon(config, key, x, y, num_classes, p):
-  """IVON on task t: minibatch mean cross-entropy, ess = N_t, weight decay = prior / N_t (so the exported precision
+def _train_ivon(config, key, x, y, n, num_classes, p):
+  """IVON on one task: minibatch mean cross-entropy, ess = N_t, weight decay = prior / N_t (so the exported precision
   ess (h + wd) is on the scale of the summed loss plus the prior, like the other posteriors)."""
-  c = config.ivon
-  n = x.shape[0]
-  tx = ivon_lib.ivon(c.learning_rate, ess=float(n), hess_init=c.hess_init, beta2=c.beta2,
-                     weight_decay=config.prior_precision / n)
+  cfg = config.ivon
+  n = n.astype(jnp.float32)
+  wd = config.prior_precision / n
+  tx = ivon(cfg.learning_rate, ess=n, hess_init=cfg.hess_init, beta2=cfg.beta2, weight_decay=wd)
   mean_loss = lambda th, idx: logistic.mean_ce(th, x[idx], y[idx], num_classes)
   theta0 = jnp.zeros(p)
 
   def step(k, carry, idx):
     theta, opt_state = carry
-    samples, noise = ivon_lib.sample_params(k, opt_state, theta, float(n), config.prior_precision / n, c.mc_samples)
+    samples, noise = ivon_sample_params(k, opt_state, theta, n, wd, cfg.mc_samples)
     grads = jax.vmap(jax.grad(mean_loss), in_axes=(0, None))(samples, idx)
     updates, opt_state = tx.update(grads, opt_state, theta, noise=noise)
     return optax.apply_updates(theta, updates), opt_state
 
-  theta, opt_state = jax.jit(lambda k: _minibatch_loop(k, step, (theta0, tx.init(theta0)), n, c.batch_size,
-                                                        c.num_steps))(key)
-  return ivon_lib.posterior(theta, opt_state, float(n), config.prior_precision / n)
+  theta, opt_state = _minibatch_loop(key, step, (theta0, tx.init(theta0)), n.astype(jnp.int32), cfg.batch_size,
+                                     cfg.num_steps)
+  return ivon_posterior(theta, opt_state, n, wd)
 
 
-def _train_adamw_sg(config, key, x, y, num_classes, p):
-  """AdamW on task t (weight decay = the prior), then one squared-gradient pass: precision = Fisher + prior."""
-  c = config.adamw
-  n = x.shape[0]
-  tx = optax.adamw(c.learning_rate, weight_decay=config.prior_precision / n)
+def _train_adamw(config, key, x, y, n, num_classes, p):
+  """AdamW on one task's minibatch mean cross-entropy with decoupled weight decay prior / N_t."""
+  cfg = config.adamw
+  tx = optax.adamw(cfg.learning_rate, weight_decay=config.prior_precision / n)
   mean_loss = lambda th, idx: logistic.mean_ce(th, x[idx], y[idx], num_classes)
   theta0 = jnp.zeros(p)
 
@@ -172,11 +181,8 @@ def _train_adamw_sg(config, key, x, y, num_classes, p):
     updates, opt_state = tx.update(jax.grad(mean_loss)(theta, idx), opt_state, theta)
     return optax.apply_updates(theta, updates), opt_state
 
-  k1, k2 = jax.random.split(key)
-  theta, _ = jax.jit(lambda k: _minibatch_loop(k, step, (theta0, tx.init(theta0)), n, c.batch_size, c.num_steps))(k1)
-  return curvature.diagonal_fisher(
-      k2, lambda th, xb: logistic.logits(th, xb, num_classes), theta, (x, y), variant=c.fisher,
-      prior_precision=config.prior_precision)
+  theta, _ = _minibatch_loop(key, step, (theta0, tx.init(theta0)), n, cfg.batch_size, cfg.num_steps)
+  return theta
 
 
 def _subset(config, *names) -> dict:

@@ -40,6 +40,13 @@ def test_logistic_hessian_is_the_autodiff_hessian_of_the_task_loss(x64):
   p = jax.nn.softmax(x @ theta.reshape(5, 3)[:4] + theta.reshape(5, 3)[4])
   expect = -jnp.sum(jnp.log(p[jnp.arange(13), y])) + 0.35 * jnp.sum(theta ** 2)
   np.testing.assert_allclose(jax.jit(loss)(theta), expect, rtol=1e-12)
+  # Weights: zero-weight (padding) rows change nothing; the weighted Hessian is the autodiff one.
+  w = jnp.asarray(rng.uniform(size=13)).at[-3:].set(0.0)
+  wloss = logistic.task_loss_fn(x, y, 3, 0.7, weights=w)
+  np.testing.assert_allclose(logistic.hessian(theta, x, 3, 0.7, weights=w), jax.hessian(wloss)(theta), atol=1e-10)
+  ones = jnp.ones(13).at[-3:].set(0.0)
+  np.testing.assert_allclose(logistic.task_loss_fn(x, y, 3, 0.7, weights=ones)(theta),
+                             logistic.task_loss_fn(x[:-3], y[:-3], 3, 0.7)(theta), rtol=1e-12)
 
 
 def test_multitask_losses_equal_each_task_loss(x64):

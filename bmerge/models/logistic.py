@@ -100,27 +100,33 @@ def _sq_norm(params) -> jax.Array:
   return sum(jnp.sum(jnp.square(leaf)) for leaf in jax.tree.leaves(params))
 
 
-def task_loss_fn(x, y, num_classes: int, prior_precision=0.0):
-  """theta -> sum_i CE(theta; x_i, y_i) + prior_precision / 2 |theta|^2 for one task's data (flat or dict theta)."""
+def task_loss_fn(x, y, num_classes: int, prior_precision=0.0, weights=None):
+  """theta -> sum_i w_i CE(theta; x_i, y_i) + prior_precision / 2 |theta|^2 for one task's data (flat or dict theta).
+
+  `weights` [N] (default 1) lets tasks padded to a common length share one compiled learner (0 marks padding).
+  """
   x, y = jnp.asarray(x), jnp.asarray(y)
 
   def loss(theta):
-    return jnp.sum(cross_entropy(theta, x, y, num_classes)) + 0.5 * prior_precision * _sq_norm(theta)
+    ce = cross_entropy(theta, x, y, num_classes)
+    ce = ce if weights is None else ce * weights
+    return jnp.sum(ce) + 0.5 * prior_precision * _sq_norm(theta)
   return loss
 
 
-def hessian(theta: jax.Array, x: jax.Array, num_classes: int, prior_precision=0.0) -> jax.Array:
-  """Exact Hessian [P, P] of `task_loss_fn(x, ., num_classes, prior_precision)` at flat theta (closed form).
+def hessian(theta: jax.Array, x: jax.Array, num_classes: int, prior_precision=0.0, weights=None) -> jax.Array:
+  """Exact Hessian [P, P] of `task_loss_fn(x, ., num_classes, prior_precision, weights)` at flat theta (closed form).
 
-  H = sum_i (x~_i x~_i^T) ⊗ (diag(p_i) - p_i p_i^T) + prior_precision I, in the flat layout of this module. For
+  H = sum_i w_i (x~_i x~_i^T) ⊗ (diag(p_i) - p_i p_i^T) + prior_precision I, in the flat layout of this module. For
   this model it equals the generalised Gauss-Newton matrix and the (true) Fisher of the summed loss.
   """
   x = jnp.reshape(x, (x.shape[0], -1))
   p = jax.nn.softmax(logits(theta, x, num_classes))  # [N, C]
+  pw = p if weights is None else p * weights[:, None]
   xt = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1)  # [N, D + 1]
-  # sum_i xt_id xt_ie (p_ia [a = b] - p_ia p_ib), as two contractions over i (never [N, D, D, C, C]).
-  diag_part = jnp.einsum("nd,ne,na->dae", xt, xt, p)  # [D + 1, C, D + 1]
-  outer_part = jnp.einsum("nd,na,ne,nb->daeb", xt, p, xt, p)  # [D + 1, C, D + 1, C]
+  # sum_i w_i xt_id xt_ie (p_ia [a = b] - p_ia p_ib), as two contractions over i (never [N, D, D, C, C]).
+  diag_part = jnp.einsum("nd,ne,na->dae", xt, xt, pw)  # [D + 1, C, D + 1]
+  outer_part = jnp.einsum("nd,na,ne,nb->daeb", xt, pw, xt, p)  # [D + 1, C, D + 1, C]
   d1, c = xt.shape[1], num_classes
   h = outer_part * -1.0
   h = h + jnp.einsum("dae,ab->daeb", diag_part, jnp.eye(c, dtype=p.dtype))

@@ -1,0 +1,484 @@
+"""Mixture-of-Gaussians variational inference by natural gradients (Lin, Khan & Schmidt 2019, Sec. 4.1).
+
+Fits q(z) = sum_c pi_c N(z | mu_c, S_c^-1), c = 1..K, to exp(-loss-bar(z)) (loss-bar = sum of per-example losses +
+regulariser). Each step draws z_j ~ q (c_j ~ pi, then z_j = mu_{c_j} + L_{c_j}^-T eps_j), forms the importance
+weights delta_c(z) = N_c(z) / q(z) and f(z) = -loss-bar(z) - log q(z), and with step beta:
+
+  S_c  <- S_c - beta E_q[delta_c hess f]                     (beta halved until every S_c stays positive definite)
+  mu_c <- mu_c + beta S_c^-1 E_q[delta_c grad f]             (with the new S_c)
+  log(pi_c / pi_K) <- log(pi_c / pi_K) + beta_w (E_q[delta_c f] - E_q[delta_K f])
+
+E_q[delta_c h] = E_{N_c}[h], so each component sees a Newton-like step on its own region. The entropy derivatives
+are in closed form: with a_c = S_c (mu_c - z) and responsibilities r_c = pi_c N_c(z) / q(z) (by logsumexp),
+
+  -grad log q = -sum_c r_c a_c,
+  -hess log q = sum_c r_c S_c - sum_c r_c a_c a_c^T + (sum_c r_c a_c)(sum_c r_c a_c)^T.
+
+The expected loss Hessian is `jax.hessian` at the samples ('hessian'), a user Gauss-Newton matrix ('gauss_newton',
+see `bmerge.optim.von.gauss_newton`), or Stein's lemma per component, E_{N_c}[hess] = E_q[delta_c sym(S_c (z - mu_c)
+grad^T)] ('stein'; gradients only). With K = 1 every delta is 1, -hess log q = S and the step is VON's
+(`bmerge.optim.von`): the same samples give the same trajectory when the Monte-Carlo term E[a_1] (zero in expectation)
+vanishes, i.e. with antithetic samples or with `control_variate=True`.
+
+`control_variate=True` uses E_q[delta_c grad log N_c] = 0, E_q[delta_c hess log N_c] = -S_c and
+E_q[delta_c log N_c] = -entropy(N_c) exactly, i.e. estimates E[delta_c (grad f + a_c)], E[delta_c (hess f - S_c)] + S_c
+and E[delta_c (f + log N_c)] - E_{N_c}[log N_c]. It is unbiased like the plain estimator; the plain one (the default,
+as written above) has zero variance once q equals the target, the control variate makes K = 1 exactly VON.
+
+`fit_diag` / `step_diag` are the same algorithm with diagonal precisions over a params pytree (larger models): every
+matrix above becomes its diagonal, and the loss-Hessian diagonal comes from Stein's lemma (gradients only) or, for
+small tests, from P Hessian-vector products.
+
+The fitted q is exported as `bmerge.Mixture` (components `FullGaussian` or `DiagGaussian` with a leading K axis) and
+goes straight into `bmerge.merge.mixture_weighted`.
+
+Reference: W. Lin, M. E. Khan and M. Schmidt, "Fast and simple natural-gradient variational inference with mixture of
+exponential-family approximations", ICML 2019, Sec. 4.1. Paper setting (App. B.2): K = 20, beta = 0.02 for means and
+precisions, 3e-6 for the weights, 3 samples, 25 iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+from bmerge import _checks
+from bmerge import _tree
+from bmerge.optim import von as _von
+from bmerge.posteriors import DiagGaussian, FullGaussian, Mixture
+
+PyTree = Any
+ESTIMATORS = ("hessian", "stein", "gauss_newton")
+DIAG_ESTIMATORS = ("stein", "hessian")
+_LOG_2PI = math.log(2.0 * math.pi)
+_MAX_HALVINGS = 50
+
+
+class MoGState(NamedTuple):
+  """q = sum_c exp(log_weights[c]) N(mean[c], precision[c]^-1)."""
+
+  mean: jax.Array  # [K, P]
+  precision: jax.Array  # [K, P, P] symmetric positive definite
+  log_weights: jax.Array  # [K] normalised: logsumexp = 0
+  beta: jax.Array  # [] the step size the last step used after halving (0 before the first step)
+
+
+class DiagMoGState(NamedTuple):
+  """q = sum_c exp(log_weights[c]) N(mean[c], diag(precision[c])^-1) over a params pytree."""
+
+  mean: PyTree  # params pytree, every leaf with a leading [K] axis
+  precision: PyTree  # same structure and shapes as `mean`, entries > 0
+  log_weights: jax.Array  # [K] normalised: logsumexp = 0
+  beta: jax.Array  # [] the step size the last step used after halving (0 before the first step)
+
+
+class MoGAlgorithm(NamedTuple):
+  """`init(mean, precision, log_weights=None)` and a jitted `step(key, state)` with hyperparameters bound."""
+
+  init: Callable[..., Any]
+  step: Callable[[jax.Array, Any], Any]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation.
+
+
+def _check_beta(beta: Any, name: str) -> None:
+  if not _checks.is_concrete(beta):
+    return
+  arr = np.asarray(beta, dtype=np.float64)
+  if arr.ndim != 0 or not np.isfinite(arr) or not float(arr) > 0:
+    raise ValueError(f"`{name}` must be a finite scalar step size > 0, got {beta!r}.")
+
+
+def _check_common(loss_fn, beta, beta_w, num_samples, antithetic):
+  _von._check_loss_fn(loss_fn)
+  _check_beta(beta, "beta")
+  if beta_w is not None:
+    _check_beta(beta_w, "beta_w")
+  _von._check_num_samples(num_samples, antithetic)
+
+
+def _check_estimator(estimator, gauss_newton_fn, allowed):
+  if estimator not in allowed:
+    raise ValueError(f"`estimator` must be one of {allowed}, got {estimator!r}.")
+  if estimator == "gauss_newton" and not callable(gauss_newton_fn):
+    raise ValueError("`gauss_newton_fn` must be a function theta [P] -> [P, P] when estimator='gauss_newton', "
+                     f"got {gauss_newton_fn!r}.")
+  if estimator != "gauss_newton" and gauss_newton_fn is not None:
+    raise ValueError(f"`gauss_newton_fn` is only used with estimator='gauss_newton', got estimator={estimator!r}.")
+
+
+def _check_log_weights(log_weights, k, dtype, name="log_weights"):
+  if log_weights is None:
+    return jnp.full((k,), -math.log(k), dtype)
+  if jnp.shape(log_weights) != (k,):
+    raise ValueError(f"`{name}` must be [K] = ({k},), got shape {jnp.shape(log_weights)}.")
+  if _checks.is_concrete(log_weights):
+    arr = np.asarray(log_weights, dtype=np.float64)
+    if np.any(np.isnan(arr)) or np.any(arr == np.inf) or not np.any(np.isfinite(arr)):
+      raise ValueError(f"`{name}` must be finite or -inf (an empty component), with at least one finite entry.")
+  lw = jnp.asarray(log_weights, dtype)
+  return lw - logsumexp(lw)
+
+
+def _check_num_steps(num_steps):
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
+    raise ValueError(f"`num_steps` must be a non-negative integer, got {num_steps!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Full-covariance components (small models).
+
+
+def init(mean: jax.Array, precision: jax.Array, log_weights: Optional[jax.Array] = None) -> MoGState:
+  """The initial mixture.
+
+  Args:
+    mean: [K, P] component means (K >= 1); spread them out, components that start equal stay equal.
+    precision: [K, P, P] positive-definite component precisions.
+    log_weights: [K] log mixture weights (normalised here); default uniform.
+  """
+  return _init(mean, precision, log_weights, "")
+
+
+def _init(mean, precision, log_weights, prefix):
+  if jnp.ndim(mean) != 2:
+    raise ValueError(f"`{prefix}mean` must be [K, P] (K components over a flat parameter vector), "
+                     f"got {jnp.shape(mean)}.")
+  k, p = jnp.shape(mean)
+  if k < 1:
+    raise ValueError(f"`{prefix}mean` must hold K >= 1 components, got K = {k}.")
+  if jnp.shape(precision) != (k, p, p):
+    raise ValueError(f"`{prefix}precision` must be [K, P, P] = {(k, p, p)}, got shape {jnp.shape(precision)}.")
+  _checks.finite(mean, name=f"{prefix}mean")
+  _checks.positive_definite(precision, name=f"{prefix}precision")
+  dtype = _von._float_dtype(mean, precision)
+  return MoGState(jnp.asarray(mean, dtype), jnp.asarray(precision, dtype),
+                  _check_log_weights(log_weights, k, dtype, f"{prefix}log_weights"), jnp.zeros((), dtype))
+
+
+def _draw(key, log_weights, num_samples, dim, dtype, antithetic):
+  """Component indices c [S] and noise eps [S, P]; with K = 1 exactly VON's noise (no component draw)."""
+  k = log_weights.shape[0]
+  if k == 1:
+    return jnp.zeros((num_samples,), jnp.int32), _von.draw_noise(key, num_samples, dim, dtype, antithetic)
+  key_eps, key_c = jax.random.split(key)
+  eps = _von.draw_noise(key_eps, num_samples, dim, dtype, antithetic)
+  if antithetic:  # the pair (eps, -eps) mirrors around the same component
+    c = jax.random.categorical(key_c, log_weights, shape=(num_samples // 2,))
+    c = jnp.concatenate([c, c])
+  else:
+    c = jax.random.categorical(key_c, log_weights, shape=(num_samples,))
+  return c, eps
+
+
+def sample(key: jax.Array, state: MoGState, num_samples: int = 1) -> jax.Array:
+  """[num_samples, P] draws from q."""
+  _von._check_num_samples(num_samples, False)
+  chol = jnp.linalg.cholesky(state.precision)
+  c, eps = _draw(key, state.log_weights, num_samples, state.mean.shape[1], state.mean.dtype, False)
+  return _full_theta(state.mean, chol, c, eps)
+
+
+def _full_theta(mean, chol, c, eps):
+  lt = jnp.swapaxes(chol[c], -1, -2)  # [S, P, P] upper factors L_c^T
+  return mean[c] + jax.vmap(lambda u, e: jax.scipy.linalg.solve_triangular(u, e, lower=False))(lt, eps)
+
+
+def _full_expectations(state, loss_fn, z, estimator, gauss_newton_fn, control_variate):
+  """E_q[delta_c grad f] [K, P], E_q[delta_c hess f] [K, P, P] and E_q[delta_c f] [K] from samples z [S, P]."""
+  mean, prec, log_w = state.mean, state.precision, state.log_weights
+  chol = jnp.linalg.cholesky(prec)
+  n = z.shape[0]
+  diff = mean[None] - z[:, None]  # [S, K, P] mu_c - z
+  a = jnp.einsum("kpq,skq->skp", prec, diff)  # a_c = S_c (mu_c - z)
+  half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)  # [K]
+  log_n = -0.5 * jnp.einsum("skp,skp->sk", diff, a) + half_logdet - 0.5 * z.shape[1] * _LOG_2PI  # [S, K]
+  log_joint = log_w + log_n
+  log_q = logsumexp(log_joint, axis=1)  # [S]
+  r = jnp.exp(log_joint - log_q[:, None])  # responsibilities
+  delta = jnp.exp(log_n - log_q[:, None])  # N_c / q
+  abar = jnp.einsum("sk,skp->sp", r, a)
+
+  losses, grads = jax.vmap(jax.value_and_grad(loss_fn))(z)
+  f = -losses - log_q  # [S]
+  grad_f = -grads - abar  # [S, P]
+  neg_hess_log_q = (jnp.einsum("sk,kpq->spq", r, prec) - jnp.einsum("sk,skp,skq->spq", r, a, a)
+                    + jnp.einsum("sp,sq->spq", abar, abar))
+  if estimator == "stein":  # per component: E_{N_c}[hess loss] = E_q[delta_c sym(S_c (z - mu_c) grad^T)]
+    loss_h = _von._sym(jnp.einsum("sk,skp,sq->kpq", delta, -a, grads)) / n
+  else:
+    h = jax.vmap(jax.hessian(loss_fn))(z) if estimator == "hessian" else jax.vmap(gauss_newton_fn)(z)
+    loss_h = jnp.einsum("sk,spq->kpq", delta, _von._sym(h)) / n
+  e_hess = -loss_h + jnp.einsum("sk,spq->kpq", delta, neg_hess_log_q) / n
+  if control_variate:
+    e_grad = jnp.einsum("sk,skp->kp", delta, grad_f[:, None] + a) / n
+    e_hess = e_hess + prec * (1.0 - jnp.mean(delta, axis=0))[:, None, None]
+    neg_entropy = half_logdet - 0.5 * z.shape[1] * (1.0 + _LOG_2PI)  # E_{N_c}[log N_c]
+    e_f = jnp.einsum("sk,sk->k", delta, f[:, None] + log_n) / n - neg_entropy
+  else:
+    e_grad = jnp.einsum("sk,sp->kp", delta, grad_f) / n
+    e_f = jnp.einsum("sk,s->k", delta, f) / n
+  return e_grad, _von._sym(e_hess), e_f
+
+
+def _halve_until(ok_fn, beta):
+  """The largest beta / 2^i (i = 0.._MAX_HALVINGS) with ok_fn(beta / 2^i), else 0."""
+
+  def cond(carry):
+    b, i = carry
+    return jnp.logical_and(i < _MAX_HALVINGS, jnp.logical_not(ok_fn(b)))
+
+  b, i = jax.lax.while_loop(cond, lambda c: (0.5 * c[0], c[1] + 1), (beta, 0))
+  return jnp.where(ok_fn(b), b, jnp.zeros_like(b))
+
+
+def _update_weights(log_w, e_f, beta_w):
+  """log(pi_c / pi_K) += beta_w (E[delta_c f] - E[delta_K f]), then renormalised (empty components stay empty)."""
+  # Adding the same constant to every log weight changes nothing after normalising, so log pi_K's own term cancels.
+  v = jnp.where(jnp.isfinite(log_w), log_w + beta_w * (e_f - e_f[-1]), -jnp.inf)
+  return v - logsumexp(v)
+
+
+def step(key: jax.Array, state: MoGState, loss_fn: Callable, beta=0.02, beta_w=None, num_samples: int = 3,
+         estimator: str = "hessian", *, gauss_newton_fn: Optional[Callable] = None, antithetic: bool = False,
+         control_variate: bool = False) -> MoGState:
+  """One natural-gradient step of mixture VI (pure; see the module docstring for the math).
+
+  Args:
+    key: PRNG key (split inside into the component draw and the noise; with K = 1 used as VON uses it).
+    state: the current `MoGState`.
+    loss_fn: z [P] -> scalar loss-bar (-log of the unnormalised target).
+    beta: step size for means and precisions (> 0; halved within the step until every precision stays PD).
+    beta_w: step size for the log mixture weights (> 0); default 0.01 * beta. Halved together with beta.
+    num_samples: Monte-Carlo samples from q per step (even with `antithetic`).
+    estimator: 'hessian', 'stein' or 'gauss_newton' for E[delta_c hess loss-bar].
+    gauss_newton_fn: theta [P] -> [P, P] GGN of loss-bar, for 'gauss_newton'.
+    antithetic: pairs (eps, -eps) around the same component.
+    control_variate: subtract each component's own score (unbiased; see the module docstring).
+
+  Returns:
+    The new `MoGState`; its `beta` field holds the step size used.
+  """
+  _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
+  _check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  dtype = state.mean.dtype
+  beta = jnp.asarray(beta, dtype)
+  beta_w = 0.01 * beta if beta_w is None else jnp.asarray(beta_w, dtype)
+  chol = jnp.linalg.cholesky(state.precision)
+  c, eps = _draw(key, state.log_weights, num_samples, state.mean.shape[1], dtype, antithetic)
+  z = _full_theta(state.mean, chol, c, eps)
+  e_grad, e_hess, e_f = _full_expectations(state, loss_fn, z, estimator, gauss_newton_fn, control_variate)
+  alive = jnp.isfinite(state.log_weights)  # an empty (-inf) component keeps its parameters
+  e_grad = jnp.where(alive[:, None], e_grad, 0.0)
+  e_hess = jnp.where(alive[:, None, None], e_hess, 0.0)
+
+  def new_prec(b):
+    return _von._sym(state.precision - b * e_hess)
+
+  def ok(b):
+    return jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_prec(b))))
+
+  b = _halve_until(ok, beta)
+  prec = new_prec(b)
+  chol_new = jnp.linalg.cholesky(prec)
+  mean = state.mean + b * jax.vmap(lambda l, g: jax.scipy.linalg.cho_solve((l, True), g))(chol_new, e_grad)
+  log_w = _update_weights(state.log_weights, e_f, beta_w * (b / beta))
+  return MoGState(mean.astype(dtype), prec.astype(dtype), log_w.astype(dtype), b)
+
+
+def mog(loss_fn: Callable, beta=0.02, beta_w=None, num_samples: int = 3, estimator: str = "hessian", *,
+        gauss_newton_fn: Optional[Callable] = None, antithetic: bool = False,
+        control_variate: bool = False) -> MoGAlgorithm:
+  """Mixture VI with its hyperparameters bound: `init(mean, precision, log_weights=None)` and a jitted
+  `step(key, state)`. See `step` for the arguments.
+
+  Example:
+    >>> algo = mog(loss_fn, beta=0.02, beta_w=3e-6, num_samples=3)
+    >>> state = algo.init(means_kp, jnp.broadcast_to(jnp.eye(p), (k, p, p)))
+    >>> for key in jax.random.split(jax.random.key(0), 25):
+    ...   state = algo.step(key, state)
+    >>> q = posterior(state)  # bmerge.Mixture of FullGaussian components
+  """
+  _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
+  _check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+
+  @jax.jit
+  def step_fn(key, state):
+    return step(key, state, loss_fn, beta, beta_w, num_samples, estimator, gauss_newton_fn=gauss_newton_fn,
+                antithetic=antithetic, control_variate=control_variate)
+
+  return MoGAlgorithm(init, step_fn)
+
+
+def fit(key: jax.Array, loss_fn: Callable, init_mean: jax.Array, init_precision: jax.Array, num_steps: int,
+        beta=0.02, beta_w=None, num_samples: int = 3, estimator: str = "hessian", *,
+        init_log_weights: Optional[jax.Array] = None, gauss_newton_fn: Optional[Callable] = None,
+        antithetic: bool = False, control_variate: bool = False) -> MoGState:
+  """Runs `num_steps` steps in one compiled `lax.scan`; step i uses the i-th key of `jax.random.split(key, num_steps)`.
+
+  Args:
+    init_mean: [K, P]; init_precision: [K, P, P]; init_log_weights: [K] (default uniform). Others as in `step`.
+
+  Returns:
+    The final `MoGState`; `posterior(state)` is the `Mixture` to merge.
+  """
+  _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
+  _check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  _check_num_steps(num_steps)
+  state = _init(init_mean, init_precision, init_log_weights, "init_")
+  dtype = state.mean.dtype
+  beta_w = 0.01 * beta if beta_w is None else beta_w
+  return _fit_full(key, state, jnp.asarray(beta, dtype), jnp.asarray(beta_w, dtype), num_steps, loss_fn, num_samples,
+                   estimator, gauss_newton_fn, antithetic, control_variate)
+
+
+@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _fit_full(key, state, beta, beta_w, num_steps, loss_fn, num_samples, estimator, gauss_newton_fn, antithetic,
+              control_variate):
+  def body(s, k):
+    return step(k, s, loss_fn, beta, beta_w, num_samples, estimator, gauss_newton_fn=gauss_newton_fn,
+                antithetic=antithetic, control_variate=control_variate), None
+
+  state, _ = jax.lax.scan(body, state, jax.random.split(key, num_steps))
+  return state
+
+
+def posterior(state: MoGState | DiagMoGState) -> Mixture:
+  """The fitted mixture as `bmerge.Mixture` (components `FullGaussian` or `DiagGaussian` with a leading K axis)."""
+  if isinstance(state, DiagMoGState):
+    return Mixture(DiagGaussian(state.mean, state.precision), state.log_weights)
+  return Mixture(FullGaussian(state.mean, state.precision), state.log_weights)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diagonal components over a params pytree (larger models).
+
+
+def init_diag(mean: PyTree, precision: PyTree, log_weights: Optional[jax.Array] = None) -> DiagMoGState:
+  """The initial diagonal mixture.
+
+  Args:
+    mean: params pytree whose leaves carry a leading K axis (K >= 1 components).
+    precision: the same structure and shapes, entries > 0.
+    log_weights: [K] (normalised here); default uniform.
+  """
+  return _init_diag(mean, precision, log_weights, "")
+
+
+def _init_diag(mean, precision, log_weights, prefix):
+  leaves = jax.tree.leaves(mean)
+  if not leaves:
+    raise ValueError(f"`{prefix}mean` has no arrays; expected a params pytree with a leading K axis on every leaf.")
+  if jnp.ndim(leaves[0]) < 1 or jnp.shape(leaves[0])[0] < 1:
+    raise ValueError(f"`{prefix}mean` leaves must carry a leading K >= 1 axis, got shape {jnp.shape(leaves[0])}.")
+  k = jnp.shape(leaves[0])[0]
+  _checks.leading(mean, (k,), name=f"{prefix}mean", what="K mixture components")
+  _checks.same_structure(precision, mean, name_a=f"{prefix}precision", name_b=f"{prefix}mean")
+  _checks.finite(mean, name=f"{prefix}mean")
+  _checks.positive_finite(precision, name=f"{prefix}precision")
+  dtype = _von._float_dtype(*leaves, *jax.tree.leaves(precision))
+  cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)
+  return DiagMoGState(cast(mean), cast(precision), _check_log_weights(log_weights, k, dtype, f"{prefix}log_weights"),
+                      jnp.zeros((), dtype))
+
+
+def _diag_expectations(mean, prec, log_w, loss_flat, z, estimator, control_variate):
+  """Diagonal analogue of `_full_expectations`: E[delta_c grad f] [K, P], E[delta_c diag hess f] [K, P], E[delta_c f]."""
+  n, p = z.shape
+  diff = mean[None] - z[:, None]  # [S, K, P]
+  a = prec[None] * diff
+  half_logdet = 0.5 * jnp.sum(jnp.log(prec), axis=-1)
+  log_n = -0.5 * jnp.sum(diff * a, axis=-1) + half_logdet - 0.5 * p * _LOG_2PI
+  log_joint = log_w + log_n
+  log_q = logsumexp(log_joint, axis=1)
+  r = jnp.exp(log_joint - log_q[:, None])
+  delta = jnp.exp(log_n - log_q[:, None])
+  abar = jnp.einsum("sk,skp->sp", r, a)
+  losses, grads = jax.vmap(jax.value_and_grad(loss_flat))(z)
+  f = -losses - log_q
+  grad_f = -grads - abar
+  neg_hess_log_q = r @ prec - jnp.einsum("sk,skp->sp", r, a * a) + abar * abar  # diagonal of the full expression
+  if estimator == "stein":
+    loss_h = jnp.einsum("sk,skp,sp->kp", delta, -a, grads) / n
+  else:  # exact diagonal from P Hessian-vector products (small models only)
+    eye = jnp.eye(p, dtype=z.dtype)
+
+    def diag_h(x):
+      hvp = lambda v: jax.jvp(jax.grad(loss_flat), (x,), (v,))[1]
+      return jnp.sum(jax.vmap(hvp)(eye) * eye, axis=1)
+
+    loss_h = jnp.einsum("sk,sp->kp", delta, jax.vmap(diag_h)(z)) / n
+  e_hess = -loss_h + jnp.einsum("sk,sp->kp", delta, neg_hess_log_q) / n
+  if control_variate:
+    e_grad = jnp.einsum("sk,skp->kp", delta, grad_f[:, None] + a) / n
+    e_hess = e_hess + prec * (1.0 - jnp.mean(delta, axis=0))[:, None]
+    neg_entropy = half_logdet - 0.5 * p * (1.0 + _LOG_2PI)
+    e_f = jnp.einsum("sk,sk->k", delta, f[:, None] + log_n) / n - neg_entropy
+  else:
+    e_grad = jnp.einsum("sk,sp->kp", delta, grad_f) / n
+    e_f = jnp.einsum("sk,s->k", delta, f) / n
+  return e_grad, e_hess, e_f
+
+
+def step_diag(key: jax.Array, state: DiagMoGState, loss_fn: Callable, beta=0.02, beta_w=None, num_samples: int = 3,
+              estimator: str = "stein", *, antithetic: bool = False, control_variate: bool = False) -> DiagMoGState:
+  """One step of diagonal mixture VI over a params pytree; `loss_fn(params) -> scalar`.
+
+  The same updates as `step` with every precision diagonal: h_c <- h_c - beta E[delta_c diag hess f] (beta halved
+  until every h_c > 0), mu_c <- mu_c + beta E[delta_c grad f] / h_c. `estimator`: 'stein' (gradients only,
+  E_{N_c}[diag hess] = E_q[delta_c h_c (z - mu_c) * grad]) or 'hessian' (exact diagonal, P Hessian-vector products).
+  """
+  _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
+  _check_estimator(estimator, None, DIAG_ESTIMATORS)
+  mean, unflatten = _tree.flatten(state.mean, 1)  # [K, P]
+  prec, _ = _tree.flatten(state.precision, 1)
+  dtype = mean.dtype
+  prec = prec.astype(dtype)
+  beta = jnp.asarray(beta, dtype)
+  beta_w = 0.01 * beta if beta_w is None else jnp.asarray(beta_w, dtype)
+  c, eps = _draw(key, state.log_weights, num_samples, mean.shape[1], dtype, antithetic)
+  z = mean[c] + eps / jnp.sqrt(prec[c])
+  loss_flat = lambda x: loss_fn(unflatten(x))
+  e_grad, e_hess, e_f = _diag_expectations(mean, prec, state.log_weights, loss_flat, z, estimator, control_variate)
+  alive = jnp.isfinite(state.log_weights)[:, None]  # an empty (-inf) component keeps its parameters
+  e_grad = jnp.where(alive, e_grad, 0.0)
+  e_hess = jnp.where(alive, e_hess, 0.0)
+  ok = lambda b: jnp.all(prec - b * e_hess > 0)
+  b = _halve_until(ok, beta)
+  prec_new = prec - b * e_hess
+  mean_new = mean + b * e_grad / prec_new
+  log_w = _update_weights(state.log_weights, e_f, beta_w * (b / beta))
+  return DiagMoGState(unflatten(mean_new), unflatten(prec_new), log_w.astype(dtype), b)
+
+
+def fit_diag(key: jax.Array, loss_fn: Callable, init_mean: PyTree, init_precision: PyTree, num_steps: int,
+             beta=0.02, beta_w=None, num_samples: int = 3, estimator: str = "stein", *,
+             init_log_weights: Optional[jax.Array] = None, antithetic: bool = False,
+             control_variate: bool = False) -> DiagMoGState:
+  """`step_diag` `num_steps` times in one `lax.scan` (keys `jax.random.split(key, num_steps)`)."""
+  _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
+  _check_estimator(estimator, None, DIAG_ESTIMATORS)
+  _check_num_steps(num_steps)
+  state = _init_diag(init_mean, init_precision, init_log_weights, "init_")
+  dtype = state.log_weights.dtype
+  beta_w = 0.01 * beta if beta_w is None else beta_w
+  return _fit_diag(key, state, jnp.asarray(beta, dtype), jnp.asarray(beta_w, dtype), num_steps, loss_fn,
+                   num_samples, estimator, antithetic, control_variate)
+
+
+@partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
+def _fit_diag(key, state, beta, beta_w, num_steps, loss_fn, num_samples, estimator, antithetic, control_variate):
+  def body(s, k):
+    return step_diag(k, s, loss_fn, beta, beta_w, num_samples, estimator, antithetic=antithetic,
+                     control_variate=control_variate), None
+
+  state, _ = jax.lax.scan(body, state, jax.random.split(key, num_steps))
+  return state

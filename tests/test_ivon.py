@@ -1,0 +1,572 @@
+"""Tests of bmerge.optim.ivon: the reference trajectories, closed forms, and the optax battery."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bmerge
+from bmerge.optim.ivon import IVONState, find_state, ivon, posterior, predictive, sample_params
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+SETTINGS = ("defaults", "mc3_clip", "norescale_nodebias", "gradsq")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. The reference implementation (ivon-opt 0.1.3), replayed from tests/data/ivon_*.json (tests/data/record_ivon.py).
+
+
+def _load(setting):
+  with open(os.path.join(DATA, f"ivon_{setting}.json")) as f:
+    return json.load(f)
+
+
+def _tx_from(hp):
+  clip = math.inf if hp["clip_radius"] is None else hp["clip_radius"]
+  return ivon(hp["lr"], hp["ess"], hp["hess_init"], hp["beta1"], hp["beta2"], hp["weight_decay"],
+                       clip, hp["rescale_lr"], hp["debias"], hp["hess_approx"])
+
+
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_replays_reference_trajectory(setting, x64):
+  data = _load(setting)
+  hp = data["hyperparameters"]
+  tx = _tx_from(hp)
+  arr = lambda t: {k: jnp.asarray(v, jnp.float64) for k, v in t.items()}
+  params = arr(data["steps"][0]["params_before"])
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  h0 = hp["hess_init"]
+  max_h_move, neg_h_hat, clipped = 0.0, 0, 0
+  for t, step in enumerate(data["steps"]):
+    chex.assert_trees_all_close(params, arr(step["params_before"]), atol=1e-10, rtol=0)
+    noise, grads = arr(step["noise"]), arr(step["grads"])
+    assert all(g.shape[0] == hp["mc_samples"] for g in grads.values())
+    if hp["hess_approx"] == "price":  # the correction term of the h update only matters when h_hat < 0
+      neg_h_hat += sum(int(jnp.sum(hp["ess"] * (state.hess[k] + hp["weight_decay"])
+                                   * jnp.mean(noise[k] * grads[k], 0) < 0)) for k in grads)
+    updates, state = update(grads, state, params, noise=noise)
+    params = optax.apply_updates(params, updates)
+    if hp["clip_radius"] is not None:
+      lr = hp["lr"] * (h0 + hp["weight_decay"])
+      clipped += sum(int(jnp.sum(jnp.abs(u) >= lr * hp["clip_radius"] * (1 - 1e-12))) for u in updates.values())
+    chex.assert_trees_all_close(params, arr(step["params_after"]), atol=1e-10, rtol=0)
+    chex.assert_trees_all_close(state.hess, arr(step["hess_after"]), atol=1e-10, rtol=0)
+    chex.assert_trees_all_close(state.momentum, arr(step["momentum_after"]), atol=1e-10, rtol=0)
+    assert int(state.count) == t + 1
+    max_h_move = max(max_h_move, max(float(jnp.max(jnp.abs(h - h0))) for h in state.hess.values()))
+  # The recordings are only worth replaying if every term is exercised.
+  assert max_h_move > 0.05, "h barely moved: the Hessian update is untested"
+  if hp["hess_approx"] == "price":
+    assert neg_h_hat > 0
+  if hp["clip_radius"] is not None:
+    n = sum(np.size(v) for v in updates.values()) * len(data["steps"])
+    assert 0 < clipped < n, "clipping must be active for some entries and not all"
+
+
+def test_reference_settings_differ_in_what_they_test():
+  hps = {s: _load(s)["hyperparameters"] for s in SETTINGS}
+  assert hps["mc3_clip"]["mc_samples"] == 3 and hps["mc3_clip"]["clip_radius"] is not None
+  assert not hps["norescale_nodebias"]["rescale_lr"] and not hps["norescale_nodebias"]["debias"]
+  assert hps["gradsq"]["hess_approx"] == "gradsq"
+  assert hps["defaults"]["mc_samples"] == 1 and hps["defaults"]["rescale_lr"] and hps["defaults"]["debias"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Closed forms.
+
+
+def _quadratic():
+  a = {"u": jnp.array([0.5, 2.0, 8.0]), "v": jnp.array([[1.0, 4.0], [0.25, 3.0]])}
+  c = {"u": jnp.array([1.0, -2.0, 0.5]), "v": jnp.array([[3.0, -1.0], [2.0, 0.0]])}
+  loss = lambda p: sum(jnp.sum(0.5 * a[k] * (p[k] - c[k]) ** 2) for k in p)
+  return a, c, loss
+
+
+def test_fixed_point_is_the_exact_gaussian_posterior_of_a_quadratic(x64):
+  # loss(theta) = 1/2 sum a (theta - c)^2 per example, so the exact posterior of ess * loss with the prior
+  # N(0, 1/(ess delta)) is N(a c / (a + delta), 1/(ess (a + delta))). With antithetic noise +-1/sqrt(ess (h + delta))
+  # the price estimate is exactly h_hat = a and g_bar is the gradient at the mean, so IVON must converge to it.
+  a, c, loss = _quadratic()
+  ess, wd = 50.0, 0.1
+  tx = ivon(0.05, ess, hess_init=0.3, beta2=0.99, weight_decay=wd)
+  params = jax.tree.map(jnp.zeros_like, c)
+  signs = jnp.array([1.0, -1.0])
+
+  def step(carry, _):
+    params, state = carry
+    noise = jax.tree.map(lambda h: signs.reshape((2,) + (1,) * h.ndim) / jnp.sqrt(ess * (h + wd)), state.hess)
+    samples = jax.tree.map(lambda p, n: p + n, params, noise)
+    grads = jax.vmap(jax.grad(loss))(samples)
+    updates, state = tx.update(grads, state, params, noise=noise)
+    return (optax.apply_updates(params, updates), state), None
+
+  (params, state), _ = jax.lax.scan(step, (params, tx.init(params)), length=3000)
+  q = posterior(params, state, ess, wd)
+  chex.assert_trees_all_close(state.hess, a, atol=1e-8)
+  chex.assert_trees_all_close(q.mean, jax.tree.map(lambda a, c: a * c / (a + wd), a, c), atol=1e-8)
+  chex.assert_trees_all_close(q.precision, jax.tree.map(lambda a: ess * (a + wd), a), atol=1e-6)
+
+
+def test_random_sampling_estimates_the_curvature_without_bias():
+  # E[n g] = a / (ess (h + delta)) for g = a (m + n - c), so h_hat is unbiased for a; time-averaged h ≈ a.
+  a, c, loss = _quadratic()
+  ess, wd = 100.0, 1e-4
+  tx = ivon(0.05, ess, hess_init=1.0, beta2=0.995, weight_decay=wd)
+  params = jax.tree.map(jnp.zeros_like, c)
+
+  def step(carry, key):
+    params, state = carry
+    samples, noise = sample_params(key, state, params, ess, wd, num_samples=4)
+    grads = jax.vmap(jax.grad(loss))(samples)
+    updates, state = tx.update(grads, state, params, noise=noise)
+    return (optax.apply_updates(params, updates), state), state.hess
+
+  keys = jax.random.split(jax.random.key(0), 2000)
+  (params, _), hs = jax.lax.scan(step, (params, tx.init(params)), keys)
+  h_avg = jax.tree.map(lambda h: jnp.mean(h[1000:], axis=0), hs)
+  chex.assert_trees_all_close(h_avg, a, rtol=0.1)
+  chex.assert_trees_all_close(params, jax.tree.map(lambda a, c: a * c / (a + wd), a, c), atol=0.05)
+
+
+def test_update_by_hand_one_step():
+  # Every term of REFERENCE §3 written out for one scalar-per-leaf step, S = 2.
+  lr, ess, h0, b1, b2, wd = 0.3, 7.0, 0.8, 0.9, 0.95, 0.05
+  tx = ivon(lr, ess, h0, b1, b2, wd)
+  params = {"x": jnp.array([0.7, -1.2])}
+  noise = {"x": jnp.array([[0.1, -0.3], [-0.2, 0.05]])}
+  grads = {"x": jnp.array([[1.0, 2.0], [-0.5, 0.4]])}
+  updates, state = tx.update(grads, tx.init(params), params, noise=noise)
+  g_bar, nu = grads["x"].mean(0), (noise["x"] * grads["x"]).mean(0)
+  mom = (1 - b1) * g_bar
+  h_hat = ess * (h0 + wd) * nu
+  h = b2 * h0 + (1 - b2) * h_hat + 0.5 * (1 - b2) ** 2 * (h0 - h_hat) ** 2 / (h0 + wd)
+  step = (mom / (1 - b1) + wd * params["x"]) / (h + wd)
+  np.testing.assert_allclose(state.momentum["x"], mom, rtol=1e-6)
+  np.testing.assert_allclose(state.hess["x"], h, rtol=1e-6)
+  np.testing.assert_allclose(updates["x"], -lr * (h0 + wd) * step, rtol=1e-6)
+
+
+def test_grads_without_mc_axis_mean_one_sample():
+  tx = ivon(0.1, 10.0, beta2=0.9)
+  params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+  grads = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([[0.5, 1.0], [-1.0, 2.0]])}
+  noise = {"a": jnp.array([0.1, 0.2, -0.1]), "b": jnp.array([[0.3, -0.2], [0.1, 0.05]])}
+  state = tx.init(params)
+  plain = tx.update(grads, state, params, noise=noise)
+  with_axis = tx.update(jax.tree.map(lambda x: x[None], grads), state, params,
+                        noise=jax.tree.map(lambda x: x[None], noise))
+  chex.assert_trees_all_equal(plain, with_axis)
+
+
+def test_gradsq_ignores_noise_and_matches_its_formula():
+  ess, wd, b2 = 10.0, 1e-3, 0.9
+  tx = ivon(0.1, ess, beta2=b2, weight_decay=wd, hess_approx="gradsq")
+  params = {"w": jnp.zeros(2)}
+  grads = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]])}
+  _, s1 = tx.update(grads, tx.init(params), params)
+  _, s2 = tx.update(grads, tx.init(params), params, noise={"w": jnp.ones((2, 2))})
+  h_hat = ess * jnp.mean(grads["w"] ** 2, 0)
+  h = b2 + (1 - b2) * h_hat + 0.5 * (1 - b2) ** 2 * (1 - h_hat) ** 2 / (1 + wd)
+  chex.assert_trees_all_close(s1.hess["w"], h, rtol=1e-6)
+  chex.assert_trees_all_equal(s1, s2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Boundary errors.
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(ess=0.0), "ess"), (dict(ess=-1.0), "ess"), (dict(hess_init=0.0), "hess_init"),
+    (dict(beta1=1.0), "beta1"), (dict(beta1=-0.1), "beta1"), (dict(beta2=1.0), "beta2"),
+    (dict(clip_radius=0.0), "clip_radius"), (dict(weight_decay=-1e-3), "weight_decay"),
+    (dict(learning_rate=-0.1), "learning_rate"), (dict(hess_approx="fisher"), "hess_approx"),
+    (dict(ess=float("nan")), "ess"),
+])
+def test_invalid_hyperparameters_name_the_argument(kwargs, name):
+  args = dict(learning_rate=0.1, ess=10.0)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=f"`{name}`"):
+    ivon(**args)
+
+
+def test_update_errors_name_the_argument():
+  tx = ivon(0.1, 10.0)
+  params = {"a": jnp.ones(3)}
+  state = tx.init(params)
+  g = {"a": jnp.ones((2, 3))}
+  with pytest.raises(ValueError, match="`noise`"):
+    tx.update(g, state, params)
+  with pytest.raises(ValueError, match="`noise`"):
+    tx.update(g, state, params, noise={"a": jnp.ones((3, 3))})
+  with pytest.raises(ValueError, match="`params`"):
+    tx.update(g, state, None, noise=g)
+  with pytest.raises(ValueError, match="`grads`"):
+    tx.update({"a": jnp.ones((2, 4))}, state, params, noise=g)
+  with pytest.raises(ValueError, match="`grads`"):
+    tx.update({"b": jnp.ones((2, 3))}, state, params, noise=g)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The optax battery (after optax/contrib/_common_test.py).
+
+
+def _problem(dtype=jnp.float32):
+  params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.1]], dtype), "b": jnp.array([0.3, -0.2, 1.0], dtype)}
+  loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum((p["b"] - 1.0) ** 2)
+  return params, loss
+
+
+def _ivon_step(tx, loss, ess=10.0, wd=1e-4, num_samples=2):
+  def step(key, params, state):
+    samples, noise = sample_params(key, state, params, ess, wd, num_samples)
+    grads = jax.vmap(jax.grad(lambda p: loss(p).astype(jnp.float32)))(samples)
+    updates, state = tx.update(grads, state, params, noise=noise)
+    return optax.apply_updates(params, updates), state
+  return step
+
+
+def test_jit_traces_once_and_state_keeps_structure():
+  params, loss = _problem()
+  tx = ivon(0.1, 10.0)
+  step = jax.jit(chex.assert_max_traces(_ivon_step(tx, loss), n=1))
+  state = tx.init(params)
+  struct = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+  for key in jax.random.split(jax.random.key(0), 3):
+    params, state = step(key, params, state)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == struct
+  assert isinstance(state, IVONState) and state.count.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+def test_state_dtype_is_stable_under_lax_cond(dtype):
+  with jax.enable_x64(dtype == "float64"):
+    params, loss = _problem(jnp.dtype(dtype))
+    tx = ivon(0.1, 10.0)
+    inner = _ivon_step(tx, loss)
+
+    @jax.jit
+    def step(key, params, state):
+      pred = jax.random.randint(key, (), 0, 2) == 0  # a lax.cond only compiles if both branches agree
+      return jax.lax.cond(pred, lambda: inner(key, params, state), lambda: (params, state))
+
+    state = tx.init(params)
+    for key in jax.random.split(jax.random.key(1), 2):
+      params, new_state = step(key, params, state)
+      state = jax.lax.cond(True, lambda: state, lambda: new_state)  # noqa: B023
+      assert jax.tree.leaves(params)[0].dtype == jnp.dtype(dtype)
+    assert state.hess["w"].dtype == jnp.promote_types(dtype, jnp.float32)
+
+
+def test_inject_hyperparams_matches_plain():
+  params, loss = _problem()
+  kwargs = dict(learning_rate=0.1, ess=10.0, hess_init=0.5, beta2=0.99, clip_radius=0.5)
+  tx = ivon(**kwargs)
+  tx_inj = optax.inject_hyperparams(ivon)(**kwargs)
+  step, step_inj = jax.jit(_ivon_step(tx, loss)), jax.jit(_ivon_step(tx_inj, loss))
+  p1, s1, p2, s2 = params, tx.init(params), params, tx_inj.init(params)
+  for key in jax.random.split(jax.random.key(2), 3):
+    p1, s1 = step(key, p1, s1)
+    p2, s2 = step_inj(key, p2, s2)
+  chex.assert_trees_all_close(p1, p2, rtol=1e-6)
+  chex.assert_trees_all_close(s1, s2.inner_state, rtol=1e-6)
+  # A changed injected learning rate takes effect (as inject_hyperparams promises).
+  s2.hyperparams["learning_rate"] = jnp.asarray(0.0)
+  p3, _ = step_inj(jax.random.key(3), p2, s2)
+  chex.assert_trees_all_close(p3, p2)
+
+
+def test_learning_rate_schedule_uses_the_step_count():
+  params, loss = _problem()
+  sched = optax.linear_schedule(0.2, 0.0, 4)
+  tx = ivon(sched, 10.0, beta2=0.99)
+  state, update = tx.init(params), jax.jit(tx.update)
+  for t, key in enumerate(jax.random.split(jax.random.key(4), 5)):
+    samples, noise = sample_params(key, state, params, 10.0, 1e-4, 2)
+    grads = jax.vmap(jax.grad(loss))(samples)
+    u, new_state = update(grads, state, params, noise=noise)
+    u_ref, ref_state = jax.jit(ivon(float(sched(t)), 10.0, beta2=0.99).update)(grads, state, params,
+                                                                                       noise=noise)
+    chex.assert_trees_all_close(u, u_ref, rtol=1e-6)
+    chex.assert_trees_all_close(new_state, ref_state)
+    params, state = optax.apply_updates(params, u), new_state
+  chex.assert_trees_all_close(u, jax.tree.map(jnp.zeros_like, u))  # schedule at 0 after 4 steps
+
+
+def test_multisteps_with_one_noise_equals_the_averaged_gradient():
+  params, _ = _problem()
+  tx = ivon(0.1, 10.0, beta2=0.99)
+  ms = optax.MultiSteps(tx, every_k_schedule=3)
+  noise = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
+  grads = [jax.tree.map(lambda p, i=i: (i + 1.0) * p - i, params) for i in range(3)]
+  state = ms.init(params)
+  update = jax.jit(ms.update)
+  for i, g in enumerate(grads):
+    updates, state = update(g, state, params, noise=noise)
+    if i < 2:
+      chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+  mean_grad = jax.tree.map(lambda *g: sum(g) / 3, *grads)
+  ref_updates, ref_state = tx.update(mean_grad, tx.init(params), params, noise=noise)
+  chex.assert_trees_all_close(updates, ref_updates, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(find_state(state), ref_state, rtol=1e-5, atol=1e-7)
+
+
+def test_chain_passes_noise_and_find_state_digs_it_out():
+  params, loss = _problem()
+  tx = ivon(0.1, 10.0)
+  chained = optax.chain(optax.identity(), tx, optax.scale(0.5))
+  state, cstate = tx.init(params), chained.init(params)
+  samples, noise = sample_params(jax.random.key(5), cstate, params, 10.0, 1e-4, 2)
+  grads = jax.vmap(jax.grad(loss))(samples)
+  u, state = tx.update(grads, state, params, noise=noise)
+  cu, cstate = jax.jit(chained.update)(grads, cstate, params, noise=noise)
+  chex.assert_trees_all_close(cu, jax.tree.map(lambda x: 0.5 * x, u), rtol=1e-6)
+  chex.assert_trees_all_close(find_state(cstate), state, rtol=1e-6)
+  wrapped = optax.inject_hyperparams(ivon)(learning_rate=0.1, ess=10.0).init(params)
+  assert isinstance(find_state(wrapped), IVONState)
+  with pytest.raises(ValueError, match="`opt_state`"):
+    find_state(optax.adam(0.1).init(params))
+
+
+def test_flax_linen_params_and_nnx_state():
+  import flax.linen as nn
+  from flax import nnx
+
+  x = jax.random.normal(jax.random.key(0), (64, 3))
+  y = x @ jnp.array([1.0, -2.0, 0.5]) + 0.3
+  ess, wd = 64.0, 1e-4
+  tx = ivon(0.05, ess, beta2=0.999, weight_decay=wd)
+
+  def fit(params, apply_fn):
+    loss = lambda p: jnp.mean((apply_fn(p, x)[:, 0] - y) ** 2)
+    step = jax.jit(_ivon_step(tx, loss, ess, wd))
+    state, start = tx.init(params), loss(params)
+    for key in jax.random.split(jax.random.key(1), 200):
+      params, state = step(key, params, state)
+    q = posterior(params, state, ess, wd)
+    assert jax.tree.structure(q.precision) == jax.tree.structure(params)
+    chex.assert_trees_all_close(q.precision, jax.tree.map(lambda h: ess * (h + wd), state.hess))
+    assert loss(q.mean) < 0.05 * start  # IVON fits the linear regression
+    return q
+
+  linen = nn.Dense(1)
+  q = fit(linen.init(jax.random.key(2), x)["params"], lambda p, x: linen.apply({"params": p}, x))
+  np.testing.assert_allclose(q.mean["kernel"][:, 0], [1.0, -2.0, 0.5], atol=0.1)
+
+  graphdef, nnx_params = nnx.split(nnx.Linear(3, 1, rngs=nnx.Rngs(3)), nnx.Param)
+  q = fit(nnx_params, lambda p, x: nnx.merge(graphdef, p)(x))
+  assert isinstance(q.mean, nnx.State)
+  np.testing.assert_allclose(q.mean["kernel"][...][:, 0], [1.0, -2.0, 0.5], atol=0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. Devices: axis_name averages g_bar and nu_bar; jit with a sharded batch needs nothing.
+
+
+def _regression():
+  x = jax.random.normal(jax.random.key(0), (8, 3))
+  y = jnp.sin(x.sum(1))
+  params = {"w": jnp.array([0.3, -0.2, 0.5]), "b": jnp.array(0.1)}
+  loss = lambda p, x, y: jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+  return params, loss, x, y
+
+
+def test_axis_name_averages_over_a_mapped_axis():
+  params, loss, x, y = _regression()
+  tx = ivon(0.1, 10.0, beta2=0.9)
+  tx_ax = ivon(0.1, 10.0, beta2=0.9, axis_name="data")
+  state = tx.init(params)
+  samples, noise = sample_params(jax.random.key(1), state, params, 10.0, 1e-4, 3)
+  grad = jax.vmap(jax.grad(loss), in_axes=(0, None, None))
+  full = jax.jit(tx.update)(grad(samples, x, y), state, params, noise=noise)
+  shard_grads = jax.vmap(grad, in_axes=(None, 0, 0))(samples, x.reshape(2, 4, 3), y.reshape(2, 4))
+  per_shard = jax.jit(jax.vmap(lambda g: tx_ax.update(g, state, params, noise=noise), axis_name="data"))(shard_grads)
+  for i in range(2):
+    chex.assert_trees_all_close(jax.tree.map(lambda z: z[i], per_shard), full, rtol=1e-5, atol=1e-7)
+
+
+def test_two_host_devices_shard_map_and_sharded_jit():
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp, numpy as np, optax
+      from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+      from bmerge.optim.ivon import ivon, sample_params
+      assert jax.device_count() == 2, jax.devices()
+      x = jax.random.normal(jax.random.key(0), (8, 3)); y = jnp.sin(x.sum(1))
+      params = {"w": jnp.array([0.3, -0.2, 0.5]), "b": jnp.array(0.1)}
+      loss = lambda p, x, y: jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+      grad = jax.vmap(jax.grad(loss), in_axes=(0, None, None))
+      tx = ivon(0.1, 10.0, beta2=0.9)
+      state = tx.init(params)
+      samples, noise = sample_params(jax.random.key(1), state, params, 10.0, 1e-4, 3)
+      ref = tx.update(grad(samples, x, y), state, params, noise=noise)
+      mesh = Mesh(np.array(jax.devices()), ("data",))
+
+      tx_ax = ivon(0.1, 10.0, beta2=0.9, axis_name="data")
+      f = jax.shard_map(lambda s, n, x, y: tx_ax.update(grad(s, x, y), state, params, noise=n), mesh=mesh,
+                        in_specs=(P(), P(), P("data"), P("data")), out_specs=P(),
+                        check_vma=False)  # per-device gradients, as under pmap
+      out = jax.jit(f)(samples, noise, x, y)
+      np.testing.assert_allclose(out[0]["w"], ref[0]["w"], rtol=1e-5)
+      np.testing.assert_allclose(out[1].hess["w"], ref[1].hess["w"], rtol=1e-5)
+
+      xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+      ys = jax.device_put(y, NamedSharding(mesh, P("data")))
+      out = jax.jit(lambda s, n, x, y: tx.update(grad(s, x, y), state, params, noise=n))(samples, noise, xs, ys)
+      np.testing.assert_allclose(out[0]["w"], ref[0]["w"], rtol=1e-5)
+      np.testing.assert_allclose(out[1].hess["b"], ref[1].hess["b"], rtol=1e-5)
+      print("OK")
+  """)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Sampling, posterior and predictive helpers.
+
+
+def test_sample_params_noise_has_the_posterior_scale():
+  params = {"a": jnp.zeros(3), "b": jnp.ones((2, 2))}
+  tx = ivon(0.1, 25.0, hess_init=0.5)
+  state = tx.init(params)
+  state = state._replace(hess={"a": jnp.array([0.5, 2.0, 8.0]), "b": jnp.full((2, 2), 3.0)})
+  samples, noise = sample_params(jax.random.key(0), state, params, 25.0, 0.1, num_samples=20000)
+  chex.assert_tree_shape_prefix(samples, (20000,))
+  chex.assert_trees_all_close(jax.tree.map(lambda s, p: s - p, samples, params), noise)
+  var = jax.tree.map(lambda n: jnp.var(n, axis=0), noise)
+  expected = jax.tree.map(lambda h: 1.0 / (25.0 * (h + 0.1)), state.hess)
+  chex.assert_trees_all_close(var, expected, rtol=0.05)
+  # Leaves draw independent noise even when shaped alike.
+  one, one_noise = sample_params(jax.random.key(1), state, params, 25.0, 0.1)  # no MC axis
+  chex.assert_trees_all_equal_shapes(one, params, one_noise)
+  with pytest.raises(ValueError, match="`num_samples`"):
+    sample_params(jax.random.key(1), state, params, 25.0, 0.1, 0)
+  twins = {"a": jnp.zeros(3), "c": jnp.zeros(3)}
+  _, n2 = sample_params(jax.random.key(0), tx.init(twins), twins, 25.0, 0.1, 2)
+  assert not np.allclose(n2["a"], n2["c"])
+  q = posterior(params, state, 25.0, 0.1)
+  assert isinstance(q, bmerge.DiagGaussian)
+  chex.assert_trees_all_close(q.precision, jax.tree.map(lambda h: 1.0 / h, expected), rtol=1e-6)
+
+
+def test_predictive_averages_over_posterior_samples():
+  params = {"w": jnp.array([[1.0, -1.0, 0.5], [0.2, 0.3, -0.4]])}
+  tx = ivon(0.1, 5.0)
+  state = tx.init(params)
+  x = jnp.array([[1.0, 2.0], [-1.0, 0.5]])
+  apply_fn = lambda p, x: x @ p["w"]
+  key = jax.random.key(7)
+  probs = predictive(key, apply_fn, params, state, x, ess=5.0, weight_decay=1e-4, num_samples=16)
+  samples, _ = sample_params(key, state, params, 5.0, 1e-4, 16)
+  brute = jnp.mean(jnp.stack([jax.nn.softmax(apply_fn(jax.tree.map(lambda s: s[i], samples), x))
+                              for i in range(16)]), 0)
+  chex.assert_trees_all_close(probs, brute, rtol=1e-5)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
+  raw = predictive(key, apply_fn, params, state, x, ess=5.0, num_samples=16, transform=None)
+  chex.assert_trees_all_close(raw, jnp.mean(jax.vmap(apply_fn, in_axes=(0, None))(samples, x), 0), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. The README guide, verbatim, and its merge (acceptance 7).
+
+
+def test_readme_example():
+  # --- README example begins ---
+  import os
+  import tempfile
+
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import bmerge
+  from bmerge import checkpoint
+  from bmerge.optim.ivon import ivon, posterior, sample_params
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(3)(nn.relu(nn.Dense(16)(x)))
+
+  def make_task(key, shift, n=256):
+    """Three Gaussian blobs in 2-D; each task shifts them differently."""
+    kx, ky = jax.random.split(key)
+    y = jax.random.randint(ky, (n,), 0, 3)
+    centres = jnp.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]) + shift
+    return centres[y] + 0.7 * jax.random.normal(kx, (n, 2)), y
+
+  model = MLP()
+  ESS, WD, NUM_SAMPLES = 256.0, 1e-4, 2          # ess = training-set size
+  tx = ivon(learning_rate=0.1, ess=ESS, hess_init=0.5, beta2=0.999, weight_decay=WD)
+
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+  @jax.jit
+  def train_step(key, params, opt_state, x, y):
+    # 1. sample theta_s = m + n_s, 2. a gradient per sample, 3. the IVON update with the noise that made them.
+    samples, noise = sample_params(key, opt_state, params, ESS, WD, NUM_SAMPLES)
+    grads = jax.vmap(jax.grad(loss_fn), in_axes=(0, None, None))(samples, x, y)
+    updates, opt_state = tx.update(grads, opt_state, params, noise=noise)
+    return optax.apply_updates(params, updates), opt_state
+
+  def train(key, x, y, steps=150, batch=64):
+    init_key, key = jax.random.split(key)
+    params = model.init(init_key, x[:1])["params"]
+    opt_state = tx.init(params)
+    for step in range(steps):
+      key, step_key = jax.random.split(key)
+      i = (step * batch) % x.shape[0]
+      params, opt_state = train_step(step_key, params, opt_state, x[i:i + batch], y[i:i + batch])
+    return posterior(params, opt_state, ESS, WD)   # DiagGaussian(mean, precision)
+
+  tasks = [make_task(jax.random.key(t), shift) for t, shift in enumerate([-0.5, 0.5])]
+  workdir = tempfile.mkdtemp()                             # any directory
+  for t, (x, y) in enumerate(tasks):
+    # Same init for both tasks (as when finetuning one pretrained model), a different data stream each.
+    q = train(jax.random.key(0), x, y)
+    checkpoint.save_posterior(os.path.join(workdir, f"task{t}"), q, {"task": t, "ess": ESS, "weight_decay": WD})
+
+  # Later, elsewhere: restore the T posteriors and preview every alpha of a grid at once.
+  posteriors = [checkpoint.restore_posterior(os.path.join(workdir, f"task{t}"))[0] for t in range(len(tasks))]
+  stacked = bmerge.stack(posteriors)                       # every leaf gets a leading T = 2 axis
+
+  alphas = bmerge.grid.simplex(2, 0.25)                    # [G, 2]: (0, 1), (0.25, 0.75), ..., (1, 0)
+  merged = bmerge.merge.hessian_weighted(stacked, alphas)  # params with a leading G axis
+
+  x_all = jnp.concatenate([x for x, _ in tasks])
+  y_all = jnp.concatenate([y for _, y in tasks])
+  accuracy = lambda p: jnp.mean(model.apply({"params": p}, x_all).argmax(-1) == y_all)
+  preview = jax.vmap(accuracy)(merged)                     # one multitask accuracy per alpha
+  # --- README example ends ---
+  assert isinstance(posteriors[0], bmerge.DiagGaussian)
+  assert checkpoint.restore_posterior(os.path.join(workdir, "task1"))[1]["task"] == 1
+  shutil.rmtree(workdir)
+
+  # One-hot alphas return each task's IVON mean (the merge is exact at the vertices of the simplex).
+  for g, alpha in enumerate(np.asarray(alphas)):
+    if alpha.max() == 1.0:
+      t = int(alpha.argmax())
+      chex.assert_trees_all_close(jax.tree.map(lambda m, g=g: m[g], merged), posteriors[t].mean, atol=1e-5, rtol=1e-5)
+  # The mid point is the precision-weighted average of the two IVON means (Eq. 10).
+  mid = int(np.argmin(np.abs(np.asarray(alphas)[:, 0] - 0.5)))
+  h = stacked.precision
+  expected = jax.tree.map(lambda m, h: (h[0] * m[0] + h[1] * m[1]) / (h[0] + h[1]), stacked.mean, h)
+  chex.assert_trees_all_close(jax.tree.map(lambda m: m[mid], merged), expected, rtol=1e-4, atol=1e-5)
+  # IVON learnt curvature: the exported precisions differ from the initial ess * (h0 + delta).
+  assert float(jnp.max(jnp.abs(h["Dense_0"]["kernel"] - ESS * (0.5 + WD)))) > 1.0
+  assert preview.shape == (alphas.shape[0],) and float(preview.max()) > 0.8
