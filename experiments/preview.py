@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from experiments import report
@@ -28,6 +28,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the table
   config = FLAGS.config
   module = importlib.import_module(f"experiments.{config.experiment}")
   result = module.run(config, FLAGS.workdir)

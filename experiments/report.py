@@ -27,14 +27,17 @@ def figures(workdir: str, alphas: np.ndarray, previews: dict, exact: np.ndarray,
 
 def table(summary: dict) -> str:
   """The Table 1/2 rows of this run as text: MSE, best preview alpha, its preview and exact metric, Spearman."""
-  rows = [f"{'method':<14} {'MSE':>8} {'spearman':>9} {'best alpha (preview)':>24} {'preview':>8} {'exact':>8}"]
+  # Accuracies print as percentages; other metrics (a loss, summarised with maximize=False) as they are.
+  pct = summary.get("maximize", True) and "metric" not in summary
+  fmt = (lambda v: f"{100 * v:>7.1f}%") if pct else (lambda v: f"{v:>8.4g}")
+  rows = [f"{'method':<14} {'MSE':>9} {'spearman':>9} {'best alpha (preview)':>24} {'preview':>8} {'exact':>8}"]
   for name, m in summary["methods"].items():
     alpha = "(" + ", ".join(f"{a:.2f}" for a in m["best_alpha"]) + ")"
     sp = m.get("spearman")
-    rows.append(f"{name:<14} {m['mse']:>8.4f} {('%.3f' % sp) if sp is not None else 'n/a':>9} {alpha:>24} "
-                f"{100 * m['best_preview']:>7.1f}% {100 * m['exact_at_best']:>7.1f}%")
+    rows.append(f"{name:<14} {m['mse']:>9.3g} {('%.3f' % sp) if sp is not None else 'n/a':>9} {alpha:>24} "
+                f"{fmt(m['best_preview'])} {fmt(m['exact_at_best'])}")
   best_alpha = "(" + ", ".join(f"{a:.2f}" for a in summary["exact_best_alpha"]) + ")"
-  rows.append(f"{'exact (joint)':<14} {'':>8} {'':>9} {best_alpha:>24} {'':>8} {100 * summary['exact_best']:>7.1f}%")
+  rows.append(f"{'exact (joint)':<14} {'':>9} {'':>9} {best_alpha:>24} {'':>8} {fmt(summary['exact_best'])}")
   return "\n".join(rows)
 
 
