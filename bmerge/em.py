@@ -12,7 +12,7 @@ so float32 keeps the small differences between finetuned models),
   log N_tk(theta_g) = -1/2 [x_g^2, x_g] . [h_tk; -2 h_tk d_tk] - 1/2 d_tk . h_tk d_tk + 1/2 sum log h_tk - P/2 log 2pi
   [num, den]_g      = sum_tk W_gtk [h_tk d_tk, h_tk],   W_gtk = r_gtk alpha_gt
 
-i.e. ([G, 2P] x [2P, TK]) then ([G, TK] x [TK, 2P]). `find_mode_reference` is the same algorithm for one alpha as
+i.e. ([G, P] x [P, TK]) twice, then ([G, TK] x [TK, P]) twice (the [x^2, x] concatenation written as two products). `find_mode_reference` is the same algorithm for one alpha as
 written (elementwise over [T, K, P]); tests use it as the oracle and the benchmark as the baseline.
 """
 
@@ -66,9 +66,8 @@ def _diag_em(alphas, means, precisions, log_weights, prior_mean, prior_precision
   logh_ref = jnp.mean(logh, axis=0)  # centring the log-determinants too keeps their sums small in float32
   half_logdet = 0.5 * jnp.sum(logh - logh_ref, axis=1)  # [TK]
   common = 0.5 * jnp.sum(logh_ref) - 0.5 * p * _LOG_2PI  # shared by every component
-  quad_rhs = jnp.concatenate([h, -2.0 * hd], axis=1).T  # [2P, TK]
+  h_t, m2hd_t = h.T, (-2.0 * hd).T  # [P, TK] each
   quad_const = jnp.sum(d * hd, axis=1)  # [TK]
-  upd_rhs = jnp.concatenate([hd, h], axis=1)  # [TK, 2P]
   sum_a = jnp.sum(alphas, axis=1)  # [G]
   has_prior = prior_mean is not None
   if has_prior:
@@ -77,12 +76,13 @@ def _diag_em(alphas, means, precisions, log_weights, prior_mean, prior_precision
     d0 = m0.astype(dtype) - ref
     h0 = h0.astype(dtype)
     gamma = 1.0 - sum_a
-    prior_upd = jnp.concatenate([h0 * d0, h0])  # [2P]
     prior_logdet = 0.5 * jnp.sum(jnp.log(h0)) - 0.5 * p * _LOG_2PI
 
   def log_joint(x):
     """[G, T, K]: log pi_tk + log N_tk(x), and the objective F [G]."""
-    quad = jnp.concatenate([x * x, x], axis=1) @ quad_rhs + quad_const
+    # Two GEMMs into one [G, TK] result; separate products avoid materialising a [G, 2P] concatenation
+    # (measured equal or faster than the concatenated single GEMM).
+    quad = (x * x) @ h_t + x @ m2hd_t + quad_const
     lj = (log_pi + half_logdet - 0.5 * quad + common).reshape(-1, t, k)
     obj = jnp.sum(alphas * logsumexp(lj, axis=2), axis=1)
     if has_prior:
@@ -90,26 +90,29 @@ def _diag_em(alphas, means, precisions, log_weights, prior_mean, prior_precision
     return lj, obj
 
   def update(weights):
-    u = weights.reshape(-1, t * k) @ upd_rhs
+    w = weights.reshape(-1, t * k)
+    num, den = w @ hd, w @ h
     if has_prior:
-      u = u + gamma[:, None] * prior_upd
-    return u[:, :p] / u[:, p:]
+      num = num + gamma[:, None] * (h0 * d0)
+      den = den + gamma[:, None] * h0
+    return num / den
 
   if init_given:
     x0 = _tree.flatten(init, 1)[0].astype(dtype) - ref
   else:  # responsibilities = mixture weights: the Hessian-weighted merge of all components (Eq. 10 when K = 1).
     x0 = update(alphas[:, :, None] * jnp.exp(log_pi).reshape(1, t, k))
 
-  def body(x, _):
+  def body(carry, _):
+    x, _ = carry
     lj, obj = log_joint(x)
     r = jnp.exp(lj - logsumexp(lj, axis=2, keepdims=True))
-    x_new = update(r * alphas[:, :, None])
-    return x_new, (obj, jnp.max(jnp.abs(x_new - x), axis=1))
+    return (update(r * alphas[:, :, None]), x), obj
 
-  x, (objs, steps) = jax.lax.scan(body, x0, None, length=num_iters)
+  # The previous iterate rides along so the step size is one pass at the end, not one per iteration.
+  (x, x_prev), objs = jax.lax.scan(body, (x0, x0), None, length=num_iters)
   _, last = log_joint(x)
   objective = jnp.concatenate([objs, last[None]], axis=0).T  # [G, num_iters + 1]: grid axis first for sharding
-  step = steps[-1] if num_iters > 0 else jnp.zeros_like(last)
+  step = jnp.max(jnp.abs(x - x_prev), axis=1)
   return EMResult(unflatten(x + ref), objective, step)
 
 
