@@ -12,8 +12,9 @@ so float32 keeps the small differences between finetuned models),
   log N_tk(theta_g) = -1/2 [x_g^2, x_g] . [h_tk; -2 h_tk d_tk] - 1/2 d_tk . h_tk d_tk + 1/2 sum log h_tk - P/2 log 2pi
   [num, den]_g      = sum_tk W_gtk [h_tk d_tk, h_tk],   W_gtk = r_gtk alpha_gt
 
-i.e. ([G, P] x [P, TK]) twice, then ([G, TK] x [TK, P]) twice (the [x^2, x] concatenation written as two products). `find_mode_reference` is the same algorithm for one alpha as
-written (elementwise over [T, K, P]); tests use it as the oracle and the benchmark as the baseline.
+i.e. ([G, P] x [P, TK]) twice, then ([G, TK] x [TK, P]) twice (the [x^2, x] concatenation written as two
+products). `find_mode_reference` is the same algorithm for one alpha as written (elementwise over [T, K, P]);
+tests use it as the oracle and the benchmark as the baseline.
 """
 
 from __future__ import annotations
