@@ -7,6 +7,7 @@ over steps), all from the same initialisation with the same optimizer and budget
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable, Optional
 
 import jax
@@ -18,6 +19,30 @@ from bmerge import _checks
 from bmerge.grid_eval import chunked_map
 
 PyTree = Any
+
+
+def _train_one(task_losses, optimizer, num_steps, alpha, params, batch):
+  objective = lambda p: jnp.dot(alpha, task_losses(p, batch))
+  opt_state = optimizer.init(params)
+
+  def step(carry, _):
+    params, opt_state = carry
+    grads = jax.grad(objective)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), None
+
+  (params, _), _ = jax.lax.scan(step, (params, opt_state), None, length=num_steps)
+  return params
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _train_chunk(task_losses, optimizer, num_steps, eval_fn, chunk, params, batch, eval_batch):
+  """Trains every alpha of a chunk at once; compiled once per (losses, optimizer, steps, eval_fn, shapes)."""
+  trained = jax.vmap(partial(_train_one, task_losses, optimizer, num_steps), in_axes=(0, None, None))(
+      chunk, params, batch)
+  if eval_fn is None:
+    return trained
+  return jax.vmap(eval_fn, in_axes=(0, None))(trained, eval_batch)
 
 
 def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: PyTree, alphas,
@@ -59,26 +84,7 @@ def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: Py
   _checks.finite(init_params, name="init_params")
   dtype = jax.tree.leaves(init_params)[0].dtype
 
-  def train_one(alpha, params, batch):
-    objective = lambda p: jnp.dot(alpha, task_losses(p, batch))
-    opt_state = optimizer.init(params)
-
-    def step(carry, _):
-      params, opt_state = carry
-      grads = jax.grad(objective)(params)
-      updates, opt_state = optimizer.update(grads, opt_state, params)
-      return (optax.apply_updates(params, updates), opt_state), None
-
-    (params, _), _ = jax.lax.scan(step, (params, opt_state), None, length=num_steps)
-    return params
-
-  @jax.jit
-  def chunk_fn(chunk, params, batch, eval_batch):
-    trained = jax.vmap(train_one, in_axes=(0, None, None))(chunk, params, batch)
-    if eval_fn is None:
-      return trained
-    return jax.vmap(eval_fn, in_axes=(0, None))(trained, eval_batch)
-
+  chunk_fn = partial(_train_chunk, task_losses, optimizer, int(num_steps), eval_fn)
   return chunked_map(lambda chunk: chunk_fn(chunk, init_params, batch, eval_batch), a.astype(dtype),
                      chunk_size=chunk_size, workdir=workdir, tag=tag, salt=salt, progress=progress,
                      description=f"joint training {tag}")

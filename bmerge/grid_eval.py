@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from functools import partial
 from typing import Any, Callable, Optional
 
 import jax
@@ -116,6 +117,21 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
   return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outputs)
 
 
+@partial(jax.jit, static_argnums=(0, 1))
+def _fused(merge_fn, eval_fn, chunk, posteriors, batch):
+  """Merge and evaluate one chunk of alphas in one compiled call (cached per (merge_fn, eval_fn) and shapes)."""
+  params = merge_fn(posteriors, chunk)
+  return jax.vmap(eval_fn, in_axes=(0, None))(params, batch)
+
+
+def _hashable(f) -> bool:
+  try:
+    hash(f)
+    return True
+  except TypeError:
+    return False
+
+
 def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree, alphas,
             eval_fn: Callable[[PyTree, Any], Any], batch: Any, *, chunk_size: int = 64,
             workdir: Optional[str] = None, tag: str = "preview", salt: str = "", progress: bool = True) -> PyTree:
@@ -153,10 +169,9 @@ def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree,
   worst = int(np.argmax(np.abs(a.sum(axis=1) - 1.0)))
   jax.block_until_ready(merge_fn(posteriors, a[worst:worst + 1].astype(leaves[0].dtype)))
 
-  @jax.jit
-  def fused(chunk, posteriors, batch):
-    params = merge_fn(posteriors, chunk)
-    return jax.vmap(eval_fn, in_axes=(0, None))(params, batch)
-
+  if _hashable(merge_fn) and _hashable(eval_fn):  # the usual case: compiled once per (merge_fn, eval_fn, shapes)
+    fused = partial(_fused, merge_fn, eval_fn)
+  else:
+    fused = jax.jit(partial(_fused.__wrapped__, merge_fn, eval_fn))
   return chunked_map(lambda chunk: fused(chunk, posteriors, batch), a.astype(leaves[0].dtype), chunk_size=chunk_size,
                      workdir=workdir, tag=tag, salt=salt, progress=progress, description=f"preview {tag}")

@@ -1,0 +1,260 @@
+r"""Benchmark: the end-to-end preview (merge + evaluate) over the digits grid vs a per-alpha Python loop (issue 4,
+item 9).
+
+Measured side by side in one run (the machines are shared and noisy), printing ratios:
+  (a) `bmerge.preview(merge.hessian_weighted, ...)` with diagonal Laplace posteriors (P = 650) vs a Python loop over
+      alphas of one jitted function that merges (the same `merge.hessian_weighted`, one alpha) and evaluates;
+  (b) the same with full-covariance posteriors (`FullGaussian`, 650 x 650 precisions: one Cholesky solve per alpha,
+      compute-bound, so batching cannot win much; timed on `--full_alphas` alphas spread over the grid).
+Each line also prints max |preview - loop| of the metrics (test accuracy and test NLL): they must agree. Line (a) also
+times the preview with its fused chunk function compiled once and reused, since `bmerge.preview` compiles it on every
+call (a fixed cost that the per-alpha loop, compiled once, does not pay again).
+
+Setting (the paper's imbalanced digits split, `configs/digits_imbalanced.py`): scikit-learn digits (X / 16, 64
+features), a stratified 20 % test split of all 10 classes, three tasks by class {0,1}, {2,3,4}, {5..9}, softmax
+regression (650 parameters). Posteriors are Laplace approximations: per task, the MAP of the summed cross-entropy
+plus prior_precision / 2 |theta|^2 (full-batch GD with momentum, `--map_steps` steps), and the exact Hessian of
+that loss there (its diagonal for `DiagGaussian`). The timings do not depend on their quality. Run:
+  python -m experiments.benchmarks.preview_grid [--spacing 0.02] [--chunk_size 128] [--nofull] [--full_alphas 128]
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from jax.flatten_util import ravel_pytree
+
+import bmerge
+from bmerge import data, grid, merge
+from bmerge.models import logistic
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """Defined when run as a script only, so the module imports (tests, other benchmarks) without flag clashes."""
+  flags.DEFINE_float("spacing", 0.02, "simplex spacing (G = 1,326 for T = 3 and 0.02)")
+  flags.DEFINE_integer("chunk_size", 128, "alphas per compiled preview call")
+  flags.DEFINE_integer("repeats", 3, "timed repeats (the median is reported)")
+  flags.DEFINE_integer("map_steps", 300, "GD steps for each task's MAP")
+  flags.DEFINE_bool("full", True, "also time full-covariance (650 x 650) posteriors")
+  flags.DEFINE_integer("full_alphas", 128, "the full-covariance line times both sides on this many alphas of the grid "
+                       "(one Cholesky each; 0: all of them)")
+
+TASKS = ((0, 1), (2, 3, 4), (5, 6, 7, 8, 9))
+PRIOR_PRECISION = 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Digits, the model and its losses (shared with `exact_grid`).
+
+
+def load_digits(seed: int = 0, test_fraction: float = 0.2):
+  """(x_train, y_train), (x_test, y_test): scikit-learn digits scaled to [0, 1], stratified split."""
+  ds = data.load("digits", seed=seed, test_fraction=test_fraction)
+  return (ds.train_x, ds.train_y), (ds.test_x, ds.test_y)
+
+
+def init_params(num_features: int = 64, num_classes: int = 10):
+  return {"w": jnp.zeros((num_features, num_classes), jnp.float32), "b": jnp.zeros((num_classes,), jnp.float32)}
+
+
+def per_example_nll(params, x, y):
+  return logistic.cross_entropy(params, x, y)
+
+
+def task_masks(y: np.ndarray) -> np.ndarray:
+  """[T, N] float32: 1 where example n belongs to task t."""
+  return np.stack([np.isin(y, c) for c in TASKS]).astype(np.float32)
+
+
+def task_losses(params, batch):
+  """[T]: each task's summed cross-entropy plus prior_precision / 2 |theta|^2, divided by N_train (the GD scale)."""
+  x, y, masks = batch
+  reg = 0.5 * PRIOR_PRECISION * sum(jnp.sum(p ** 2) for p in jax.tree.leaves(params))
+  return (masks @ per_example_nll(params, x, y) + reg) / x.shape[0]
+
+
+def evaluate(params, batch):
+  """Test accuracy and mean NLL over all 10 classes."""
+  x, y = batch
+  return {"acc": logistic.accuracy(params, x, y), "nll": logistic.mean_ce(params, x, y)}
+
+
+def gd_optimizer():
+  return optax.sgd(learning_rate=3.0, momentum=0.9)
+
+
+def laplace_posteriors(train, num_steps: int):
+  """Per-task MAP (GD) and the exact Hessian there: (DiagGaussian, FullGaussian, unravel), both stacked over T."""
+  x, y = train
+  masks = task_masks(y)
+  p0 = init_params()
+  flat0, unravel = ravel_pytree(p0)
+  opt = gd_optimizer()
+
+  @jax.jit
+  def fit(mask):
+    loss = lambda v: (mask @ per_example_nll(unravel(v), x, y) + 0.5 * PRIOR_PRECISION * jnp.sum(v ** 2)) / x.shape[0]
+
+    def step(carry, _):
+      v, s = carry
+      u, s = opt.update(jax.grad(loss)(v), s, v)
+      return (optax.apply_updates(v, u), s), None
+
+    (v, _), _ = jax.lax.scan(step, (flat0, opt.init(flat0)), None, length=num_steps)
+    return v, jax.hessian(loss)(v) * x.shape[0]  # the precision is the Hessian of the summed loss
+
+  means, precs = zip(*[fit(jnp.asarray(m)) for m in masks])
+  means, precs = jnp.stack(means), jnp.stack(precs)
+  precs = 0.5 * (precs + jnp.swapaxes(precs, 1, 2))
+  full = bmerge.FullGaussian(means, precs)
+  diag_prec = jnp.diagonal(precs, axis1=1, axis2=2)
+  diag = bmerge.DiagGaussian(jax.vmap(unravel)(means), jax.vmap(unravel)(diag_prec))
+  return diag, full, unravel
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _block(tree):
+  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
+
+
+def _median_time(fn, repeats):
+  """(median seconds of `repeats` calls after a warm-up call, last output); repeats=0 times the first call itself."""
+  t0 = time.perf_counter()
+  out = _block(fn())  # compile and warm up
+  times = [time.perf_counter() - t0] if repeats < 1 else []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    out = _block(fn())
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times)), out
+
+
+def _loop(one, posteriors, alphas, test, repeats):
+  """A Python loop over alphas of the jitted single-alpha merge + evaluate; returns (median seconds, metrics).
+
+  The rows are put on the device before timing: iterating a jax array compiles one indexing op per row the first
+  time (seconds for a thousand rows), which is not the cost of the loop.
+  """
+  rows = [jnp.asarray(r) for r in np.asarray(alphas)]
+  return _median_time(lambda: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                           *[_block(one(a, posteriors, test)) for a in rows]), repeats)
+
+
+def _preview_compiled_once(merge_fn, posteriors, alphas, eval_fn, batch, chunk_size):
+  """What `bmerge.preview` runs, with its fused chunk function jitted once here and reused across calls.
+
+  `preview` defines that function inside itself, so every call traces and compiles it again; timing this too
+  separates that fixed cost from the merge + evaluate work.
+  """
+  fused = _FUSED.setdefault((merge_fn, eval_fn), jax.jit(
+      lambda chunk, q, b: jax.vmap(eval_fn, in_axes=(0, None))(merge_fn(q, chunk), b)))
+  return bmerge.chunked_map(lambda chunk: fused(chunk, posteriors, batch), alphas, chunk_size=chunk_size,
+                            progress=False)
+
+
+_FUSED = {}
+
+
+def _max_diff(a, b):
+  return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+
+
+def _agreement(got, want, num_test):
+  """max |preview - loop| of the test NLL, and of the accuracy in test examples (a near-tie argmax may flip)."""
+  return (_max_diff(got["nll"], want["nll"]),
+          int(round(_max_diff(got["acc"], want["acc"]) * num_test)))
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+  """This machine's float32 GEMM throughput (FLOP/s) right now, from a jitted n x n x n matmul."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  return 2.0 * n ** 3 / _median_time(lambda: f(a), repeats)[0]
+
+
+def run(spacing: float, chunk_size: int, repeats: int, map_steps: int, full: bool, full_alphas: int,
+        floor: bool = True) -> dict:
+  """Runs the benchmark, prints one line per posterior type, returns the numbers (for tests)."""
+  train, (x_te, y_te) = load_digits()
+  test = (jnp.asarray(x_te), jnp.asarray(y_te))
+  alphas_np = grid.simplex(len(TASKS), spacing).astype(np.float32)
+  g = alphas_np.shape[0]
+  t0 = time.perf_counter()
+  diag, fullg, unravel = laplace_posteriors(train, map_steps)
+  _block(fullg)
+  print(f"digits: {len(train[1])} train / {len(y_te)} test, T={len(TASKS)} tasks {TASKS}, P=650, G={g} "
+        f"(spacing {spacing}), chunk_size={chunk_size}, devices={jax.devices()}")
+  print(f"posteriors: Laplace at the per-task MAP ({map_steps} GD steps) with the exact Hessian "
+        f"(built in {time.perf_counter() - t0:.1f} s)")
+  results = {"num_alphas": g}
+
+  # (a) diagonal.
+  t_prev, got = _median_time(lambda: bmerge.preview(merge.hessian_weighted, diag, alphas_np, evaluate, test,
+                                                    chunk_size=chunk_size, progress=False), repeats)
+  one = jax.jit(lambda a, q, b: evaluate(merge.hessian_weighted(q, a), b))
+  t_loop, want = _loop(one, diag, alphas_np, test, repeats)
+  t_once, _ = _median_time(lambda: _preview_compiled_once(merge.hessian_weighted, diag, alphas_np, evaluate, test,
+                                                          chunk_size), repeats)
+  diff, flips = _agreement(got, want, len(y_te))
+  print(f"(a) diagonal Hessian-weighted preview of {g} alphas: bmerge.preview {t_prev:.3f} s | per-alpha loop "
+        f"{t_loop:.3f} s ({1e3 * t_loop / g:.3f} ms/alpha) -> {t_loop / t_prev:.1f}x faster (goal >= 20x) | "
+        f"max |preview - loop| test NLL {diff:.2e}, accuracy {flips} test example(s) | "
+        f"best test acc {np.max(got['acc']):.3f}")
+  print(f"    the same preview with its chunk function compiled once and reused: {t_once:.3f} s -> "
+        f"{t_loop / t_once:.1f}x faster than the loop (bmerge.preview compiles per call: ~{t_prev - t_once:.3f} s)")
+  results["diag"] = dict(preview_s=t_prev, loop_s=t_loop, ratio=t_loop / t_prev, max_abs_nll_diff=diff,
+                         acc_flips=flips, compiled_once_s=t_once)
+  if floor:
+    peak = matmul_flops()
+    flops = 2.0 * g * len(y_te) * 64 * 10  # the evaluation's logits GEMMs, the bulk of the work
+    results["diag"]["floor_s"] = flops / peak
+    print(f"    floor: evaluating {g} models is {flops / 1e9:.2f} GFLOP of matmul; at this machine's f32 matmul "
+          f"throughput now ({peak / 1e9:.0f} GFLOP/s) that alone takes {flops / peak:.3f} s, so no batched preview "
+          f"can beat this loop by more than ~{t_loop * peak / flops:.0f}x here")
+
+  if full:
+    eval_flat = lambda v, b: evaluate(unravel(v), b)
+    n = g if full_alphas <= 0 else min(full_alphas, g)
+    sub = alphas_np[np.linspace(0, g - 1, n).round().astype(int)]  # spread over the simplex
+    f_reps = repeats if n <= 256 else 1  # one Cholesky per alpha: slow, so fewer repeats on a big slice
+    # Interleaved: one Cholesky per alpha makes both sides sensitive to other jobs' BLAS load, so each round times
+    # the preview then the loop and the ratio is the median of per-round ratios.
+    prev_f = lambda: bmerge.preview(merge.hessian_weighted, fullg, sub, eval_flat, test, chunk_size=chunk_size,
+                                    progress=False)
+    one_f = jax.jit(lambda a, q, b: eval_flat(merge.hessian_weighted(q, a), b))
+    rows = [jnp.asarray(r) for r in sub]
+    loop_f = lambda: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                  *[_block(one_f(a, fullg, test)) for a in rows])
+    _block(one_f(rows[0], fullg, test))  # compile the loop's function; preview compiles its own on every call
+    pairs = [(_median_time(prev_f, 0), _median_time(loop_f, 0)) for _ in range(max(f_reps, 1))]
+    got_f, want_f = pairs[-1][0][1], pairs[-1][1][1]
+    t_prev_f = float(np.median([p[0][0] for p in pairs]))
+    t_loop_f = float(np.median([p[1][0] for p in pairs]))
+    ratio_f = float(np.median([p[1][0] / p[0][0] for p in pairs]))
+    diff_f, flips_f = _agreement(got_f, want_f, len(y_te))
+    on = "all" if n == g else f"{n} of the {g} (--full_alphas; scale both by {g / n:.1f} for the whole grid)"
+    print(f"(b) full-covariance (650 x 650) Hessian-weighted preview, timed on {on} alphas: bmerge.preview "
+          f"{t_prev_f:.3f} s | per-alpha loop {t_loop_f:.3f} s ({1e3 * t_loop_f / n:.2f} ms/alpha) -> "
+          f"{ratio_f:.1f}x faster (median of {len(pairs)} interleaved rounds) | max |preview - loop| test NLL "
+          f"{diff_f:.2e}, accuracy {flips_f} test example(s) | best test acc {np.max(got_f['acc']):.3f}")
+    results["full"] = dict(preview_s=t_prev_f, loop_s=t_loop_f, ratio=ratio_f, max_abs_nll_diff=diff_f,
+                           acc_flips=flips_f, num_alphas=n)
+  return results
+
+
+def main(_):
+  run(FLAGS.spacing, FLAGS.chunk_size, FLAGS.repeats, FLAGS.map_steps, FLAGS.full, FLAGS.full_alphas)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
