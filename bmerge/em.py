@@ -207,7 +207,7 @@ def _check_mixture_stack(mixtures: Mixture, name: str = "mixtures") -> tuple[int
 
 
 def find_modes(mixtures: Mixture, alphas, num_iters: int = 10, *, prior=None, init: Optional[PyTree] = None,
-               chunk_size: int = 64) -> EMResult:
+               chunk_size: int = 8) -> EMResult:
   """The EM mode of prod_t q_t^alpha_t (p0^gamma) for every alpha of a grid, as matrix products (Algorithm 1).
 
   Args:
