@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -56,23 +56,29 @@ def _gd(config):
   return optax.sgd(config.gd.learning_rate, momentum=config.gd.momentum or None)
 
 
-def build_posteriors(config, ds, task_data, key) -> dict:
+def build_posteriors(config, ds, task_data, key, costs: Optional[dict] = None) -> dict:
   """Every requested posterior through the checkpoint cache; returns method -> posterior stacked over tasks.
 
   Tasks are padded to a common length (zero weights) so each learner is one compiled call `vmap`ped over tasks.
+  The seconds each learner took (only the restore when cached) go into `costs["posterior_<name>_s"]`.
   """
+  costs = {} if costs is None else costs
+
+  def cached(name, subset, build):
+    with _timed(costs, f"posterior_{name}_s"):
+      return jax.block_until_ready(checkpoint.cached_posterior(config.workdir_posteriors, name, subset, build))
+
   num_tasks, p = len(task_data), logistic.num_params(ds.num_features, ds.num_classes)
   prior, c = config.prior_precision, ds.num_classes
   n_train = ds.train_x.shape[0]
-  cache = config.workdir_posteriors
   batch = logistic.multitask_batch(task_data, c)  # x [T, N_max, D], y [T, N_max], mask [T, N_max]
   sizes = jnp.asarray([len(y) for _, y in task_data])
 
   # MAP of every task: the joint-training driver at the vertices of the simplex (same optimizer and budget as the
   # exact baseline, so the preview's vertices are the exact solution's).
   task_losses = lambda theta, b: logistic.multitask_losses(theta, b, prior) / n_train
-  maps = checkpoint.cached_posterior(
-      cache, "maps", _subset(config, "gd", "prior_precision"),
+  maps = cached(
+      "maps", _subset(config, "gd", "prior_precision"),
       lambda: bmerge.IsoGaussian(jnp.asarray(exact.joint_train(task_losses, jnp.zeros(p), np.eye(num_tasks), _gd(config),
                                                                config.gd.num_steps, batch, progress=False)),
                                  jnp.ones(num_tasks)))
@@ -95,8 +101,8 @@ def build_posteriors(config, ds, task_data, key) -> dict:
                           rho=config.von.rho, num_samples=config.von.num_samples, estimator="gauss_newton",
                           gauss_newton_fn=lambda th: logistic.hessian(th, x, c, prior, weights=w))
       return von_lib.posterior(state)
-    out["von"] = checkpoint.cached_posterior(
-        cache, "von", _subset(config, "gd", "prior_precision", "von", "seed"),
+    out["von"] = cached(
+        "von", _subset(config, "gd", "prior_precision", "von", "seed"),
         lambda: jax.jit(jax.vmap(fit_von))(task_keys(keys[0]), batch.x, batch.y, batch.mask, means, hess))
 
   if "mog" in methods:
@@ -113,14 +119,14 @@ def build_posteriors(config, ds, task_data, key) -> dict:
                           beta_w=config.mog.beta_w, num_samples=config.mog.num_samples, estimator="gauss_newton",
                           gauss_newton_fn=lambda th: logistic.hessian(th, x, c, prior, weights=w))
       return mog_lib.posterior(state)
-    out["mog"] = checkpoint.cached_posterior(
-        cache, "mog", _subset(config, "gd", "prior_precision", "mog", "seed"),
+    out["mog"] = cached(
+        "mog", _subset(config, "gd", "prior_precision", "mog", "seed"),
         lambda: jax.jit(jax.vmap(fit_mog))(task_keys(keys[1]), batch.x, batch.y, batch.mask, means, hess))
 
   if "ivon" in methods:
     fit = lambda k, x, y, n: _train_ivon(config, k, x, y, n, c, p)
-    out["ivon"] = checkpoint.cached_posterior(
-        cache, "ivon", _subset(config, "prior_precision", "ivon", "seed"),
+    out["ivon"] = cached(
+        "ivon", _subset(config, "prior_precision", "ivon", "seed"),
         lambda: jax.jit(jax.vmap(fit))(task_keys(keys[2]), batch.x, batch.y, sizes))
   if "adamw_sg" in methods:
     def build_adamw_sg():
@@ -131,8 +137,8 @@ def build_posteriors(config, ds, task_data, key) -> dict:
           curvature.diagonal_fisher(jax.random.fold_in(keys[3], t), lambda th, xb: logistic.logits(th, xb, c), theta,
                                     task_data[t], variant=config.adamw.fisher, prior_precision=prior)
           for t, theta in enumerate(thetas)])
-    out["adamw_sg"] = checkpoint.cached_posterior(
-        cache, "adamw_sg", _subset(config, "prior_precision", "adamw", "seed"), build_adamw_sg)
+    out["adamw_sg"] = cached(
+        "adamw_sg", _subset(config, "prior_precision", "adamw", "seed"), build_adamw_sg)
   return out
 
 
@@ -215,7 +221,7 @@ def run(config, workdir: str) -> dict:
   accuracy = lambda theta, batch: logistic.accuracy(theta, batch[0], batch[1], ds.num_classes)
 
   with _timed(costs, "posteriors_s"):
-    posts = build_posteriors(config, ds, task_data, key)
+    posts = build_posteriors(config, ds, task_data, key, costs)
 
   previews = {}
   for method in config.methods:
