@@ -258,3 +258,13 @@ def test_merge_of_von_posteriors_is_the_exact_weighted_joint_posterior(x64):
   # One-hot alphas return each task's own posterior mean.
   np.testing.assert_allclose(merged[-1], tasks[0][1], rtol=1e-6)
   np.testing.assert_allclose(merged[0], tasks[1][1], rtol=1e-6)
+
+
+def test_fit_with_schedule_under_jit_equals_eager():
+  import optax
+  loss = lambda th: 0.5 * jnp.sum((th - 1.0) ** 2)
+  sched = optax.linear_schedule(0.5, 0.1, 5)
+  eager = von.fit(jax.random.key(0), loss, jnp.zeros(2), jnp.eye(2), 5, rho=sched)
+  jitted = jax.jit(lambda k: von.fit(k, loss, jnp.zeros(2), jnp.eye(2), 5, rho=sched))(jax.random.key(0))
+  np.testing.assert_allclose(jitted.mean, eager.mean, rtol=1e-6)
+  np.testing.assert_allclose(jitted.precision, eager.precision, rtol=1e-6)

@@ -105,6 +105,8 @@ def _schedule_values(rho: Schedule, num_steps: int) -> jax.Array:
     values = jnp.asarray(jax.vmap(rho)(jnp.arange(num_steps)))
     if values.shape != (num_steps,):
       raise ValueError(f"`rho` schedule must return a scalar per step, got shape {values.shape[1:]}.")
+    if isinstance(values, jax.core.Tracer):  # under a user's jit / vmap: values are not known, assume valid
+      return values
     arr = np.asarray(values, dtype=np.float64)
     bad = np.flatnonzero(~((arr > 0) & (arr <= 1)))
     if bad.size:
