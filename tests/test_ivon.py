@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import bmerge
+from bmerge import checkpoint
 from bmerge.optim.ivon import IVONState, find_state, ivon, posterior, predictive, sample_params
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
@@ -483,76 +484,13 @@ def test_predictive_averages_over_posterior_samples():
 
 
 def test_readme_example():
-  # --- README example begins ---
-  import os
-  import tempfile
-
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-  import optax
-
-  import bmerge
-  from bmerge import checkpoint
-  from bmerge.optim.ivon import ivon, posterior, sample_params
-
-  class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-      return nn.Dense(3)(nn.relu(nn.Dense(16)(x)))
-
-  def make_task(key, shift, n=256):
-    """Three Gaussian blobs in 2-D; each task shifts them differently."""
-    kx, ky = jax.random.split(key)
-    y = jax.random.randint(ky, (n,), 0, 3)
-    centres = jnp.array([[-2.0, 0.0], [2.0, 0.0], [0.0, 2.0]]) + shift
-    return centres[y] + 0.7 * jax.random.normal(kx, (n, 2)), y
-
-  model = MLP()
-  ESS, WD, NUM_SAMPLES = 256.0, 1e-4, 2          # ess = training-set size
-  tx = ivon(learning_rate=0.1, ess=ESS, hess_init=0.5, beta2=0.999, weight_decay=WD)
-
-  def loss_fn(params, x, y):
-    logits = model.apply({"params": params}, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-  @jax.jit
-  def train_step(key, params, opt_state, x, y):
-    # 1. sample theta_s = m + n_s, 2. a gradient per sample, 3. the IVON update with the noise that made them.
-    samples, noise = sample_params(key, opt_state, params, ESS, WD, NUM_SAMPLES)
-    grads = jax.vmap(jax.grad(loss_fn), in_axes=(0, None, None))(samples, x, y)
-    updates, opt_state = tx.update(grads, opt_state, params, noise=noise)
-    return optax.apply_updates(params, updates), opt_state
-
-  def train(key, x, y, steps=150, batch=64):
-    init_key, key = jax.random.split(key)
-    params = model.init(init_key, x[:1])["params"]
-    opt_state = tx.init(params)
-    for step in range(steps):
-      key, step_key = jax.random.split(key)
-      i = (step * batch) % x.shape[0]
-      params, opt_state = train_step(step_key, params, opt_state, x[i:i + batch], y[i:i + batch])
-    return posterior(params, opt_state, ESS, WD)   # DiagGaussian(mean, precision)
-
-  tasks = [make_task(jax.random.key(t), shift) for t, shift in enumerate([-0.5, 0.5])]
-  workdir = tempfile.mkdtemp()                             # any directory
-  for t, (x, y) in enumerate(tasks):
-    # Same init for both tasks (as when finetuning one pretrained model), a different data stream each.
-    q = train(jax.random.key(0), x, y)
-    checkpoint.save_posterior(os.path.join(workdir, f"task{t}"), q, {"task": t, "ess": ESS, "weight_decay": WD})
-
-  # Later, elsewhere: restore the T posteriors and preview every alpha of a grid at once.
-  posteriors = [checkpoint.restore_posterior(os.path.join(workdir, f"task{t}"))[0] for t in range(len(tasks))]
-  stacked = bmerge.stack(posteriors)                       # every leaf gets a leading T = 2 axis
-
-  alphas = bmerge.grid.simplex(2, 0.25)                    # [G, 2]: (0, 1), (0.25, 0.75), ..., (1, 0)
-  merged = bmerge.merge.hessian_weighted(stacked, alphas)  # params with a leading G axis
-
-  x_all = jnp.concatenate([x for x, _ in tasks])
-  y_all = jnp.concatenate([y for _, y in tasks])
-  accuracy = lambda p: jnp.mean(model.apply({"params": p}, x_all).argmax(-1) == y_all)
-  preview = jax.vmap(accuracy)(merged)                     # one multitask accuracy per alpha
-  # --- README example ends ---
+  readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+  code = readme.split("<!-- guide-code:")[1].split("```python\n", 1)[1].split("```", 1)[0]
+  scope = {"__name__": "readme_guide"}
+  exec(compile(code, "README.md (guide)", "exec"), scope)
+  posteriors, workdir, alphas, merged, stacked, preview = (scope[k] for k in (
+      "posteriors", "workdir", "alphas", "merged", "stacked", "preview"))
+  ESS, WD = scope["ESS"], scope["WD"]
   assert isinstance(posteriors[0], bmerge.DiagGaussian)
   assert checkpoint.restore_posterior(os.path.join(workdir, "task1"))[1]["task"] == 1
   shutil.rmtree(workdir)
