@@ -28,7 +28,7 @@ def figures(workdir: str, alphas: np.ndarray, previews: dict, exact: np.ndarray,
 def table(summary: dict) -> str:
   """The Table 1/2 rows of this run as text: MSE, best preview alpha, its preview and exact metric, Spearman."""
   # Accuracies print as percentages; other metrics (a loss, summarised with maximize=False) as they are.
-  pct = summary.get("maximize", True) and "metric" not in summary
+  pct = "accuracy" in summary.get("metric", "accuracy")
   fmt = (lambda v: f"{100 * v:>7.1f}%") if pct else (lambda v: f"{v:>8.4g}")
   rows = [f"{'method':<14} {'MSE':>9} {'spearman':>9} {'best alpha (preview)':>24} {'preview':>8} {'exact':>8}"]
   for name, m in summary["methods"].items():
@@ -72,6 +72,16 @@ def write(workdir: str, *, title: str, summary: dict, paper: Optional[dict], pap
       holds = mses[0] > mses[1] > mses[2]
       lines += [f"Paper's ordering MSE Simple > Hessian > Mixture: **{'holds' if holds else 'does not hold'}** here "
                 f"({' > '.join(f'{n} {v:.4f}' for n, v in zip(order, mses)) if holds else ', '.join(f'{n} {v:.4f}' for n, v in zip(order, mses))}).", ""]
+  pareto = summary.get("pareto")
+  if pareto:
+    lines += ["## Per-task accuracies: Pareto fronts", "",
+              "Each alpha gives one accuracy per task. Recall: the share of the exact Pareto-optimal alphas that the "
+              "preview's own front also finds; IGD: mean distance (exact accuracies) from the exact front to the "
+              "preview front's alphas (0 is perfect).", "",
+              "| method | recall | IGD | preview front size | exact front size |", "|---|---|---|---|---|"]
+    lines += [f"| {m} | {v['recall']:.2f} | {v['igd']:.4f} | {v['preview_front_size']} | {v['exact_front_size']} |"
+              for m, v in pareto.items()]
+    lines.append("")
   costs = summary.get("costs", {})
   if costs:
     lines += ["## Cost of each stage (seconds, this machine)", "", "| stage | seconds |", "|---|---|"]

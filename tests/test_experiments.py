@@ -33,12 +33,13 @@ def _mtimes(folder):
           for d, _, files in os.walk(folder) for f in files if f.endswith((".npz", ".json")) or "ocdbt" in d}
 
 
-def test_digits_small_end_to_end_and_resume(tmp_path):
-  from experiments import digits
+def _chunks(folder):
+  return np.concatenate([np.load(os.path.join(folder, f))["arr_0"] for f in sorted(os.listdir(folder))
+                         if f.endswith(".npz")])
 
-  config = _load_config("digits_imbalanced", "small")
-  workdir = str(tmp_path / "run")
-  result = digits.run(config, workdir)
+
+def _check_digits_run(config, workdir, result):
+  """What every digits run must satisfy; returns metrics.json."""
   m = json.load(open(os.path.join(workdir, "metrics.json")))
   alphas = grid.simplex(3, config.spacing)
   assert set(m["methods"]) == set(config.methods)
@@ -50,16 +51,37 @@ def test_digits_small_end_to_end_and_resume(tmp_path):
   assert m["costs"]["posteriors_s"] > 0 and m["costs"]["exact_s"] > 0
 
   # At the vertices the merged model of every rule built on the task MAPs is that MAP, and the MAP is the joint
-  # training at that vertex (same optimizer, budget and init): preview == exact there, exactly.
-  exact = np.load(os.path.join(workdir, "exact", "chunk_00000.npz"))["arr_0"]
+  # training at that vertex (same optimizer, budget and init): preview == exact there, for every accuracy.
+  exact = _chunks(os.path.join(workdir, "exact"))
+  assert exact.shape == (len(alphas), 4)  # overall accuracy and one per task
   vertices = [int(np.flatnonzero(np.all(np.isclose(alphas, v), axis=1))[0]) for v in np.eye(3)]
-  for method in ("simple", "laplace_diag", "laplace_full"):
-    prev = np.concatenate([np.load(os.path.join(workdir, f"preview_{method}", f))["arr_0"]
-                           for f in sorted(os.listdir(os.path.join(workdir, f"preview_{method}"))) if f.endswith(".npz")])
-    exact_all = np.concatenate([np.load(os.path.join(workdir, "exact", f))["arr_0"]
-                                for f in sorted(os.listdir(os.path.join(workdir, "exact"))) if f.endswith(".npz")])
-    np.testing.assert_allclose(prev[vertices], exact_all[vertices], atol=1e-6)
-  assert exact.shape == (config.chunk_size,)
+  for method in set(config.methods) & {"simple", "laplace_diag", "laplace_full"}:
+    prev = _chunks(os.path.join(workdir, f"preview_{method}"))
+    np.testing.assert_allclose(prev[vertices], exact[vertices], atol=1e-6)
+  # The overall accuracy is the class-count-weighted mean of the per-task accuracies.
+  counts = np.asarray(m["test_examples_per_task"])
+  np.testing.assert_allclose(exact[:, 0], exact[:, 1:] @ counts / counts.sum(), atol=1e-6)
+  for name, front in m["pareto"].items():
+    assert 0 <= front["recall"] <= 1 and front["igd"] >= 0
+  return m
+
+
+def test_digits_small_end_to_end_and_resume(tmp_path):
+  from experiments import digits
+
+  config = _load_config("digits_imbalanced", "small")
+  config.run_recommended = True
+  workdir = str(tmp_path / "run")
+  result = digits.run(config, workdir)
+  m = _check_digits_run(config, workdir, result)
+  # Joint training at the recommended alphas reproduces the exact baseline there; the regret follows from it.
+  rec = result["recommendation"]
+  alphas = grid.simplex(3, config.spacing)
+  exact = _chunks(os.path.join(workdir, "exact"))[:, 0]
+  idx = [int(np.flatnonzero(np.all(np.isclose(alphas, a), axis=1))[0]) for a in rec["alphas"]]
+  np.testing.assert_allclose(rec["joint_accuracy"], exact[idx], atol=1e-6)
+  assert rec["regret"] == pytest.approx(exact.max() - max(rec["joint_accuracy"]))
+  assert rec["regret"] >= 0
 
   for fig in ("contours.png", "histograms.png"):
     with open(os.path.join(workdir, fig), "rb") as f:
@@ -80,6 +102,29 @@ def test_digits_small_end_to_end_and_resume(tmp_path):
   m2 = json.load(open(os.path.join(workdir, "metrics.json")))
   for name in m["methods"]:
     assert m2["methods"][name]["mse"] == m["methods"][name]["mse"]
+
+
+def test_digits_balanced_small(tmp_path):
+  from experiments import digits
+  config = _load_config("digits_balanced", "small")
+  result = digits.run(config, str(tmp_path))
+  _check_digits_run(config, str(tmp_path), result)
+  assert "balanced split" in open(result["report"]).read()
+
+
+def test_digits_experiment_on_mnist_through_tfds_mock_data(tmp_path):
+  """The dataset='mnist' path (tfds.data_source) end to end, on tfds's mock data (no network here)."""
+  import tensorflow_datasets as tfds
+  from experiments import digits
+  config = _load_config("digits_imbalanced", "small")
+  config.dataset = "mnist"
+  config.methods = ("simple", "ivon", "adamw_sg")  # diagonal learners: full covariance at P = 7,850 is not small
+  config.spacing = 0.5
+  with tfds.testing.mock_data(num_examples=200):
+    result = digits.run(config, str(tmp_path))
+  m = result["metrics"]
+  assert set(m["methods"]) == {"simple", "ivon", "adamw_sg"} and m["num_alphas"] == 6
+  assert m["test_examples_per_task"] and sum(m["test_examples_per_task"]) == 200
 
 
 @pytest.mark.slow
