@@ -102,7 +102,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
     n = rows.shape[0]
     if n < chunk_size:
       rows = np.concatenate([rows, np.repeat(rows[:1], chunk_size - n, axis=0)])
-    sharded, _ = _sharding.shard_rows(jnp.asarray(rows), mesh)
+    sharded, _ = _sharding.shard_rows(rows, mesh)  # numpy rows go straight into the compiled call
     out = jax.tree.map(lambda x: np.asarray(x)[:n], fn(sharded))
     treedef = jax.tree.structure(out)
     if folder:
