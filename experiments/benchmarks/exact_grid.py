@@ -25,8 +25,8 @@ import optax
 from absl import app, flags
 
 from bmerge import exact, grid
-from bmerge.grid_eval import chunked_map
 from experiments.benchmarks import preview_grid as pg
+from experiments.benchmarks.common import block, matmul_flops
 
 FLAGS = flags.FLAGS
 
@@ -38,10 +38,6 @@ def define_flags():
   flags.DEFINE_list("chunk_sizes", ["8", "16", "64", "231"], "joint_train chunk sizes to time")
   flags.DEFINE_integer("repeats", 3, "interleaved timed rounds of every variant (medians are reported)")
   flags.DEFINE_integer("loop_alphas", 0, "time the per-alpha loop on this many alphas and scale to G (0: all)")
-
-
-def _block(tree):
-  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
 
 
 def single_alpha_trainer(optimizer, num_steps):
@@ -61,13 +57,6 @@ def single_alpha_trainer(optimizer, num_steps):
   return train_and_eval
 
 
-def vmapped_trainer(optimizer, num_steps):
-  """What `exact.joint_train` compiles per chunk (vmap of the single-alpha training over the chunk, then evaluate),
-  jitted once here so it is reused across calls: `joint_train` defines it inside itself and compiles it per call."""
-  one = single_alpha_trainer(optimizer, num_steps)
-  return jax.jit(jax.vmap(one, in_axes=(0, None, None, None)))
-
-
 def run(spacing: float, steps: int, chunk_sizes, repeats: int, loop_alphas: int, floor: bool = True) -> dict:
   (x, y), (x_te, y_te) = pg.load_digits()
   batch = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(pg.task_masks(y)))
@@ -81,30 +70,26 @@ def run(spacing: float, steps: int, chunk_sizes, repeats: int, loop_alphas: int,
 
   train = lambda c: exact.joint_train(pg.task_losses, init, alphas, opt, steps, batch, eval_fn=pg.evaluate,
                                       eval_batch=test, chunk_size=c, progress=False)
-  fused = vmapped_trainer(opt, steps)
-  train_once = lambda c: chunked_map(lambda chunk: fused(chunk, init, batch, test), alphas, chunk_size=c,
-                                     progress=False)
   n = g if loop_alphas <= 0 else min(loop_alphas, g)
   idx = np.linspace(0, g - 1, n).round().astype(int)
   rows = [jnp.asarray(r) for r in alphas[idx]]  # on the device before timing (iterating a jax array compiles per row)
   one = single_alpha_trainer(opt, steps)
   loop = lambda: jax.tree.map(lambda *xs: np.stack([np.asarray(v) for v in xs]),
-                              *[_block(one(a, init, batch, test)) for a in rows])
+                              *[block(one(a, init, batch, test)) for a in rows])
   variants = {f"joint_train chunk_size {c}": (lambda c=c: train(c)) for c in chunk_sizes}
-  variants.update({f"compiled once chunk_size {c}": (lambda c=c: train_once(c)) for c in chunk_sizes})
   variants["loop"] = loop
 
-  # First calls (they compile; joint_train compiles on every call, so its later calls include that too), then
+  # First calls (they compile), then
   # `repeats` interleaved rounds of every variant: the machine's load drifts, so the ratios are per round.
   first, times, outs = {}, {k: [] for k in variants}, {}
   for k, fn in variants.items():
     t0 = time.perf_counter()
-    outs[k] = _block(fn())
+    outs[k] = block(fn())
     first[k] = time.perf_counter() - t0
   for _ in range(repeats):
     for k, fn in variants.items():
       t0 = time.perf_counter()
-      _block(fn())
+      block(fn())
       times[k].append(time.perf_counter() - t0)
   scale = g / n
   loop_times = np.asarray(times["loop"]) * scale
@@ -112,7 +97,6 @@ def run(spacing: float, steps: int, chunk_sizes, repeats: int, loop_alphas: int,
   med = {k: float(np.median(v)) for k, v in times.items() if k != "loop"}
   ratio = {k: float(np.median(loop_times / np.asarray(times[k]))) for k in med}
   joint = {c: med[f"joint_train chunk_size {c}"] for c in chunk_sizes}
-  once = {c: med[f"compiled once chunk_size {c}"] for c in chunk_sizes}
   best = min(joint, key=joint.get)
   out, want = outs[f"joint_train chunk_size {best}"], outs["loop"]
   nll_diff = float(np.max(np.abs(out["nll"][idx].astype(np.float64) - want["nll"])))
@@ -122,29 +106,26 @@ def run(spacing: float, steps: int, chunk_sizes, repeats: int, loop_alphas: int,
   print("(a) exact.joint_train over the grid: " + " | ".join(
       f"chunk_size {c}: {joint[c]:.2f} s (first call {first[f'joint_train chunk_size {c}']:.2f} s)"
       for c in chunk_sizes) + f" -> fastest chunk_size {best}")
-  print("    its chunk function compiled once and reused (joint_train compiles it on every call): " + " | ".join(
-      f"chunk_size {c}: {once[c]:.2f} s" for c in chunk_sizes))
   scaled = "" if n == g else f", timed on {n} alphas spread over the grid and SCALED by {scale:.1f} to {g}"
   print(f"(b) per-alpha loop of the jitted single-alpha training: {t_loop:.2f} s{scaled} "
         f"({1e3 * t_loop / g:.1f} ms/alpha; its first call {first['loop'] * scale:.2f} s)")
   print(f"    joint_train (chunk_size {best}) is {ratio[f'joint_train chunk_size {best}']:.1f}x faster than the loop "
         f"(goal >= 5x; median of per-round ratios); " + ", ".join(
             f"chunk_size {c}: {ratio[f'joint_train chunk_size {c}']:.1f}x" for c in chunk_sizes)
-        + "; compiled once: " + ", ".join(f"{c}: {ratio[f'compiled once chunk_size {c}']:.1f}x" for c in chunk_sizes)
         + f" | max |joint_train - loop| on those {n} alphas: test NLL {nll_diff:.2e}, accuracy {flips} test "
           f"example(s) | best test acc {np.max(out['acc']):.3f}")
   # What bounds the ratio: the loop trains one alpha per call (a `lax.scan` of `steps` steps), so it pays no
   # per-step dispatch; its cost is the matmuls of a 1437 x 64 x 10 model, which batching can only make more efficient.
   floor_s = None
   if floor:
-    peak = pg.matmul_flops()
+    peak = matmul_flops()
     flops = g * steps * 2 * (2.0 * len(y) * 64 * 10)  # per step: logits x W and the gradient x^T dlogits
     floor_s = flops / peak
     print(f"    floor: {flops / 1e9:.0f} GFLOP of matmul in all ({g} alphas x {steps} steps x 2 GEMMs); at this "
           f"machine's f32 matmul throughput now ({peak / 1e9:.0f} GFLOP/s) that takes {floor_s:.1f} s, so no batched "
           f"training can beat this loop by more than ~{t_loop / floor_s:.1f}x here (the loop runs at "
           f"{flops / t_loop / 1e9:.0f} GFLOP/s)")
-  return dict(num_alphas=g, floor_s=floor_s, joint_s=joint, compiled_once_s=once, best_chunk_size=best, loop_s=t_loop,
+  return dict(num_alphas=g, floor_s=floor_s, joint_s=joint, best_chunk_size=best, loop_s=t_loop,
               loop_alphas=n, ratio=ratio[f"joint_train chunk_size {best}"], max_abs_nll_diff=nll_diff,
               acc_flips=flips)
 

@@ -23,6 +23,7 @@ from absl import app, flags
 
 import bmerge
 from bmerge import em, grid, merge
+from experiments.benchmarks.common import block, matmul_flops, median_time
 
 flags.DEFINE_integer("tasks", 3, "T")
 flags.DEFINE_integer("components", 10, "K per task")
@@ -35,30 +36,8 @@ flags.DEFINE_integer("vmap_alphas", 33, "alphas in the vmap slice (its memory is
 FLAGS = flags.FLAGS
 
 
-def _block(tree):
-  return jax.tree.map(lambda x: x.block_until_ready(), tree)
-
-
-def _time(fn, repeats):
-  _block(fn())  # compile and warm up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    _block(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-  """This machine's float32 GEMM throughput (FLOP/s), from a jitted n x n x n matmul."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-  f = jax.jit(lambda a, b: a @ b)
-  return 2.0 * n ** 3 / _time(lambda: f(a, b), repeats)
-
-
 def em_flops(g: int, t: int, k: int, p: int, iters: int) -> float:
-  """GEMM FLOPs of find_modes: per iteration [G,2P]x[2P,TK] and [G,TK]x[TK,2P]; plus the start and final density."""
+  """GEMM FLOPs of find_modes: per iteration two [G,P]x[P,TK] and two [G,TK]x[TK,P]; plus the start and final density."""
   gemm = 2.0 * g * (2 * p) * (t * k)
   return iters * 2 * gemm + 2 * gemm
 
@@ -79,28 +58,28 @@ def main(_):
   print(f"f32 matmul throughput (2048^3): {peak / 1e9:.1f} GFLOP/s")
 
   # (a) batched vs per-alpha loop vs vmap.
-  batched = _time(lambda: em.find_modes(mix, alphas, iters).params, FLAGS.repeats)
+  batched = median_time(lambda: em.find_modes(mix, alphas, iters).params, FLAGS.repeats)[0]
   single = jax.jit(em.find_mode_reference, static_argnums=2)
   rows = [jnp.asarray(r) for r in np.asarray(alphas)]  # device rows made before timing: no indexing ops in the loop
   n_loop = FLAGS.loop_alphas or g
   scaled = f" (timed on {n_loop} alphas, scaled)" if n_loop < g else ""
-  _block(single(mix, rows[0], iters))
+  block(single(mix, rows[0], iters))
   t0 = time.perf_counter()
   for a in rows[:n_loop]:
-    _block(single(mix, a, iters))
+    block(single(mix, a, iters))
   loop = (time.perf_counter() - t0) * g / n_loop
   # The batched form's own compiled core on one alpha at a time: the gain from batching alone, apart from the
   # GEMM formulation.
   one_row = lambda a: em._diag_em(a[None], mix.components.mean, mix.components.precision, mix.log_weights, None, None,
                                   None, iters, False)
-  _block(one_row(rows[0]))
+  block(one_row(rows[0]))
   t0 = time.perf_counter()
   for a in rows[:n_loop]:
-    _block(one_row(a))
+    block(one_row(a))
   loop_gemm = (time.perf_counter() - t0) * g / n_loop
   n_v = min(FLAGS.vmap_alphas, g)
   vmapped = jax.jit(jax.vmap(em.find_mode_reference, in_axes=(None, 0, None)), static_argnums=2)
-  vmap_slice = _time(lambda: vmapped(mix, alphas[:n_v], iters), 1)
+  vmap_slice = median_time(lambda: vmapped(mix, alphas[:n_v], iters), 1)[0]
   vmap_est = vmap_slice * g / n_v
   # Check they agree while we are here.
   got = np.asarray(em.find_modes(mix, alphas[:n_v], iters).params)
@@ -118,17 +97,17 @@ def main(_):
 
   # (c) diagonal Hessian-weighted grid vs per-alpha loop.
   diag = bmerge.DiagGaussian(jnp.asarray(means[:, 0]), jnp.asarray(precs[:, 0]))
-  grid_time = _time(lambda: merge.hessian_weighted(diag, alphas), FLAGS.repeats)
+  grid_time = median_time(lambda: merge.hessian_weighted(diag, alphas), FLAGS.repeats)[0]
 
   @jax.jit
   def one_alpha(a, m, h):  # Eq. 10 for one alpha, as written
     w = a[:, None] * h
     return jnp.sum(w * m, 0) / jnp.sum(w, 0)
 
-  _block(one_alpha(rows[0], diag.mean, diag.precision))
+  block(one_alpha(rows[0], diag.mean, diag.precision))
   t0 = time.perf_counter()
   for a in rows[:n_loop]:
-    _block(one_alpha(a, diag.mean, diag.precision))
+    block(one_alpha(a, diag.mean, diag.precision))
   loop_h = (time.perf_counter() - t0) * g / n_loop
   print(f"(c) diagonal Hessian-weighted over the grid: batched {grid_time:.3f} s | per-alpha loop {loop_h:.3f} s{scaled} "
         f"({loop_h / grid_time:.1f}x slower)")

@@ -31,6 +31,7 @@ from jax.flatten_util import ravel_pytree
 import bmerge
 from bmerge import data, grid, merge
 from bmerge.models import logistic
+from experiments.benchmarks.common import block, matmul_flops, median_time
 
 FLAGS = flags.FLAGS
 
@@ -128,22 +129,6 @@ def laplace_posteriors(train, num_steps: int):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _block(tree):
-  return jax.tree.map(lambda x: x.block_until_ready() if hasattr(x, "block_until_ready") else x, tree)
-
-
-def _median_time(fn, repeats):
-  """(median seconds of `repeats` calls after a warm-up call, last output); repeats=0 times the first call itself."""
-  t0 = time.perf_counter()
-  out = _block(fn())  # compile and warm up
-  times = [time.perf_counter() - t0] if repeats < 1 else []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    out = _block(fn())
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times)), out
-
-
 def _loop(one, posteriors, alphas, test, repeats):
   """A Python loop over alphas of the jitted single-alpha merge + evaluate; returns (median seconds, metrics).
 
@@ -151,8 +136,8 @@ def _loop(one, posteriors, alphas, test, repeats):
   time (seconds for a thousand rows), which is not the cost of the loop.
   """
   rows = [jnp.asarray(r) for r in np.asarray(alphas)]
-  return _median_time(lambda: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                                           *[_block(one(a, posteriors, test)) for a in rows]), repeats)
+  return median_time(lambda: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                           *[block(one(a, posteriors, test)) for a in rows]), repeats)
 
 
 def _max_diff(a, b):
@@ -166,13 +151,6 @@ def _agreement(got, want, num_test):
           int(round(_max_diff(got["acc"], want["acc"]) * num_test)))
 
 
-def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
-  """This machine's float32 GEMM throughput (FLOP/s) right now, from a jitted n x n x n matmul."""
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda a: a @ a)
-  return 2.0 * n ** 3 / _median_time(lambda: f(a), repeats)[0]
-
-
 def run(spacing: float, chunk_size: int, repeats: int, map_steps: int, full: bool, full_alphas: int,
         floor: bool = True, nll: bool = True) -> dict:
   """Runs the benchmark, prints one line per posterior type, returns the numbers (for tests)."""
@@ -182,7 +160,7 @@ def run(spacing: float, chunk_size: int, repeats: int, map_steps: int, full: boo
   g = alphas_np.shape[0]
   t0 = time.perf_counter()
   diag, fullg, unravel = laplace_posteriors(train, map_steps)
-  _block(fullg)
+  block(fullg)
   print(f"digits: {len(train[1])} train / {len(y_te)} test, T={len(TASKS)} tasks {TASKS}, P=650, G={g} "
         f"(spacing {spacing}), chunk_size={chunk_size}, devices={jax.devices()}")
   print(f"posteriors: Laplace at the per-task MAP ({map_steps} GD steps) with the exact Hessian "
@@ -191,7 +169,7 @@ def run(spacing: float, chunk_size: int, repeats: int, map_steps: int, full: boo
 
   # (a) diagonal.
   ev = evaluate if nll else evaluate_accuracy
-  t_prev, got = _median_time(lambda: bmerge.preview(merge.hessian_weighted, diag, alphas_np, ev, test,
+  t_prev, got = median_time(lambda: bmerge.preview(merge.hessian_weighted, diag, alphas_np, ev, test,
                                                     chunk_size=chunk_size, progress=False), repeats)
   one = jax.jit(lambda a, q, b: ev(merge.hessian_weighted(q, a), b))
   t_loop, want = _loop(one, diag, alphas_np, test, repeats)
@@ -222,9 +200,9 @@ def run(spacing: float, chunk_size: int, repeats: int, map_steps: int, full: boo
     one_f = jax.jit(lambda a, q, b: eval_flat(merge.hessian_weighted(q, a), b))
     rows = [jnp.asarray(r) for r in sub]
     loop_f = lambda: jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                                  *[_block(one_f(a, fullg, test)) for a in rows])
-    _block(one_f(rows[0], fullg, test))  # compile the loop's function; preview compiles its own on every call
-    pairs = [(_median_time(prev_f, 0), _median_time(loop_f, 0)) for _ in range(max(f_reps, 1))]
+                                  *[block(one_f(a, fullg, test)) for a in rows])
+    block(one_f(rows[0], fullg, test))  # compile the loop's function; preview compiles its own on every call
+    pairs = [(median_time(prev_f, 0), median_time(loop_f, 0)) for _ in range(max(f_reps, 1))]
     got_f, want_f = pairs[-1][0][1], pairs[-1][1][1]
     t_prev_f = float(np.median([p[0][0] for p in pairs]))
     t_loop_f = float(np.median([p[1][0] for p in pairs]))
