@@ -84,10 +84,9 @@ def positive_finite(tree: Any, *, name: str) -> None:
   """Every entry finite and > 0 (precisions)."""
   if not _leaves_concrete(tree):
     return
+  finite(tree, name=name)
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     arr = np.asarray(leaf)
-    if not np.all(np.isfinite(arr)):
-      raise ValueError(f"`{name}{jax.tree_util.keystr(path)}` must be finite; it holds {arr[~np.isfinite(arr)].flat[0]}.")
     if np.any(arr <= 0):
       raise ValueError(f"`{name}{jax.tree_util.keystr(path)}` must be > 0 (a precision); its smallest entry is "
                        f"{arr.min():.6g}.")
