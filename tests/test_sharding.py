@@ -24,6 +24,20 @@ SCRIPT = textwrap.dedent("""
         "simple": merge.simple_average(diag.mean, alphas),
         "mixture": em.find_modes(mix, alphas, 6).params,
     }
+    # The fused preview splits each chunk (10 alphas, padded to 12) across the devices too.
+    evaluate = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
+    seen = []
+    real = bmerge.grid_eval._sharding.shard_rows
+    def spy(x, mesh):
+      y, g = real(x, mesh)
+      if not isinstance(y, jax.core.Tracer):  # the chunk driver's call, not the merge rule's inside the jit
+        seen.append(len(y.sharding.device_set))
+      return y, g
+    bmerge.grid_eval._sharding.shard_rows = spy
+    prev = bmerge.preview(merge.hessian_weighted, diag, alphas, evaluate, np.ones((2, 5), np.float32), chunk_size=10,
+                          progress=False)
+    assert seen and set(seen) == {4}, seen
+    np.savez(os.environ["OUT"] + ".preview.npz", v=prev)
     for name, tree in out.items():
       for leaf in jax.tree.leaves(tree):
         assert leaf.shape[0] == 231, (name, leaf.shape)
@@ -35,6 +49,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_grid_sharded_over_four_devices_equals_single_device(tmp_path):
   import jax
+  import jax.numpy as jnp
   import numpy as np
   import bmerge
   from bmerge import em, grid, merge
@@ -57,3 +72,7 @@ def test_grid_sharded_over_four_devices_equals_single_device(tmp_path):
   for name, tree in single.items():
     for i, leaf in enumerate(jax.tree.leaves(tree)):
       np.testing.assert_allclose(sharded[f"{name}_{i}"], leaf, rtol=1e-6, atol=1e-6)
+  evaluate = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
+  prev = bmerge.preview(merge.hessian_weighted, diag, alphas, evaluate, np.ones((2, 5), np.float32), chunk_size=10,
+                        progress=False)
+  np.testing.assert_allclose(np.load(str(out) + ".preview.npz")["v"], prev, rtol=1e-5, atol=1e-5)
