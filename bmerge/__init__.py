@@ -9,6 +9,7 @@ from bmerge import grid
 from bmerge import merge
 from bmerge import metrics
 from bmerge import models
+from bmerge import plot
 from bmerge.grid_eval import chunked_map
 from bmerge.grid_eval import preview
 from bmerge.posteriors import Beta
@@ -35,6 +36,7 @@ __all__ = [
     "merge",
     "metrics",
     "models",
+    "plot",
     "preview",
     "stack",
     "unstack",
