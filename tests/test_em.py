@@ -180,3 +180,22 @@ def test_errors():
     em.find_modes(bad, np.eye(3))
   with pytest.raises(ValueError, match=r"`mixtures.log_weights` must be finite"):
     em.find_modes(bmerge.Mixture(mix.components, np.full((3, 4), np.nan)), np.eye(3))
+
+
+@pytest.mark.parametrize("num_iters", [0, 1, 6])
+def test_blocked_sweep_is_independent_of_block_size(x64, num_iters):
+  """Blocks of 4 over P = 10 (the last one padded) give the one-block result, with a prior and an init."""
+  rng = np.random.default_rng(9)
+  mix = _mixtures(rng, k=3, jitter=1.5)
+  alphas = 0.8 * grid.simplex(3, 0.25)
+  prior = bmerge.DiagGaussian(jax.tree.map(lambda x: rng.normal(size=x.shape[2:]), mix.components.mean),
+                              jax.tree.map(lambda x: np.exp(rng.normal(size=x.shape[2:])), mix.components.mean))
+  init = jax.tree.map(lambda x: rng.normal(size=(len(alphas),) + x.shape[2:]), mix.components.mean)
+  for kw in ({}, {"init": init}):
+    one = em.find_modes(mix, alphas, num_iters, prior=prior, **kw)
+    blocked = em.find_modes(mix, alphas, num_iters, prior=prior, block_size=4, **kw)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-12), one, blocked)
+  if num_iters:
+    assert np.all(np.diff(np.asarray(blocked.objective), axis=0) >= -1e-9)
+  with pytest.raises(ValueError, match="`block_size` must be a positive integer"):
+    em.find_modes(mix, alphas, 1, prior=prior, block_size=0)
