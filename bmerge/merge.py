@@ -56,10 +56,6 @@ def _run_on_grid(fn, alphas, single: bool, *operands, rows=None):
   return out
 
 
-def _grid_dtype(tree: PyTree):
-  return jnp.result_type(*[jnp.asarray(x).dtype for x in jax.tree.leaves(tree)])
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Simple averaging and task arithmetic: one GEMM each.
 
