@@ -105,16 +105,6 @@ def _check_common(loss_fn, beta, beta_w, num_samples, antithetic):
   _von._check_num_samples(num_samples, antithetic)
 
 
-def _check_estimator(estimator, gauss_newton_fn, allowed):
-  if estimator not in allowed:
-    raise ValueError(f"`estimator` must be one of {allowed}, got {estimator!r}.")
-  if estimator == "gauss_newton" and not callable(gauss_newton_fn):
-    raise ValueError("`gauss_newton_fn` must be a function theta [P] -> [P, P] when estimator='gauss_newton', "
-                     f"got {gauss_newton_fn!r}.")
-  if estimator != "gauss_newton" and gauss_newton_fn is not None:
-    raise ValueError(f"`gauss_newton_fn` is only used with estimator='gauss_newton', got estimator={estimator!r}.")
-
-
 def _check_log_weights(log_weights, k, dtype, name="log_weights"):
   if log_weights is None:
     return jnp.full((k,), -math.log(k), dtype)
@@ -268,7 +258,7 @@ def step(key: jax.Array, state: MoGState, loss_fn: Callable, beta=0.02, beta_w=N
     The new `MoGState`; its `beta` field holds the step size used.
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  _von._check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
   dtype = state.mean.dtype
   beta = jnp.asarray(beta, dtype)
   beta_w = 0.01 * beta if beta_w is None else jnp.asarray(beta_w, dtype)
@@ -308,7 +298,7 @@ def mog(loss_fn: Callable, beta=0.02, beta_w=None, num_samples: int = 3, estimat
     >>> q = posterior(state)  # bmerge.Mixture of FullGaussian components
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  _von._check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
 
   @jax.jit
   def step_fn(key, state):
@@ -331,7 +321,7 @@ def fit(key: jax.Array, loss_fn: Callable, init_mean: jax.Array, init_precision:
     The final `MoGState`; `posterior(state)` is the `Mixture` to merge.
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  _von._check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
   _check_num_steps(num_steps)
   state = _init(init_mean, init_precision, init_log_weights, "init_")
   dtype = state.mean.dtype
@@ -437,7 +427,7 @@ def step_diag(key: jax.Array, state: DiagMoGState, loss_fn: Callable, beta=0.02,
   E_{N_c}[diag hess] = E_q[delta_c h_c (z - mu_c) * grad]) or 'hessian' (exact diagonal, P Hessian-vector products).
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _check_estimator(estimator, None, DIAG_ESTIMATORS)
+  _von._check_estimator(estimator, None, DIAG_ESTIMATORS)
   mean, unflatten = _tree.flatten(state.mean, 1)  # [K, P]
   prec, _ = _tree.flatten(state.precision, 1)
   dtype = mean.dtype
@@ -465,7 +455,7 @@ def fit_diag(key: jax.Array, loss_fn: Callable, init_mean: PyTree, init_precisio
              control_variate: bool = False) -> DiagMoGState:
   """`step_diag` `num_steps` times in one `lax.scan` (keys `jax.random.split(key, num_steps)`)."""
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _check_estimator(estimator, None, DIAG_ESTIMATORS)
+  _von._check_estimator(estimator, None, DIAG_ESTIMATORS)
   _check_num_steps(num_steps)
   state = _init_diag(init_mean, init_precision, init_log_weights, "init_")
   dtype = state.log_weights.dtype

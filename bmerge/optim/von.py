@@ -84,9 +84,9 @@ def _check_num_samples(num_samples: Any, antithetic: bool) -> None:
     raise ValueError(f"`num_samples` must be even with `antithetic=True` (pairs eps, -eps), got {num_samples}.")
 
 
-def _check_estimator(estimator: Any, gauss_newton_fn: Optional[Callable]) -> None:
-  if estimator not in ESTIMATORS:
-    raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
+def _check_estimator(estimator: Any, gauss_newton_fn: Optional[Callable], allowed=ESTIMATORS) -> None:
+  if estimator not in allowed:
+    raise ValueError(f"`estimator` must be one of {allowed}, got {estimator!r}.")
   if estimator == "gauss_newton" and not callable(gauss_newton_fn):
     raise ValueError("`gauss_newton_fn` must be a function theta [P] -> [P, P] (the generalised Gauss-Newton matrix "
                      f"of loss-bar) when estimator='gauss_newton', got {gauss_newton_fn!r}.")
