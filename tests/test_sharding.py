@@ -5,13 +5,14 @@ import subprocess
 import sys
 import textwrap
 
-SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+import jax
+import numpy as np
+
+# Inputs and the computations, run once in a 4-device subprocess and once here on one device.
+SETUP = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import bmerge
     from bmerge import em, grid, merge
-    assert jax.device_count() == 4, jax.devices()
     rng = np.random.default_rng(0)
     t, k = 3, 4
     means = {"w": rng.normal(size=(t, k, 5, 3)).astype(np.float32), "b": rng.normal(size=(t, k, 3)).astype(np.float32)}
@@ -19,13 +20,24 @@ SCRIPT = textwrap.dedent("""
     mix = bmerge.Mixture(bmerge.DiagGaussian(means, precs), rng.normal(size=(t, k)).astype(np.float32))
     diag = jax.tree.map(lambda x: x[:, 0], mix.components)
     alphas = grid.simplex(3, 0.05).astype(np.float32)  # G = 231, not a multiple of 4: padding is exercised
-    out = {
-        "hessian": merge.hessian_weighted(diag, alphas),
-        "simple": merge.simple_average(diag.mean, alphas),
-        "mixture": em.find_modes(mix, alphas, 6).params,
-    }
-    # The fused preview splits each chunk (10 alphas, padded to 12) across the devices too.
     evaluate = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
+
+    def compute():
+      return {
+          "hessian": merge.hessian_weighted(diag, alphas),
+          "simple": merge.simple_average(diag.mean, alphas),
+          "mixture": em.find_modes(mix, alphas, 6).params,
+          # Chunks of 10 alphas, padded to 12 and split across the devices by the chunk driver.
+          "preview": bmerge.preview(merge.hessian_weighted, diag, alphas, evaluate, np.ones((2, 5), np.float32),
+                                    chunk_size=10, progress=False),
+      }
+""")
+
+SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+""") + SETUP + textwrap.dedent("""
+    assert jax.device_count() == 4, jax.devices()
     seen = []
     real = bmerge.grid_eval._sharding.shard_rows
     def spy(x, mesh):
@@ -34,11 +46,11 @@ SCRIPT = textwrap.dedent("""
         seen.append(len(y.sharding.device_set))
       return y, g
     bmerge.grid_eval._sharding.shard_rows = spy
-    prev = bmerge.preview(merge.hessian_weighted, diag, alphas, evaluate, np.ones((2, 5), np.float32), chunk_size=10,
-                          progress=False)
+    out = compute()
     assert seen and set(seen) == {4}, seen
-    np.savez(os.environ["OUT"] + ".preview.npz", v=prev)
     for name, tree in out.items():
+      if name == "preview":
+        continue
       for leaf in jax.tree.leaves(tree):
         assert leaf.shape[0] == 231, (name, leaf.shape)
         assert len(leaf.sharding.device_set) == 4, (name, leaf.sharding)
@@ -48,31 +60,15 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_grid_sharded_over_four_devices_equals_single_device(tmp_path):
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import bmerge
-  from bmerge import em, grid, merge
-
   out = tmp_path / "sharded.npz"
-  env = dict(os.environ, OUT=str(out))
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=dict(os.environ, OUT=str(out)), capture_output=True,
+                        text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]
   sharded = np.load(out)
-
-  rng = np.random.default_rng(0)
-  t, k = 3, 4
-  means = {"w": rng.normal(size=(t, k, 5, 3)).astype(np.float32), "b": rng.normal(size=(t, k, 3)).astype(np.float32)}
-  precs = jax.tree.map(lambda x: np.exp(rng.normal(size=x.shape)).astype(np.float32), means)
-  mix = bmerge.Mixture(bmerge.DiagGaussian(means, precs), rng.normal(size=(t, k)).astype(np.float32))
-  diag = jax.tree.map(lambda x: x[:, 0], mix.components)
-  alphas = grid.simplex(3, 0.05).astype(np.float32)
-  single = {"hessian": merge.hessian_weighted(diag, alphas), "simple": merge.simple_average(diag.mean, alphas),
-            "mixture": em.find_modes(mix, alphas, 6).params}
+  scope = {}
+  exec(SETUP, scope)
+  single = scope["compute"]()
+  assert len(sharded.files) == sum(len(jax.tree.leaves(tree)) for tree in single.values())
   for name, tree in single.items():
     for i, leaf in enumerate(jax.tree.leaves(tree)):
-      np.testing.assert_allclose(sharded[f"{name}_{i}"], leaf, rtol=1e-6, atol=1e-6)
-  evaluate = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
-  prev = bmerge.preview(merge.hessian_weighted, diag, alphas, evaluate, np.ones((2, 5), np.float32), chunk_size=10,
-                        progress=False)
-  np.testing.assert_allclose(np.load(str(out) + ".preview.npz")["v"], prev, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(sharded[f"{name}_{i}"], leaf, rtol=1e-5, atol=1e-5)
