@@ -71,4 +71,5 @@ def test_grid_sharded_over_four_devices_equals_single_device(tmp_path):
   assert len(sharded.files) == sum(len(jax.tree.leaves(tree)) for tree in single.values())
   for name, tree in single.items():
     for i, leaf in enumerate(jax.tree.leaves(tree)):
-      np.testing.assert_allclose(sharded[f"{name}_{i}"], leaf, rtol=1e-5, atol=1e-5)
+      tol = 1e-5 if name == "preview" else 1e-6  # the preview sums 10 tanh values per alpha
+      np.testing.assert_allclose(sharded[f"{name}_{i}"], leaf, rtol=tol, atol=tol)
