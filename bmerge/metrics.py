@@ -36,11 +36,16 @@ __all__ = [
 # Validation at the boundary: every error names the argument.
 
 
-def _vector(value, name: str, *, size: Optional[int] = None, size_of: str = "") -> np.ndarray:
+def _numeric(value, name: str) -> np.ndarray:
+  """`value` as a float64 array; a TypeError naming `name` if it is not numeric."""
   arr = np.asarray(value)
   if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
     raise TypeError(f"`{name}` must be a numeric array, got dtype {arr.dtype}.")
-  arr = arr.astype(np.float64)
+  return arr.astype(np.float64)
+
+
+def _vector(value, name: str, *, size: Optional[int] = None, size_of: str = "") -> np.ndarray:
+  arr = _numeric(value, name)
   if arr.ndim != 1:
     raise ValueError(f"`{name}` must have shape [G] (one metric per grid point), got shape {arr.shape}.")
   if arr.shape[0] == 0:
@@ -54,10 +59,7 @@ def _vector(value, name: str, *, size: Optional[int] = None, size_of: str = "") 
 
 
 def _matrix(value, name: str, *, rows: Optional[int] = None, rows_of: str = "", what: str = "[G, T]") -> np.ndarray:
-  arr = np.asarray(value)
-  if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-    raise TypeError(f"`{name}` must be a numeric array, got dtype {arr.dtype}.")
-  arr = arr.astype(np.float64)
+  arr = _numeric(value, name)
   if arr.ndim != 2:
     raise ValueError(f"`{name}` must have shape {what}, got shape {arr.shape}.")
   if arr.shape[0] == 0 or arr.shape[1] == 0:
