@@ -9,7 +9,11 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from bmerge import posteriors as post
+from bmerge.posteriors import DiagGaussian, FullGaussian, IsoGaussian
 
 
 def is_concrete(x: Any) -> bool:
@@ -118,3 +122,31 @@ def positive_definite(mats: Any, *, name: str) -> None:
     np.linalg.cholesky(arr)
   except np.linalg.LinAlgError:
     raise ValueError(f"`{name}` must be positive definite (a precision matrix); Cholesky failed.") from None
+
+
+def prior_as(prior, like, name="prior"):
+  """Checks `prior` and returns it as (mean, precision) of the same kind as `like` (DiagGaussian over the params pytree, or FullGaussian over [P])."""
+  if isinstance(like, FullGaussian):
+    p = jnp.shape(like.mean)[1]
+    if isinstance(prior, FullGaussian):
+      m0, h0 = prior.mean, prior.precision
+      positive_definite(h0, name=f"{name}.precision")
+    elif isinstance(prior, (IsoGaussian, DiagGaussian)):
+      positive_finite(prior.precision, name=f"{name}.precision")
+      m0 = prior.mean
+      h0 = jnp.diag(jnp.broadcast_to(jnp.asarray(prior.precision), (p,)))
+    else:
+      raise TypeError(f"`{name}` must be a Gaussian posterior (FullGaussian, DiagGaussian or IsoGaussian), "
+                      f"got {type(prior).__name__}.")
+    if jnp.shape(m0) != (p,) or jnp.shape(h0) != (p, p):
+      raise ValueError(f"`{name}` must have mean [P] = ({p},) and precision [P, P]; got mean {jnp.shape(m0)} and "
+                       f"precision {jnp.shape(h0)}.")
+    finite(m0, name=f"{name}.mean")
+    return jnp.asarray(m0, like.mean.dtype), jnp.asarray(h0, like.mean.dtype)
+  if not isinstance(prior, (IsoGaussian, DiagGaussian)):
+    raise TypeError(f"`{name}` must be an IsoGaussian or DiagGaussian over the params pytree, got {type(prior).__name__}.")
+  same_structure(prior.mean, like.mean, name_a=f"{name}.mean", name_b="posteriors.mean", lead_b=1)
+  finite(prior.mean, name=f"{name}.mean")
+  positive_finite(prior.precision, name=f"{name}.precision")
+  prior = post.as_diag(prior)
+  return prior.mean, prior.precision

@@ -46,3 +46,22 @@ def replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
 
 def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
+
+
+def run_on_grid(fn, alphas, single: bool, *operands, rows=None):
+  """Calls `fn(alphas, *operands[, rows])` with the grid sharded across devices; strips padding (and G if single).
+
+  `rows` (optional) is a pytree with the same leading G axis as `alphas`, sharded with it.
+  """
+  mesh = grid_mesh()
+  alphas, g = shard_rows(alphas, mesh)
+  operands = replicate(operands, mesh)
+  if rows is not None:
+    rows = jax.tree.map(lambda x: shard_rows(x, mesh)[0], rows)
+  out = fn(alphas, *operands) if rows is None else fn(alphas, *operands, rows)
+  padded = alphas.shape[0]
+  if padded != g:  # outputs with a leading grid axis lose the padding; summaries (scalars) stay
+    out = jax.tree.map(lambda x: x[:g] if x.ndim and x.shape[0] == padded else x, out)
+  if single:
+    out = jax.tree.map(lambda x: x[0], out)
+  return out

@@ -31,7 +31,8 @@ from jax.scipy.special import logsumexp
 
 from bmerge import _checks
 from bmerge import _tree
-from bmerge import merge as _merge
+from bmerge import _fullcov
+from bmerge import _sharding
 from bmerge import posteriors as post
 from bmerge.posteriors import DiagGaussian, FullGaussian, IsoGaussian, Mixture
 
@@ -174,61 +175,6 @@ def _diag_em(alphas, means, precisions, log_weights, prior_mean, prior_precision
   return EMResult(unflatten(x + ref), objective_trace, step)
 
 
-@partial(jax.jit, static_argnames=("num_iters", "init_given", "chunk_size"))
-def _full_em(alphas, means, precisions, log_weights, prior_mean, prior_precision, init, num_iters, init_given,
-             chunk_size):
-  t, k, p = means.shape
-  dtype = means.dtype
-  log_pi = _log_pi(log_weights.astype(dtype))
-  ref = jnp.mean(means.reshape(t * k, p), axis=0)
-  d = means - ref
-  hd = jnp.einsum("tkij,tkj->tki", precisions, d)
-  chol = jnp.linalg.cholesky(precisions)
-  half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1) - 0.5 * p * _LOG_2PI  # [T, K]
-  has_prior = prior_mean is not None
-  if has_prior:
-    d0 = prior_mean - ref
-    hd0 = prior_precision @ d0
-    prior_logdet = jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(prior_precision)))) - 0.5 * p * _LOG_2PI
-
-  def one(args):
-    a, x0 = args
-    gamma = 1.0 - jnp.sum(a)
-
-    def log_joint(x):
-      diff = x - d
-      lj = log_pi + half_logdet - 0.5 * jnp.einsum("tki,tkij,tkj->tk", diff, precisions, diff)
-      obj = jnp.sum(a * logsumexp(lj, axis=1))
-      if has_prior:
-        obj = obj + gamma * (prior_logdet - 0.5 * (x - d0) @ prior_precision @ (x - d0))
-      return lj, obj
-
-    def update(w):
-      s = jnp.einsum("tk,tkij->ij", w, precisions)
-      rhs = jnp.einsum("tk,tki->i", w, hd)
-      if has_prior:
-        s = s + gamma * prior_precision
-        rhs = rhs + gamma * hd0
-      return jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(s), True), rhs)
-
-    x = x0 - ref if init_given else update(a[:, None] * jnp.exp(log_pi))
-
-    def body(x, _):
-      lj, obj = log_joint(x)
-      r = jnp.exp(lj - logsumexp(lj, axis=1, keepdims=True))
-      x_new = update(r * a[:, None])
-      return x_new, (obj, jnp.max(jnp.abs(x_new - x)))
-
-    x, (objs, steps) = jax.lax.scan(body, x, None, length=num_iters)
-    objective = jnp.concatenate([objs, log_joint(x)[1][None]])
-    step = steps[-1] if num_iters > 0 else jnp.zeros((), dtype)
-    return x + ref, objective, step
-
-  x0 = init if init_given else jnp.zeros((alphas.shape[0], p), dtype)
-  params, objective, step = jax.lax.map(one, (alphas.astype(dtype), x0), batch_size=chunk_size)
-  return EMResult(params, objective, step)
-
-
 def _check_mixture_stack(mixtures: Mixture, name: str = "mixtures") -> tuple[int, int]:
   if not isinstance(mixtures, Mixture):
     raise TypeError(f"`{name}` must be a stacked `bmerge.Mixture` (components with leading [T, K] axes), "
@@ -302,7 +248,7 @@ def find_modes(mixtures: Mixture, alphas, num_iters: int = 10, *, prior=None, in
     m0 = h0 = None
   else:
     like = FullGaussian(comps.mean[:, 0], comps.precision[:, 0]) if full else jax.tree.map(lambda x: x[:, 0], comps)
-    m0, h0 = _merge._prior_as(prior, like)
+    m0, h0 = _checks.prior_as(prior, like)
   init_given = init is not None
   if init_given:
     g = alphas.shape[0]
@@ -310,10 +256,11 @@ def find_modes(mixtures: Mixture, alphas, num_iters: int = 10, *, prior=None, in
     _checks.same_structure(init, like_mean, name_a="init", name_b="mixtures.components.mean", lead_a=1)
     _checks.leading(init, (g,), name="init", what=f"one starting point per alpha, G = {g}")
   if full:
-    fn = lambda a, m, h, lw, pm, ph, x0=None: _full_em(a, m, h, lw, pm, ph, x0, num_iters, init_given, chunk_size)
+    fn = lambda a, m, h, lw, pm, ph, x0=None: _fullcov.mixture_em(a, m, h, lw, pm, ph, x0, num_iters, init_given, chunk_size)
   else:
     fn = lambda a, m, h, lw, pm, ph, x0=None: _diag_em(a, m, h, lw, pm, ph, x0, num_iters, init_given, block_size)
-  res = _merge._run_on_grid(fn, alphas, False, comps.mean, comps.precision, mixtures.log_weights, m0, h0, rows=init)
+  res = EMResult(*_sharding.run_on_grid(fn, alphas, False, comps.mean, comps.precision, mixtures.log_weights, m0, h0,
+                                        rows=init))
   res = res._replace(objective=res.objective.T)
   if single:
     res = EMResult(jax.tree.map(lambda x: x[0], res.params), res.objective[:, 0], res.step_size[0])

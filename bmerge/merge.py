@@ -19,8 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from bmerge import _checks
+from bmerge import _fullcov
 from bmerge import _sharding
 from bmerge import _tree
+from bmerge import em
 from bmerge import posteriors as post
 from bmerge.posteriors import Beta, DiagGaussian, FullGaussian, IsoGaussian, Mixture
 
@@ -35,25 +37,6 @@ def _num_tasks(tree: PyTree, name: str) -> int:
   if len(shape) == 0:
     raise ValueError(f"`{name}` leaves must carry a leading task axis T; got a scalar leaf.")
   return shape[0]
-
-
-def _run_on_grid(fn, alphas, single: bool, *operands, rows=None):
-  """Calls `fn(alphas, *operands[, rows])` with the grid sharded across devices; strips padding (and G if single).
-
-  `rows` (optional) is a pytree with the same leading G axis as `alphas`, sharded with it.
-  """
-  mesh = _sharding.grid_mesh()
-  alphas, g = _sharding.shard_rows(alphas, mesh)
-  operands = _sharding.replicate(operands, mesh)
-  if rows is not None:
-    rows = jax.tree.map(lambda x: _sharding.shard_rows(x, mesh)[0], rows)
-  out = fn(alphas, *operands) if rows is None else fn(alphas, *operands, rows)
-  padded = alphas.shape[0]
-  if padded != g:  # outputs with a leading grid axis lose the padding; summaries (scalars) stay
-    out = jax.tree.map(lambda x: x[:g] if x.ndim and x.shape[0] == padded else x, out)
-  if single:
-    out = jax.tree.map(lambda x: x[0], out)
-  return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,7 +92,7 @@ def simple_average(means: Union[PyTree, IsoGaussian, DiagGaussian], alphas) -> P
   _checks.leading(means, (t,), name="means", what="T stacked task models")
   _checks.finite(means, name="means")
   alphas, single = _checks.alphas(alphas, t)
-  return _run_on_grid(lambda a, m: _affine_core(a, m, None), alphas, single, means)
+  return _sharding.run_on_grid(lambda a, m: _affine_core(a, m, None), alphas, single, means)
 
 
 def task_arithmetic(base: PyTree, finetuned: PyTree, alphas) -> PyTree:
@@ -131,7 +114,7 @@ def task_arithmetic(base: PyTree, finetuned: PyTree, alphas) -> PyTree:
   _checks.finite(finetuned, name="finetuned")
   _checks.finite(base, name="base")
   alphas, single = _checks.alphas(alphas, t)
-  return _run_on_grid(lambda a, m, b: _affine_core(a, m, b), alphas, single, finetuned, base)
+  return _sharding.run_on_grid(lambda a, m, b: _affine_core(a, m, b), alphas, single, finetuned, base)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,29 +140,6 @@ def _diag_core(alphas, means, precisions, prior_mean, prior_precision):
   return unflatten(ref + num / den), jnp.min(den)
 
 
-@partial(jax.jit, static_argnames="chunk_size")
-def _full_core(alphas, mean, precision, prior_mean, prior_precision, chunk_size):
-  alphas = alphas.astype(mean.dtype)
-  ref = jnp.mean(mean, axis=0)
-  hd = jnp.einsum("tij,tj->ti", precision, mean - ref)  # [T, P]
-  if prior_mean is not None:
-    hd0 = prior_precision @ (prior_mean - ref)
-
-  def one(a):
-    s = jnp.tensordot(a, precision, axes=1)
-    rhs = a @ hd
-    if prior_mean is not None:
-      gamma = 1.0 - jnp.sum(a)
-      s = s + gamma * prior_precision
-      rhs = rhs + gamma * hd0
-    chol = jnp.linalg.cholesky(s)
-    x = jax.scipy.linalg.cho_solve((chol, True), rhs)
-    return ref + x, jnp.all(jnp.isfinite(chol))
-
-  out, ok = jax.lax.map(one, alphas, batch_size=chunk_size)
-  return out, jnp.all(ok)
-
-
 def _check_gaussian_stack(posteriors, name):
   t = _num_tasks(posteriors.mean, f"{name}.mean")
   if isinstance(posteriors, FullGaussian):
@@ -202,34 +162,6 @@ def _check_gaussian_stack(posteriors, name):
     _checks.finite(posteriors.mean, name=f"{name}.mean")
     _checks.positive_finite(posteriors.precision, name=f"{name}.precision")
   return t
-
-
-def _prior_as(prior, like, name="prior"):
-  """The prior as the same kind as `like` (DiagGaussian over the params pytree, or FullGaussian over [P])."""
-  if isinstance(like, FullGaussian):
-    p = jnp.shape(like.mean)[1]
-    if isinstance(prior, FullGaussian):
-      m0, h0 = prior.mean, prior.precision
-      _checks.positive_definite(h0, name=f"{name}.precision")
-    elif isinstance(prior, (IsoGaussian, DiagGaussian)):
-      _checks.positive_finite(prior.precision, name=f"{name}.precision")
-      m0 = prior.mean
-      h0 = jnp.diag(jnp.broadcast_to(jnp.asarray(prior.precision), (p,)))
-    else:
-      raise TypeError(f"`{name}` must be a Gaussian posterior (FullGaussian, DiagGaussian or IsoGaussian), "
-                      f"got {type(prior).__name__}.")
-    if jnp.shape(m0) != (p,) or jnp.shape(h0) != (p, p):
-      raise ValueError(f"`{name}` must have mean [P] = ({p},) and precision [P, P]; got mean {jnp.shape(m0)} and "
-                       f"precision {jnp.shape(h0)}.")
-    _checks.finite(m0, name=f"{name}.mean")
-    return jnp.asarray(m0, like.mean.dtype), jnp.asarray(h0, like.mean.dtype)
-  if not isinstance(prior, (IsoGaussian, DiagGaussian)):
-    raise TypeError(f"`{name}` must be an IsoGaussian or DiagGaussian over the params pytree, got {type(prior).__name__}.")
-  _checks.same_structure(prior.mean, like.mean, name_a=f"{name}.mean", name_b="posteriors.mean", lead_b=1)
-  _checks.finite(prior.mean, name=f"{name}.mean")
-  _checks.positive_finite(prior.precision, name=f"{name}.precision")
-  prior = post.as_diag(prior)
-  return prior.mean, prior.precision
 
 
 def hessian_weighted(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian], alphas,
@@ -269,18 +201,18 @@ def hessian_weighted(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian],
                             "regulariser p0) to merge with weights that do not sum to 1.")
     m0 = h0 = None
   else:
-    m0, h0 = _prior_as(prior, posteriors)
+    m0, h0 = _checks.prior_as(prior, posteriors)
   if isinstance(posteriors, FullGaussian):
     if not isinstance(chunk_size, int) or chunk_size < 1:
       raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
-    out, ok = _run_on_grid(lambda a, m, h, pm, ph: _full_core(a, m, h, pm, ph, chunk_size), alphas, False,
+    out, ok = _sharding.run_on_grid(lambda a, m, h, pm, ph: _fullcov.hessian_weighted(a, m, h, pm, ph, chunk_size), alphas, False,
                            posteriors.mean, posteriors.precision, m0, h0)
     if _checks.is_concrete(ok) and not bool(ok):
       raise ValueError("The merged precision sum_t alpha_t H_t + gamma H_0 is not positive definite for some alpha; "
                        "with a prior, keep sum(alpha) <= 1 or use a prior that keeps it positive definite.")
     return out[0] if single else out
   diag = post.as_diag(posteriors)
-  out, min_den = _run_on_grid(lambda a, m, h, pm, ph: _diag_core(a, m, h, pm, ph), alphas, False,
+  out, min_den = _sharding.run_on_grid(lambda a, m, h, pm, ph: _diag_core(a, m, h, pm, ph), alphas, False,
                               diag.mean, diag.precision, m0, h0)
   if _checks.is_concrete(min_den) and not float(min_den) > 0:
     raise ValueError(f"The merged precision sum_t alpha_t h_t + gamma h_0 reaches {float(min_den):.4g} <= 0 for some "
@@ -298,7 +230,6 @@ def mixture_weighted(mixtures: Mixture, alphas, num_iters: int = 10, **kwargs) -
   A thin wrapper over `bmerge.em.find_modes` returning only the merged params; use that function for the
   convergence measures. See it for the arguments.
   """
-  from bmerge import em  # em imports this module's helpers.
   return em.find_modes(mixtures, alphas, num_iters=num_iters, **kwargs).params
 
 
@@ -335,6 +266,6 @@ def exponential_family(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian
       raise TypeError(f"`prior` must be a {type(posteriors).__name__} like the posteriors, got {type(prior).__name__}.")
     prior_lam = post.natural_params(prior)
   kind = DiagGaussian if isinstance(posteriors, IsoGaussian) else type(posteriors)
-  out = _run_on_grid(lambda a, lam, lam0: _expfam_core(a, lam, lam0, kind), alphas, single,
+  out = _sharding.run_on_grid(lambda a, lam, lam0: _expfam_core(a, lam, lam0, kind), alphas, single,
                      post.natural_params(posteriors), prior_lam)
   return out
