@@ -150,3 +150,65 @@ def prior_as(prior, like, name="prior"):
   positive_finite(prior.precision, name=f"{name}.precision")
   prior = post.as_diag(prior)
   return prior.mean, prior.precision
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Concrete numeric arrays of metrics and grids (bmerge.metrics, bmerge.plot, bmerge.compare), as float64 numpy.
+
+
+def numeric(value: Any, name: str) -> np.ndarray:
+  """`value` as a float64 numpy array; a TypeError naming `name` unless its dtype is numeric or boolean."""
+  arr = np.asarray(value)
+  if arr.dtype == object or not (jnp.issubdtype(arr.dtype, jnp.number) or arr.dtype == bool):
+    raise TypeError(f"`{name}` must be a numeric array, got dtype {arr.dtype}.")
+  return arr.astype(np.float64)
+
+
+def vector(value: Any, name: str, *, size: int | None = None, size_of: str = "",
+           what: str = "[G] (one value per grid point)") -> np.ndarray:
+  """A non-empty, finite 1-D float64 array; of `size` entries (the G of the argument `size_of`) when given."""
+  arr = numeric(value, name)
+  if arr.ndim != 1:
+    raise ValueError(f"`{name}` must have shape {what}, got shape {arr.shape}.")
+  if arr.shape[0] == 0:
+    raise ValueError(f"`{name}` is empty; expected at least one value.")
+  if size is not None and arr.shape[0] != size:
+    raise ValueError(f"`{name}` has {arr.shape[0]} entries but {size_of} has G = {size}; expected shape [{size}].")
+  if not np.all(np.isfinite(arr)):
+    bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+    raise ValueError(f"`{name}` must be finite; entry {bad} is {arr[bad]}.")
+  return arr
+
+
+def matrix(value: Any, name: str, *, rows: int | None = None, rows_of: str = "", what: str = "[G, T]") -> np.ndarray:
+  """A finite 2-D float64 array with both sizes positive; of `rows` rows (the G of the argument `rows_of`) when given."""
+  arr = numeric(value, name)
+  if arr.ndim != 2:
+    raise ValueError(f"`{name}` must have shape {what}, got shape {arr.shape}.")
+  if arr.shape[0] == 0 or arr.shape[1] == 0:
+    raise ValueError(f"`{name}` must have shape {what} with both sizes positive; got shape {arr.shape}.")
+  if rows is not None and arr.shape[0] != rows:
+    raise ValueError(f"`{name}` has {arr.shape[0]} rows but {rows_of} has G = {rows}; expected {rows} rows.")
+  if not np.all(np.isfinite(arr)):
+    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
+    raise ValueError(f"`{name}` must be finite; entry {bad} is {arr[bad]}.")
+  return arr
+
+
+def flag(value: Any, name: str) -> bool:
+  """A Python or numpy bool (not a truthy number or string)."""
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+  return bool(value)
+
+
+def on_simplex(arr: np.ndarray, name: str, *, atol: float = 1e-6) -> None:
+  """Rows >= 0 that sum to 1 (points of the probability simplex); the error names the first row that is not."""
+  neg = np.flatnonzero(np.any(arr < -atol, axis=1))
+  if neg.size:
+    raise ValueError(f"`{name}` must be non-negative (points of the simplex); row {_row(neg[0])} is {arr[neg[0]]}.")
+  sums = arr.sum(axis=1)
+  bad = np.flatnonzero(np.abs(sums - 1.0) > atol)
+  if bad.size:
+    raise ValueError(f"`{name}` rows must sum to 1 (points of the simplex); row {_row(bad[0])} sums to "
+                     f"{sums[bad[0]]:.6g}.")

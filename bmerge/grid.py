@@ -1,13 +1,29 @@
-"""Grids of task weights alpha: rows of a [G, T] array, usually on the simplex (sum_t alpha_t = 1)."""
+"""Grids of task weights alpha: rows of a [G, T] array, usually on the simplex (sum_t alpha_t = 1).
+
+Off the simplex, task arithmetic's scaling sweep alpha = lambda * d (`scaled`) weights a prior with
+gamma = 1 - sum_t alpha_t; merge rules with an implied prior (simple averaging, task arithmetic) and rules given a
+`prior=` accept such rows. On the simplex task arithmetic is simple averaging exactly (gamma = 0 removes the base).
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging, 2024 (Eqs. 1-3 and 5-8: the weights alpha, gamma = 1 - sum_t alpha_t).
+  Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, Hajishirzi, Farhadi. Editing Models with Task Arithmetic,
+  ICLR 2023 (the scaling coefficient lambda).
+"""
 
 from __future__ import annotations
 
 import itertools
 import math
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from bmerge import _checks
+
+__all__ = ["Scaling", "dirichlet", "line", "refine", "scaled", "scaling", "simplex"]
 
 
 def _divisions(spacing: float, name: str = "spacing") -> int:
@@ -25,9 +41,13 @@ def simplex(num_tasks: int, spacing: float) -> np.ndarray:
 
   There are C(n + T - 1, T - 1) points (231 for T = 3, spacing 0.05), vertices included, in lexicographic order of
   (alpha_1, ..., alpha_T) descending. Returns float64 [G, T]; rows sum to 1 exactly in float64 up to rounding.
+
+  Example:
+    >>> from bmerge import grid
+    >>> grid.simplex(3, 0.5).tolist()
+    [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.5, 0.0, 0.5], [0.0, 1.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.0, 1.0]]
   """
-  if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
-    raise ValueError(f"`num_tasks` must be a positive integer, got {num_tasks!r}.")
+  num_tasks = _checks.positive_int(num_tasks, "num_tasks")
   n = _divisions(spacing)
   # Compositions of n into T non-negative parts, by stars and bars.
   rows = []
@@ -39,20 +59,36 @@ def simplex(num_tasks: int, spacing: float) -> np.ndarray:
 
 
 def line(spacing: float) -> np.ndarray:
-  """The two-task line alpha = (a, 1 - a) for a = 0, spacing, ..., 1 ([G, 2], a ascending)."""
+  """The two-task line alpha = (a, 1 - a) for a = 0, spacing, ..., 1 ([G, 2], a ascending).
+
+  Example:
+    >>> from bmerge import grid
+    >>> grid.line(0.5).tolist()
+    [[0.0, 1.0], [0.5, 0.5], [1.0, 0.0]]
+  """
   n = _divisions(spacing)
   a = np.arange(n + 1) / float(n)
   return np.stack([a, 1.0 - a], axis=1)
 
 
 def dirichlet(key: jax.Array, num_tasks: int, num_points: int, concentration: float = 1.0) -> jax.Array:
-  """`num_points` samples from Dirichlet(concentration * 1) on the simplex ([G, T]); concentration 1 is uniform."""
-  if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
-    raise ValueError(f"`num_tasks` must be a positive integer, got {num_tasks!r}.")
-  if not isinstance(num_points, (int, np.integer)) or num_points < 1:
-    raise ValueError(f"`num_points` must be a positive integer, got {num_points!r}.")
-  if not concentration > 0:
-    raise ValueError(f"`concentration` must be > 0, got {concentration!r}.")
+  r"""`num_points` samples from Dirichlet(concentration * 1) on the simplex ([G, T]); concentration 1 is uniform.
+
+  Each weight is marginally :math:`\alpha_t \sim \mathrm{Beta}(c, (T - 1) c)`, with mean 1/T and variance
+  :math:`(T - 1) / (T^2 (T c + 1))`: a large concentration c gathers the points near the uniform weighting, a small
+  one pushes them to the vertices.
+
+  Example:
+    >>> import jax
+    >>> from bmerge import grid
+    >>> grid.dirichlet(jax.random.key(0), 3, 4).shape
+    (4, 3)
+  """
+  num_tasks = _checks.positive_int(num_tasks, "num_tasks")
+  num_points = _checks.positive_int(num_points, "num_points")
+  if isinstance(concentration, bool) or not isinstance(concentration, (int, float, np.floating, np.integer)) or not (
+      math.isfinite(concentration) and concentration > 0):
+    raise ValueError(f"`concentration` must be a finite number > 0, got {concentration!r}.")
   return jax.random.dirichlet(key, jnp.full((num_tasks,), concentration), shape=(num_points,))
 
 
@@ -61,12 +97,16 @@ def refine(points: np.ndarray, spacing: float, radius: int = 1) -> np.ndarray:
 
   Use it to zoom in around the best alphas of a coarse preview: `refine(top_k_alphas, 0.01)`. Points are snapped to
   the fine lattice; returns the unique lattice points, each with max_t |alpha_t - p_t| <= radius * spacing for some p.
+
+  Example:
+    >>> from bmerge import grid
+    >>> grid.refine([[0.5, 0.5]], 0.1).tolist()
+    [[0.6, 0.4], [0.5, 0.5], [0.4, 0.6]]
   """
   points = np.atleast_2d(np.asarray(points, dtype=np.float64))
   num_tasks = points.shape[1]
   n = _divisions(spacing)
-  if not isinstance(radius, (int, np.integer)) or radius < 0:
-    raise ValueError(f"`radius` must be a non-negative integer, got {radius!r}.")
+  radius = _checks.positive_int(radius, "radius", allow_zero=True)
   out = set()
   offsets = itertools.product(range(-radius, radius + 1), repeat=num_tasks - 1)
   offsets = [np.asarray(o) for o in offsets]
@@ -80,3 +120,92 @@ def refine(points: np.ndarray, spacing: float, radius: int = 1) -> np.ndarray:
         out.add(tuple(cand.tolist()))
   counts = np.asarray(sorted(out, reverse=True), dtype=np.int64).reshape(-1, num_tasks)
   return counts / float(n)
+
+
+def _nonnegative(value, name: str, what: str) -> np.ndarray:
+  """A non-empty, finite, non-negative float64 array of the shape `what` ("[L]" or "[G, T]")."""
+  arr = _checks.numeric(value, name)
+  if arr.ndim != what.count(",") + 1 or arr.size == 0:
+    raise ValueError(f"`{name}` must have shape {what} with every size positive, got shape {arr.shape}.")
+  if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+    raise ValueError(f"`{name}` must be finite and non-negative, got {value!r:.120}.")
+  return arr
+
+
+def scaled(directions, lambdas) -> np.ndarray:
+  r"""Task arithmetic's scaling sweep: alpha = lambda * d for every direction d and every scale lambda.
+
+  Row `d * L + l` is `lambdas[l] * directions[d]`, so a [D * L] vector of results reshapes to [D, L]: one curve
+  over lambda per direction. With the all-ones direction this is the usual sweep of Ilharco et al. (2023),
+  theta_base + lambda sum_t (theta_t - theta_base), run by `bmerge.merge.task_arithmetic` (whose prior is the base
+  model, weighted by gamma = 1 - T lambda); directions on the simplex give a rescaled simplex point each. Rows need
+  not sum to 1, so only rules with a prior take them (simple averaging, task arithmetic, or a rule given `prior=`).
+
+  Args:
+    directions: [D, T] (or one [T]) non-negative task weights, e.g. `numpy.ones(T)` or a simplex grid.
+    lambdas: [L] non-negative scales, e.g. `numpy.linspace(0, 1, 21)`.
+
+  Returns:
+    float64 [D * L, T].
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import grid
+    >>> grid.scaled(np.ones(2), [0.0, 0.5, 1.0]).tolist()
+    [[0.0, 0.0], [0.5, 0.5], [1.0, 1.0]]
+  """
+  d = _nonnegative(np.atleast_2d(_checks.numeric(directions, "directions")), "directions", "[D, T]")
+  lam = _nonnegative(lambdas, "lambdas", "[L]")
+  return (lam[None, :, None] * d[:, None, :]).reshape(-1, d.shape[1])
+
+
+class Scaling(NamedTuple):
+  """Where each row of a grid lies on the rays lambda * d of some directions (see `scaling`)."""
+
+  directions: np.ndarray  # [D, T] the directions d
+  lambdas: np.ndarray  # [G, D] lambda with alphas[g] = lambda * directions[d]; nan where row g is off that ray
+
+
+def scaling(alphas, directions: Optional[np.ndarray] = None, *, atol: float = 1e-9) -> Scaling:
+  r"""Decomposes the rows of a grid as alpha = lambda * d along given (or inferred) directions.
+
+  For each row and direction, :math:`\lambda = lpha \cdot d / d \cdot d` (least squares), kept when
+  :math:`\|lpha - \lambda d\|_\infty \le` `atol` (times max(1, |alpha|)) and lambda >= 0, so the all-zero row lies on
+  every ray. Without `directions` they are inferred as the distinct rows alpha / sum(alpha) (points of the simplex,
+  in order of first appearance), so lambda is the total weight sum_t alpha_t; pass the directions given to `scaled`
+  to get its lambdas back.
+
+  Args:
+    alphas: [G, T] non-negative task weights.
+    directions: optional [D, T] (or [T]) non-negative directions, none all zero.
+    atol: tolerance of the ray test.
+
+  Returns:
+    A `Scaling(directions [D, T], lambdas [G, D])`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import grid
+    >>> s = grid.scaling(grid.scaled(np.ones(2), [0.0, 0.5, 1.0]), np.ones(2))
+    >>> s.lambdas[:, 0].tolist()
+    [0.0, 0.5, 1.0]
+  """
+  a = _nonnegative(alphas, "alphas", "[G, T]")
+  if directions is None:
+    sums = a.sum(axis=1)
+    rows = a[sums > 0] / sums[sums > 0, None]
+    if rows.shape[0] == 0:
+      raise ValueError("`alphas` has only all-zero rows; directions cannot be inferred, pass `directions`.")
+    keys = np.round(rows / atol).astype(np.int64) if atol > 0 else rows
+    _, first = np.unique(keys, axis=0, return_index=True)
+    d = rows[np.sort(first)]
+  else:
+    d = _nonnegative(np.atleast_2d(_checks.numeric(directions, "directions")), "directions", "[D, T]")
+    if d.shape[1] != a.shape[1]:
+      raise ValueError(f"`directions` has {d.shape[1]} columns but `alphas` has T = {a.shape[1]}.")
+    if np.any(np.all(d == 0, axis=1)):
+      raise ValueError("`directions` has an all-zero row; every direction needs a positive weight.")
+  lam = (a @ d.T) / np.sum(d * d, axis=1)  # [G, D]
+  resid = np.max(np.abs(a[:, None, :] - lam[..., None] * d[None]), axis=-1)
+  tol = atol * np.maximum(1.0, np.max(np.abs(a), axis=1))[:, None]
+  return Scaling(directions=d, lambdas=np.where((resid <= tol) & (lam >= -atol), np.maximum(lam, 0.0), np.nan))

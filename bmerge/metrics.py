@@ -5,7 +5,15 @@ A *surface* is one metric per grid point: `preview[g]` is the metric of the mode
 concrete arrays, pure, and returns plain Python numbers or numpy arrays; `summarize` returns the `metrics.json` dict.
 
 With `maximize=True` (accuracy, BLEU) larger is better; with `maximize=False` (a loss) smaller is better. Ties are
-always broken by the first grid index, so every result is deterministic.
+always broken by the first grid index, so every result is deterministic. Grids need not lie on the simplex: the
+scaled grids of task arithmetic (`bmerge.grid.scaled`) are scored the same way.
+
+Several metrics per alpha (one per task) are compared as Pareto fronts; non-dominated filtering, hypervolume and
+IGD+ come from moocore (López-Ibáñez et al.), exact in any number of tasks.
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging, 2024 (Sec. 4, Tables 1-2: MSE and best alphas of previews against joint training).
 """
 
 from __future__ import annotations
@@ -13,8 +21,11 @@ from __future__ import annotations
 import math
 from typing import Mapping, NamedTuple, Optional, Sequence
 
+import moocore
 import numpy as np
 import scipy.stats
+
+from bmerge import _checks
 
 __all__ = [
     "Best",
@@ -23,7 +34,8 @@ __all__ = [
     "best",
     "compare_fronts",
     "histogram",
-    "hypervolume_2d",
+    "hypervolume",
+    "igd_plus",
     "mse",
     "pareto_front",
     "regret_at_k",
@@ -33,55 +45,17 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Validation at the boundary: every error names the argument.
-
-
-def _numeric(value, name: str) -> np.ndarray:
-  """`value` as a float64 array; a TypeError naming `name` if it is not numeric."""
-  arr = np.asarray(value)
-  if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-    raise TypeError(f"`{name}` must be a numeric array, got dtype {arr.dtype}.")
-  return arr.astype(np.float64)
-
-
-def _vector(value, name: str, *, size: Optional[int] = None, size_of: str = "") -> np.ndarray:
-  arr = _numeric(value, name)
-  if arr.ndim != 1:
-    raise ValueError(f"`{name}` must have shape [G] (one metric per grid point), got shape {arr.shape}.")
-  if arr.shape[0] == 0:
-    raise ValueError(f"`{name}` is empty; expected at least one grid point.")
-  if size is not None and arr.shape[0] != size:
-    raise ValueError(f"`{name}` has {arr.shape[0]} entries but {size_of} has G = {size}; expected shape [{size}].")
-  if not np.all(np.isfinite(arr)):
-    bad = int(np.flatnonzero(~np.isfinite(arr))[0])
-    raise ValueError(f"`{name}` must be finite; entry {bad} is {arr[bad]}.")
-  return arr
-
-
-def _matrix(value, name: str, *, rows: Optional[int] = None, rows_of: str = "", what: str = "[G, T]") -> np.ndarray:
-  arr = _numeric(value, name)
-  if arr.ndim != 2:
-    raise ValueError(f"`{name}` must have shape {what}, got shape {arr.shape}.")
-  if arr.shape[0] == 0 or arr.shape[1] == 0:
-    raise ValueError(f"`{name}` must have shape {what} with G, and the second axis, positive; got shape {arr.shape}.")
-  if rows is not None and arr.shape[0] != rows:
-    raise ValueError(f"`{name}` has {arr.shape[0]} rows but {rows_of} has G = {rows}; expected {rows} rows.")
-  if not np.all(np.isfinite(arr)):
-    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(arr))[0])
-    raise ValueError(f"`{name}` must be finite; entry {bad} is {arr[bad]}.")
-  return arr
+# Validation at the boundary (bmerge._checks): every error names the argument.
 
 
 def _pair(preview, exact) -> tuple[np.ndarray, np.ndarray]:
-  exact = _vector(exact, "exact")
-  preview = _vector(preview, "preview", size=exact.shape[0], size_of="`exact`")
+  exact = _checks.vector(exact, "exact")
+  preview = _checks.vector(preview, "preview", size=exact.shape[0], size_of="`exact`")
   return preview, exact
 
 
 def _sign(maximize: bool) -> float:
-  if not isinstance(maximize, (bool, np.bool_)):
-    raise TypeError(f"`maximize` must be a bool, got {maximize!r}.")
-  return 1.0 if maximize else -1.0
+  return 1.0 if _checks.flag(maximize, "maximize") else -1.0
 
 
 def _first_best(values: np.ndarray, maximize: bool) -> int:
@@ -104,6 +78,11 @@ def mse(preview, exact) -> float:
 
   Returns:
     The MSE as a Python float, in the squared units of the metric (Table 1 uses accuracy in [0, 1]).
+
+  Example:
+    >>> from bmerge import metrics
+    >>> metrics.mse([0.7, 0.9], [0.8, 0.9])   # (0.1^2 + 0) / 2
+    0.005000000000000009
   """
   preview, exact = _pair(preview, exact)
   return float(np.mean((preview - exact) ** 2))
@@ -138,10 +117,16 @@ def best(alphas, preview, exact, maximize: bool = True) -> Best:
 
   Returns:
     A `Best`.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> b = metrics.best([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], [0.7, 0.9, 0.6], [0.8, 0.85, 0.9])
+    >>> b.alpha.tolist(), b.preview, b.exact_at_best, b.exact_best
+    ([0.5, 0.5], 0.9, 0.85, 0.9)
   """
   _sign(maximize)  # validates the flag
   preview, exact = _pair(preview, exact)
-  alphas = _matrix(alphas, "alphas", rows=exact.shape[0], rows_of="`exact`")
+  alphas = _checks.matrix(alphas, "alphas", rows=exact.shape[0], rows_of="`exact`")
   g = _first_best(preview, maximize)
   e = _first_best(exact, maximize)
   return Best(index=g, alpha=alphas[g].copy(), preview=float(preview[g]), exact_at_best=float(exact[g]),
@@ -159,6 +144,11 @@ def spearman(preview, exact) -> float:
   Returns:
     rho as a Python float. If either surface is constant (or G < 2) the correlation is undefined and the result is
     `nan`, without scipy's warning; `summarize` writes it as `null`.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> metrics.spearman([0.1, 0.5, 0.3], [0.2, 0.9, 0.4])   # same order
+    1.0
   """
   preview, exact = _pair(preview, exact)
   if preview.shape[0] < 2 or np.all(preview == preview[0]) or np.all(exact == exact[0]):
@@ -182,11 +172,16 @@ def regret_at_k(preview, exact, k: int, maximize: bool = True) -> float:
 
   Returns:
     The regret as a Python float, >= 0, in the units of the metric.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> preview, exact = [0.9, 0.8, 0.1], [0.85, 0.95, 0.2]
+    >>> metrics.regret_at_k(preview, exact, 1), metrics.regret_at_k(preview, exact, 2)
+    (0.09999999999999998, 0.0)
   """
   sign = _sign(maximize)
   preview, exact = _pair(preview, exact)
-  if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-    raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+  k = _checks.positive_int(k, "k")
   order = np.argsort(-sign * preview, kind="stable")  # best first; stable keeps the first index among ties
   top = order[:min(int(k), preview.shape[0])]
   return float(np.max(sign * exact) - np.max(sign * exact[top]))
@@ -210,8 +205,13 @@ def histogram(values, bins: int | Sequence[float] = 10,
 
   Returns:
     A `Histogram(counts, edges)`.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> metrics.histogram([0.1, 0.2, 0.2, 1.0], bins=4, range=(0.0, 1.0)).counts.tolist()
+    [3, 0, 0, 1]
   """
-  values = _vector(values, "values")
+  values = _checks.vector(values, "values")
   if isinstance(bins, (int, np.integer)) and not isinstance(bins, bool):
     if bins < 1:
       raise ValueError(f"`bins` must be a positive integer or increasing edges, got {bins!r}.")
@@ -235,15 +235,12 @@ def histogram(values, bins: int | Sequence[float] = 10,
 
 
 def pareto_front(points, maximize: bool = True) -> np.ndarray:
-  r"""Indices of the non-dominated rows of `points` [G, M], increasing.
+  r"""Indices of the non-dominated rows of `points` [G, M], increasing (`moocore.is_nondominated`).
 
   Row q dominates row p when it is at least as good in every column and strictly better in one:
   :math:`q \succ p \iff \forall j: q_j \ge p_j \wedge \exists j: q_j > p_j` (reversed for `maximize=False`).
-  Duplicate rows do not dominate each other, so all copies of a non-dominated row are on the front.
-
-  Sorting the rows lexicographically best-first puts every dominator before what it dominates, and by transitivity a
-  dominated row is dominated by a front row already found; so each row is compared with the current front only:
-  O(G log G + G |front| M).
+  Duplicate rows do not dominate each other, so all copies of a non-dominated row are on the front. moocore runs the
+  O(G log G) dimension sweep of Kung, Luccio & Preparata (1975) for M <= 3.
 
   Args:
     points: [G, M] metrics per grid point (e.g. per-task accuracy).
@@ -251,60 +248,93 @@ def pareto_front(points, maximize: bool = True) -> np.ndarray:
 
   Returns:
     int64 [F] sorted indices of the front.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> metrics.pareto_front([[1, 3], [2, 2], [3, 1], [1, 1], [2, 2]]).tolist()   # (1, 1) is dominated
+    [0, 1, 2, 4]
   """
-  sign = _sign(maximize)
-  pts = sign * _matrix(points, "points", what="[G, M]")
-  order = np.lexsort(-pts.T[::-1])  # by column 0 descending, then column 1, ...
-  front: list[int] = []
-  for i in order:
-    p = pts[i]
-    if front:
-      f = pts[front]
-      if np.any(np.all(f >= p, axis=1) & np.any(f > p, axis=1)):
-        continue
-    front.append(int(i))
-  return np.sort(np.asarray(front, dtype=np.int64))
+  maximize = _checks.flag(maximize, "maximize")
+  pts = _checks.matrix(points, "points", what="[G, M]")
+  keep = moocore.is_nondominated(pts, maximise=maximize, keep_weakly=True)
+  return np.flatnonzero(keep).astype(np.int64)
 
 
-def hypervolume_2d(points, reference, maximize: bool = True) -> float:
-  r"""Area dominated by a set of 2-D points and bounded by a reference point (Zitzler & Thiele, 1999).
+def _points_and_reference(points, reference) -> tuple[np.ndarray, np.ndarray]:
+  """[N, M] points (N may be 0) and the [M] reference point they are measured against."""
+  ref = _checks.vector(reference, "reference", what="[M] (one value per objective)")
+  pts = _checks.numeric(points, "points")
+  if pts.size == 0:
+    return np.zeros((0, ref.shape[0])), ref
+  pts = _checks.matrix(pts, "points", what=f"[N, {ref.shape[0]}]")
+  if pts.shape[1] != ref.shape[0]:
+    raise ValueError(f"`points` has {pts.shape[1]} columns but `reference` has M = {ref.shape[0]} values; expected "
+                     f"shape [N, {ref.shape[0]}].")
+  return pts, ref
 
-  .. math:: \mathrm{HV}(P; r) = \lambda\Big(\bigcup_{p \in P} [r_1, p_1] \times [r_2, p_2]\Big)
 
-  for maximisation (boxes [p, r] for minimisation). Points not better than `reference` in both columns add nothing.
-  Larger is better: a front with larger hypervolume reaches further toward the best corner.
+def hypervolume(points, reference, maximize: bool = True) -> float:
+  r"""Volume dominated by a set of points and bounded by a reference point, in any dimension (`moocore.hypervolume`).
+
+  .. math:: \mathrm{HV}(P; r) = \lambda\Big(\bigcup_{p \in P} [r_1, p_1] \times \dots \times [r_M, p_M]\Big)
+
+  for maximisation (boxes [p, r] for minimisation; Zitzler & Thiele, 1999). Points not better than `reference` in
+  every column add nothing. Larger is better: a front with larger hypervolume reaches further toward the best corner.
+  moocore computes it exactly in O(N log N) for M <= 3 and with the HV4D+ / recursive algorithms above.
 
   Args:
-    points: [N, 2] points (N may be 0).
-    reference: [2] the worst corner, e.g. the column-wise worst of all exact points.
-    maximize: whether larger is better in both columns.
+    points: [N, M] points (N may be 0).
+    reference: [M] the worst corner, e.g. the column-wise worst of all exact points.
+    maximize: whether larger is better in every column.
 
   Returns:
-    The area as a Python float.
+    The hypervolume as a Python float.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> metrics.hypervolume([[3, 1], [2, 2], [1, 3]], [0, 0])   # a staircase of boxes: 3 + 2 + 1
+    6.0
+    >>> metrics.hypervolume([[1, 1, 1], [2, 0.5, 0.5]], [0, 0, 0])   # 1 + 2 * 0.25 - 1 * 0.25
+    1.25
   """
-  sign = _sign(maximize)
-  ref = _vector(reference, "reference")
-  if ref.shape != (2,):
-    raise ValueError(f"`reference` must have shape [2], got {ref.shape}.")
-  pts = np.asarray(points, dtype=np.float64)
-  if pts.size == 0:
-    return 0.0
-  pts = _matrix(points, "points", what="[N, 2]")
-  if pts.shape[1] != 2:
-    raise ValueError(f"`points` must have shape [N, 2], got {pts.shape}.")
-  # Work in the maximising frame relative to the reference, dropping points that dominate no area.
-  pts = sign * (pts - ref)
-  pts = pts[np.all(pts > 0, axis=1)]
+  maximize = _checks.flag(maximize, "maximize")
+  pts, ref = _points_and_reference(points, reference)
   if pts.shape[0] == 0:
     return 0.0
-  pts = pts[pareto_front(pts)]
-  pts = pts[np.argsort(-pts[:, 0], kind="stable")]  # x descending, so y ascending on a front
-  area, y_prev = 0.0, 0.0
-  for x, y in pts:
-    if y > y_prev:
-      area += x * (y - y_prev)
-      y_prev = y
-  return float(area)
+  return float(moocore.hypervolume(pts, ref=ref, maximise=maximize))
+
+
+def igd_plus(points, reference_front, maximize: bool = True) -> float:
+  r"""IGD+ of a set of points against a reference front (Ishibuchi et al., 2015; `moocore.igd_plus`).
+
+  .. math:: \mathrm{IGD}^+(P; R) = \frac{1}{|R|} \sum_{r \in R} \min_{p \in P}
+            \big\| \max(r - p, 0) \big\|_2
+
+  for maximisation (``max(p - r, 0)`` when minimising): only the shortfall of p behind r counts, so a point that
+  is better than r in some column is not penalised for it. 0 when every point of R is weakly dominated by some p,
+  and, unlike plain IGD, Pareto compliant: a set that dominates another never scores worse.
+
+  Args:
+    points: [N, M] the approximation (e.g. the exact metrics at the alphas a preview calls Pareto-optimal), N >= 1.
+    reference_front: [F, M] the reference (e.g. the exact Pareto front).
+    maximize: whether larger is better in every column.
+
+  Returns:
+    IGD+ as a Python float, >= 0, in the units of the metric.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> front = [[0.9, 0.1], [0.6, 0.6], [0.1, 0.9]]
+    >>> d = metrics.igd_plus([[0.9, 0.1], [0.5, 0.5], [0.1, 0.9]], front)  # (.6, .6) falls short by (.1, .1)
+    >>> round(d, 6), round(2 ** 0.5 * 0.1 / 3, 6)
+    (0.04714, 0.04714)
+  """
+  maximize = _checks.flag(maximize, "maximize")
+  ref = _checks.matrix(reference_front, "reference_front", what="[F, M]")
+  pts = _checks.matrix(points, "points", what=f"[N, {ref.shape[1]}]")
+  if pts.shape[1] != ref.shape[1]:
+    raise ValueError(f"`points` has {pts.shape[1]} columns but `reference_front` has {ref.shape[1]}; expected equal.")
+  return float(moocore.igd_plus(pts, ref=ref, maximise=maximize))
 
 
 class FrontComparison(NamedTuple):
@@ -315,23 +345,27 @@ class FrontComparison(NamedTuple):
   recovered: np.ndarray  # indices on both fronts
   recall: float  # |recovered| / |exact_front|: share of the truly Pareto-optimal alphas the preview finds
   igd: float  # inverted generational distance, see `compare_fronts`
-  hypervolume_exact: float  # HV of exact[exact_front] (2-D only, else nan)
-  hypervolume_preview: float  # HV of exact[preview_front] (2-D only, else nan)
+  igd_plus: float  # IGD+ (Pareto compliant), see `igd_plus`
+  hypervolume_exact: float  # HV of exact[exact_front]
+  hypervolume_preview: float  # HV of exact[preview_front]
   reference: np.ndarray  # [M] the HV reference point: column-wise worst of `exact` minus 10 % of its range
 
 
 def compare_fronts(alphas, preview, exact, maximize: bool = True) -> FrontComparison:
   r"""Compares the Pareto front of the preview with the exact one, for several metrics per alpha ([G, M]).
 
-  The question is whether the alphas the preview calls Pareto-optimal are really good trade-offs. With E the exact
-  front and P the preview's front (both sets of grid indices), and every score computed on the *exact* metrics m:
+  The question is whether the alphas the preview calls Pareto-optimal are really good trade-offs (the view of the
+  paper's later version, "Variational Model Merging for Pareto Front Estimation in Multitask Finetuning"). With E the
+  exact front and P the preview's front (both sets of grid indices), and every score computed on the *exact*
+  metrics m:
 
   * recall = |E ∩ P| / |E|, the share of exactly Pareto-optimal alphas the preview recovers;
   * IGD (inverted generational distance, Coello & Cortés 2005): the mean over the exact front of the distance to the
     nearest alpha of the preview front, 0 when P covers E, in the units of the metric:
     :math:`\frac{1}{|E|}\sum_{e \in E} \min_{p \in P} \|m(\alpha_e) - m(\alpha_p)\|_2`;
-  * for M = 2, the hypervolumes HV(m[E]; r) and HV(m[P]; r) (`hypervolume_2d`) with r the column-wise worst exact
-    metric moved 10 % of the column's range further out (the usual "slightly worse than the nadir" reference);
+  * IGD+ (`igd_plus`) of m[P] against m[E]: the same with only shortfalls counted, Pareto compliant;
+  * the hypervolumes HV(m[E]; r) and HV(m[P]; r) (`hypervolume`, any M) with r the column-wise worst exact metric
+    moved 10 % of the column's range further out (the usual "slightly worse than the nadir" reference);
     HV(m[P]) <= HV(m[E]), with equality when the preview's choices lose nothing.
 
   Args:
@@ -342,29 +376,35 @@ def compare_fronts(alphas, preview, exact, maximize: bool = True) -> FrontCompar
 
   Returns:
     A `FrontComparison`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import metrics
+    >>> exact = np.array([[0.9, 0.1], [0.6, 0.6], [0.1, 0.9], [0.5, 0.5]])
+    >>> preview = np.array([[0.9, 0.2], [0.4, 0.4], [0.2, 0.9], [0.5, 0.5]])
+    >>> c = metrics.compare_fronts(np.ones((4, 1)), preview, exact)
+    >>> c.exact_front.tolist(), c.preview_front.tolist(), round(c.recall, 3)
+    ([0, 1, 2], [0, 2, 3], 0.667)
   """
   sign = _sign(maximize)
-  exact = _matrix(exact, "exact", what="[G, M]")
-  preview = _matrix(preview, "preview", rows=exact.shape[0], rows_of="`exact`", what="[G, M]")
+  exact = _checks.matrix(exact, "exact", what="[G, M]")
+  preview = _checks.matrix(preview, "preview", rows=exact.shape[0], rows_of="`exact`", what="[G, M]")
   if preview.shape != exact.shape:
     raise ValueError(f"`preview` has shape {preview.shape} but `exact` has {exact.shape}; expected equal shapes.")
-  _matrix(alphas, "alphas", rows=exact.shape[0], rows_of="`exact`")
+  _checks.matrix(alphas, "alphas", rows=exact.shape[0], rows_of="`exact`")
   e_front = pareto_front(exact, maximize)
   p_front = pareto_front(preview, maximize)
   recovered = np.intersect1d(e_front, p_front)
-  dist = np.linalg.norm(exact[e_front][:, None, :] - exact[p_front][None, :, :], axis=-1)
   # Reference: 10 % of the range beyond the column-wise worst exact value, so the extreme points of the front add
-  # area too (with the worst point itself as reference they would add none).
+  # volume too (with the worst point itself as reference they would add none).
   worst, top = np.min(sign * exact, axis=0), np.max(sign * exact, axis=0)
   ref = sign * (worst - 0.1 * np.where(top > worst, top - worst, 1.0))
-  if exact.shape[1] == 2:
-    hv_e = hypervolume_2d(exact[e_front], ref, maximize)
-    hv_p = hypervolume_2d(exact[p_front], ref, maximize)
-  else:
-    hv_e = hv_p = float("nan")
   return FrontComparison(exact_front=e_front, preview_front=p_front, recovered=recovered,
-                         recall=float(recovered.size / e_front.size), igd=float(np.mean(np.min(dist, axis=1))),
-                         hypervolume_exact=hv_e, hypervolume_preview=hv_p, reference=ref)
+                         recall=float(recovered.size / e_front.size),
+                         igd=float(moocore.igd(exact[p_front], ref=exact[e_front])),
+                         igd_plus=igd_plus(exact[p_front], exact[e_front], maximize),
+                         hypervolume_exact=hypervolume(exact[e_front], ref, maximize),
+                         hypervolume_preview=hypervolume(exact[p_front], ref, maximize), reference=ref)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -400,8 +440,8 @@ def summarize(alphas, previews: Mapping[str, object], exact, maximize: bool = Tr
     >>> out["methods"]["simple"]["best_alpha"], out["methods"]["simple"]["exact_at_best"], out["exact_best"]
     ([0.5, 0.5], 0.85, 0.9)
   """
-  exact_v = _vector(exact, "exact")
-  alphas = _matrix(alphas, "alphas", rows=exact_v.shape[0], rows_of="`exact`")
+  exact_v = _checks.vector(exact, "exact")
+  alphas = _checks.matrix(alphas, "alphas", rows=exact_v.shape[0], rows_of="`exact`")
   if not isinstance(previews, Mapping) or not previews:
     raise ValueError("`previews` must be a non-empty dict of method name -> [G] metric, "
                      f"got {type(previews).__name__}.")
@@ -410,7 +450,7 @@ def summarize(alphas, previews: Mapping[str, object], exact, maximize: bool = Tr
     if not isinstance(name, str):
       raise TypeError(f"`previews` keys must be method names (str), got {name!r}.")
     label = f"previews[{name!r}]"
-    p = _vector(preview, label, size=exact_v.shape[0], size_of="`exact`")
+    p = _checks.vector(preview, label, size=exact_v.shape[0], size_of="`exact`")
     b = best(alphas, p, exact_v, maximize)
     methods[name] = {
         "mse": mse(p, exact_v),

@@ -1,4 +1,6 @@
-"""Figures of the paper: ternary contours over the 3-task simplex, two-task curves, histograms (PNG files).
+"""Figures of the paper (PNG files): ternary contours over the 3-task simplex, two-task curves (for two tasks, and
+for every pair of tasks along the edges of the simplex), histograms, per-task Pareto fronts, task arithmetic's scaling
+curves, and the parameter plane of two-parameter problems.
 
 Everything draws on a fresh `matplotlib.figure.Figure` rendered by the Agg canvas: no pyplot, no global backend or
 figure state, nothing shown; each function writes one PNG and returns its path.
@@ -10,25 +12,35 @@ corners of an equilateral triangle with unit sides,
 
 i.e. task 1 at the bottom-left corner (0, 0), task 2 at the bottom-right (1, 0) and task 3 at the top (1/2, sqrt(3)/2);
 the uniform weighting (1/3, 1/3, 1/3) lands on the triangle's centroid (1/2, sqrt(3)/6).
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging, 2024 (Figs. 1-9).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import pathlib
-from typing import Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import matplotlib
+import matplotlib.collections
+import matplotlib.colors
 import matplotlib.ticker
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 import matplotlib.tri as mtri
 import numpy as np
 
+from bmerge import _checks
+from bmerge import grid as grid_lib
 from bmerge import metrics
 
-__all__ = ["CORNERS", "barycentric_to_cartesian", "histograms", "ternary_contours", "two_task_curves"]
+__all__ = ["CORNERS", "barycentric_to_cartesian", "histograms", "pair_curves", "pareto_fronts", "scaling_curves",
+           "solutions_2d", "surrogates_2d", "ternary_contours", "two_task_curves"]
 
 # [3, 2] the triangle corners of tasks 1, 2, 3 (rows).
 CORNERS = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3.0) / 2.0]])
@@ -40,42 +52,60 @@ def barycentric_to_cartesian(alphas) -> np.ndarray:
   r"""Projects simplex points [N, 3] to the plane [N, 2]: :math:`(x, y) = \sum_t \alpha_t c_t` with `CORNERS` c_t.
 
   Rows need not be normalised for the projection itself (it is linear); `ternary_contours` checks they sum to 1.
+
+  Example:
+    >>> from bmerge import plot
+    >>> plot.barycentric_to_cartesian([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0]]).tolist()
+    [[1.0, 0.0], [0.5, 0.0]]
   """
-  alphas = np.asarray(alphas, dtype=np.float64)
+  alphas = _checks.numeric(alphas, "alphas")
   if alphas.ndim != 2 or alphas.shape[1] != 3:
     raise ValueError(f"`alphas` must have shape [N, 3] (three task weights per row), got shape {alphas.shape}.")
   return alphas @ CORNERS
 
 
 def _simplex_alphas(alphas, name: str = "alphas") -> np.ndarray:
-  arr = np.asarray(alphas, dtype=np.float64)
+  arr = _checks.numeric(alphas, name)
   if arr.ndim != 2 or arr.shape[1] != 3:
     raise ValueError(f"`{name}` must have shape [G, 3]: a ternary plot needs exactly T = 3 tasks, got shape "
                      f"{arr.shape}. Use `two_task_curves` for T = 2.")
   if arr.shape[0] < 3:
     raise ValueError(f"`{name}` has {arr.shape[0]} rows; a contour plot needs at least 3 grid points.")
-  if not np.all(np.isfinite(arr)):
-    raise ValueError(f"`{name}` must be finite.")
-  if np.any(arr < -1e-9):
-    raise ValueError(f"`{name}` must be non-negative (points of the simplex); row {int(np.argmin(arr.min(1)))} is not.")
-  sums = arr.sum(axis=1)
-  if np.any(np.abs(sums - 1.0) > 1e-6):
-    bad = int(np.argmax(np.abs(sums - 1.0)))
-    raise ValueError(f"`{name}` rows must sum to 1 (points of the simplex); row {bad} sums to {sums[bad]:.6g}.")
+  arr = _checks.matrix(arr, name, what="[G, 3]")
+  _checks.on_simplex(arr, name)
   return arr
 
 
-def _surfaces(surfaces: Mapping[str, object], size: Optional[int], size_of: str,
-              arg: str = "surfaces") -> dict[str, np.ndarray]:
-  """Validated [G] surfaces, a key named 'exact' (any case) first, the rest in the given order."""
+def _surfaces(surfaces: Mapping[str, Any], grid: Optional[np.ndarray], grid_name: str, arg: str = "surfaces",
+              check_grid: Optional[Callable[[Any, str], np.ndarray]] = None,
+              columns: Optional[int] = None) -> dict[str, tuple[Optional[np.ndarray], np.ndarray]]:
+  """Validated surfaces as name -> (grid, values), a key named 'exact' (any case) first, the rest in order.
+
+  A surface is either values on the shared `grid` or a pair (its own grid, values) checked with `check_grid`. Values
+  are [G] vectors, or [G, `columns`] per-task matrices when `columns` is given.
+  """
   if not isinstance(surfaces, Mapping) or not surfaces:
     raise ValueError(f"`{arg}` must be a non-empty dict of name -> [G] metric, got {surfaces!r:.80}.")
   out = {}
   for name, values in surfaces.items():
     if not isinstance(name, str):
       raise TypeError(f"`{arg}` keys must be names (str), got {name!r}.")
-    # pylint: disable-next=protected-access
-    out[name] = metrics._vector(values, f"{arg}[{name!r}]", size=size, size_of=size_of)
+    label = f"{arg}[{name!r}]"
+    own = grid
+    if isinstance(values, tuple) and check_grid is not None:
+      if len(values) != 2:
+        raise ValueError(f"`{label}` must be values on `{grid_name}` or a pair (grid, values), got {len(values)} items.")
+      own, values = check_grid(values[0], f"{label}[0]"), values[1]
+      label += "[1]"
+    size, size_of = (None, "") if own is None else (own.shape[0], f"its grid" if own is not grid else f"`{grid_name}`")
+    arr = _checks.numeric(values, label)
+    if columns is not None and arr.ndim == 2:
+      arr = _checks.matrix(arr, label, rows=size, rows_of=size_of, what=f"[G] or [G, {columns}]")
+      if arr.shape[1] != columns:
+        raise ValueError(f"`{label}` has {arr.shape[1]} columns; expected [G] or [G, {columns}] (one per task).")
+    else:
+      arr = _checks.vector(arr, label, size=size, size_of=size_of)
+    out[name] = (own, arr)
   exact = [k for k in out if k.lower() == "exact"]
   return {k: out[k] for k in exact + [k for k in out if k not in exact]}
 
@@ -94,9 +124,9 @@ def _save(fig: Figure, path) -> pathlib.Path:
   return path
 
 
-def _levels(surfaces: dict[str, np.ndarray], num: int) -> np.ndarray:
-  lo = min(float(v.min()) for v in surfaces.values())
-  hi = max(float(v.max()) for v in surfaces.values())
+def _levels(surfaces: dict[str, tuple], num: int) -> np.ndarray:
+  lo = min(float(v.min()) for _, v in surfaces.values())
+  hi = max(float(v.max()) for _, v in surfaces.values())
   if hi <= lo:  # constant surfaces: a band around the value so contourf has increasing levels
     pad = 1e-3 * max(abs(lo), 1.0)
     lo, hi = lo - pad, hi + pad
@@ -124,19 +154,32 @@ def _ternary_frame(ax, task_names: Sequence[str]) -> None:
   ax.set_axis_off()
 
 
-def ternary_contours(alphas, surfaces: Mapping[str, object], path, *, task_names: Optional[Sequence[str]] = None,
+def _names(task_names: Optional[Sequence[str]], num: int) -> list[str]:
+  names = [f"task {t + 1}" for t in range(num)] if task_names is None else list(task_names)
+  if len(names) != num or not all(isinstance(n, str) for n in names):
+    raise ValueError(f"`task_names` must be {num} strings, got {task_names!r}.")
+  return names
+
+
+def _positive(value: Any, name: str) -> int:
+  return _checks.positive_int(value, name)
+
+
+def ternary_contours(alphas, surfaces: Mapping[str, Any], path, *, task_names: Optional[Sequence[str]] = None,
                      best: bool = True, maximize: bool = True, title: Optional[str] = None, label: str = "accuracy",
                      levels: int = 12, cmap: str = "viridis", dpi: int = 120) -> pathlib.Path:
   """Side-by-side filled contours of metric surfaces over the 3-task simplex (paper Figs. 1, 3, 4, 6, 8, 9).
 
   One panel per surface (a key named "exact" first, then the previews in the given order), all on one colour scale
-  with one colour bar; each panel marks its best alpha with a star and states it in its title. The grid is triangulated
-  in the plane (Delaunay on the projected points, `matplotlib.tri`), so any grid works; a simplex lattice with its
-  vertices (`bmerge.grid.simplex`) fills the whole triangle.
+  with one colour bar; each panel marks its best alpha with a star and states it in its title. Each grid is
+  triangulated in the plane (Delaunay on the projected points, `matplotlib.tri`), so any grid works, and a surface
+  may bring its own grid (e.g. the exact baseline on a coarser lattice than the previews); a simplex lattice with
+  its vertices (`bmerge.grid.simplex`) fills the whole triangle.
 
   Args:
     alphas: [G, 3] points of the simplex (rows >= 0 summing to 1).
-    surfaces: name -> [G] metric at each alpha, e.g. {"exact": ..., "simple": ..., "hessian": ...}.
+    surfaces: name -> [G] metric at each alpha, or name -> (its own alphas [G', 3], [G'] metric); e.g.
+      {"exact": (coarse, exact), "simple": ..., "hessian": ...}.
     path: the PNG file to write (parent directories are created).
     task_names: names of the three tasks for the corners; default "task 1", "task 2", "task 3".
     best: mark the best alpha of each surface.
@@ -152,22 +195,17 @@ def ternary_contours(alphas, surfaces: Mapping[str, object], path, *, task_names
 
   Example:
     >>> import numpy as np
-    >>> from bmerge import plot
-    >>> n = 10
-    >>> alphas = np.array([(i / n, j / n, (n - i - j) / n) for i in range(n + 1) for j in range(n + 1 - i)])
+    >>> from bmerge import grid, plot
+    >>> alphas = grid.simplex(3, 0.1)
     >>> exact = 0.9 - ((alphas - 1 / 3) ** 2).sum(1)
     >>> plot.ternary_contours(alphas, {"exact": exact, "simple": exact - alphas[:, 0] / 10}, "/tmp/fig.png").name
     'fig.png'
   """
   alphas = _simplex_alphas(alphas)
-  surfaces = _surfaces(surfaces, alphas.shape[0], "`alphas`")
-  names = list(task_names) if task_names is not None else ["task 1", "task 2", "task 3"]
-  if len(names) != 3 or not all(isinstance(n, str) for n in names):
-    raise ValueError(f"`task_names` must be three strings, got {task_names!r}.")
-  if not isinstance(levels, int) or levels < 1:
-    raise ValueError(f"`levels` must be a positive integer, got {levels!r}.")
-  xy = barycentric_to_cartesian(alphas)
-  tri = mtri.Triangulation(xy[:, 0], xy[:, 1])
+  surfaces = _surfaces(surfaces, alphas, "alphas", check_grid=_simplex_alphas)
+  names = _names(task_names, 3)
+  levels = _positive(levels, "levels")
+  maximize = _checks.flag(maximize, "maximize")
   bounds = _levels(surfaces, levels)
   norm = matplotlib.colors.Normalize(vmin=bounds[0], vmax=bounds[-1])
 
@@ -175,7 +213,9 @@ def ternary_contours(alphas, surfaces: Mapping[str, object], path, *, task_names
   fig = Figure(figsize=(3.9 * n + 1.0, 4.0), dpi=dpi, layout="constrained")
   axes = fig.subplots(1, n, squeeze=False)[0]
   filled = None
-  for ax, (name, z) in zip(axes, surfaces.items()):
+  for ax, (name, (a, z)) in zip(axes, surfaces.items()):
+    xy = barycentric_to_cartesian(a)
+    tri = mtri.Triangulation(xy[:, 0], xy[:, 1])
     filled = ax.tricontourf(tri, z, levels=bounds, cmap=cmap, norm=norm, zorder=1)
     ax.tricontour(tri, z, levels=bounds, colors="white", linewidths=0.4, alpha=0.6, zorder=2)
     _ternary_frame(ax, names)
@@ -184,7 +224,7 @@ def ternary_contours(alphas, surfaces: Mapping[str, object], path, *, task_names
       g = _best_index(z, maximize)
       ax.plot(*xy[g], marker="*", markersize=17, color="red", markeredgecolor="white", markeredgewidth=1.0,
               linestyle="none", zorder=5)
-      heading += f"\nbest {z[g]:.3g} at ({', '.join(f'{a:.2f}' for a in alphas[g])})"
+      heading += f"\nbest {z[g]:.3g} at ({', '.join(f'{x:.2f}' for x in a[g])})"
     ax.set_title(heading, fontsize=10)
   fig.colorbar(filled, ax=list(axes), shrink=0.85, label=label, ticks=matplotlib.ticker.MaxNLocator(6))
   if title:
@@ -192,17 +232,37 @@ def ternary_contours(alphas, surfaces: Mapping[str, object], path, *, task_names
   return _save(fig, path)
 
 
-def two_task_curves(alpha1, curves: Mapping[str, object], path, *, task_names: Optional[Sequence[str]] = None,
+def _draw_curves(ax, curves: dict[str, tuple], best: bool, maximize: bool) -> None:
+  """One line per (x, y) curve in increasing x, "exact" black and dashed; the best point of each starred."""
+  for name, (x, y) in curves.items():
+    order = np.argsort(x, kind="stable")
+    style = dict(_EXACT_STYLE) if name.lower() == "exact" else {"linewidth": 1.6, "marker": "o", "markersize": 3}
+    (line,) = ax.plot(x[order], y[order], label=name, **style)
+    if best:
+      g = _best_index(y, maximize)
+      ax.plot(x[g], y[g], marker="*", markersize=14, color=line.get_color(), markeredgecolor="white",
+              linestyle="none", zorder=5)
+  ax.grid(alpha=0.3)
+
+
+def _unit_interval(values, name: str) -> np.ndarray:
+  arr = _checks.vector(values, name)
+  if np.any(arr < 0) or np.any(arr > 1):
+    raise ValueError(f"`{name}` must lie in [0, 1] (the weight of task 1; task 2 gets 1 - alpha1).")
+  return arr
+
+
+def two_task_curves(alpha1, curves: Mapping[str, Any], path, *, task_names: Optional[Sequence[str]] = None,
                     best: bool = True, maximize: bool = True, title: Optional[str] = None, label: str = "accuracy",
                     dpi: int = 120) -> pathlib.Path:
   """Metric against the weight alpha_1 of the first of two tasks (the second gets 1 - alpha_1; paper Figs. 5, 7).
 
   One line per curve on shared axes: a key named "exact" first, drawn black and dashed; the best alpha of each curve
-  is starred.
+  is starred. A curve may bring its own alpha_1 values (e.g. joint training at step 0.1 next to a preview at 0.05).
 
   Args:
     alpha1: [G] weights of task 1, in [0, 1] (any order; lines are drawn in increasing alpha_1).
-    curves: name -> [G] metric at each alpha_1.
+    curves: name -> [G] metric at each alpha_1, or name -> (its own alpha_1 [G'], [G'] metric).
     path: the PNG file to write.
     task_names: the two task names for the axis label.
     best: star the best point of each curve.
@@ -213,31 +273,173 @@ def two_task_curves(alpha1, curves: Mapping[str, object], path, *, task_names: O
 
   Returns:
     `path` as a `pathlib.Path`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import plot
+    >>> a1 = np.linspace(0, 1, 11)
+    >>> plot.two_task_curves(a1, {"exact": 0.9 - (a1 - 0.4) ** 2, "simple": (a1[::2], 0.8 - a1[::2] ** 2 / 4)},
+    ...                      "/tmp/curves.png").name
+    'curves.png'
   """
-  alpha1 = metrics._vector(alpha1, "alpha1")  # pylint: disable=protected-access
-  if np.any(alpha1 < 0) or np.any(alpha1 > 1):
-    raise ValueError("`alpha1` must lie in [0, 1] (the weight of task 1; task 2 gets 1 - alpha1).")
-  curves = _surfaces(curves, alpha1.shape[0], "`alpha1`", "curves")
-  names = list(task_names) if task_names is not None else ["task 1", "task 2"]
-  if len(names) != 2 or not all(isinstance(n, str) for n in names):
-    raise ValueError(f"`task_names` must be two strings, got {task_names!r}.")
-  order = np.argsort(alpha1, kind="stable")
+  alpha1 = _unit_interval(alpha1, "alpha1")
+  curves = _surfaces(curves, alpha1, "alpha1", "curves", check_grid=_unit_interval)
+  names = _names(task_names, 2)
+  maximize = _checks.flag(maximize, "maximize")
   fig = Figure(figsize=(6.0, 4.0), dpi=dpi, layout="constrained")
   ax = fig.subplots()
-  for name, y in curves.items():
-    style = dict(_EXACT_STYLE) if name.lower() == "exact" else {"linewidth": 1.6, "marker": "o", "markersize": 3}
-    (line,) = ax.plot(alpha1[order], y[order], label=name, **style)
-    if best:
-      g = _best_index(y, maximize)
-      ax.plot(alpha1[g], y[g], marker="*", markersize=14, color=line.get_color(), markeredgecolor="white",
-              linestyle="none", zorder=5)
+  _draw_curves(ax, curves, best, maximize)
   ax.set_xlabel(f"$\\alpha_1$ (weight of {names[0]}; {names[1]} gets $1 - \\alpha_1$)")
   ax.set_ylabel(label)
   ax.set_xlim(0.0, 1.0)
-  ax.grid(alpha=0.3)
   ax.legend()
   if title:
     ax.set_title(title)
+  return _save(fig, path)
+
+
+def _simplex_grid(alphas, name: str) -> np.ndarray:
+  arr = _checks.matrix(alphas, name, what="[G, T]")
+  if arr.shape[1] < 2:
+    raise ValueError(f"`{name}` must have T >= 2 task weights per row, got shape {arr.shape}.")
+  _checks.on_simplex(arr, name)
+  return arr
+
+
+def _panels(fig: Figure, n: int, **kwargs) -> list:
+  cols = min(3, n)
+  axes = fig.subplots(-(-n // cols), cols, squeeze=False, **kwargs).ravel()
+  for ax in axes[n:]:
+    ax.set_visible(False)
+  return list(axes[:n])
+
+
+def pair_curves(alphas, curves: Mapping[str, Any], path, *, task_names: Optional[Sequence[str]] = None,
+                best: bool = True, maximize: bool = True, title: Optional[str] = None, label: str = "accuracy",
+                dpi: int = 110) -> pathlib.Path:
+  """Two-task curves for every pair of tasks: the edges of the simplex, where all other tasks weigh 0 (paper Fig. 5).
+
+  The panel of tasks (i, j) shows the rows of the grid with alpha_i + alpha_j = 1, against alpha_i. A curve holding
+  one metric per alpha ([G]) is drawn as it is; one holding a metric per task ([G, T]) is drawn, in the panel of
+  (i, j), as the mean of its columns i and j: the pair's own metric, as if only those two tasks were trained.
+
+  Args:
+    alphas: [G, T] points of the simplex, T >= 2 (e.g. `bmerge.grid.simplex(3, 0.05)`).
+    curves: name -> [G] or [G, T] metric, or name -> (its own alphas [G', T], [G'] or [G', T] metric).
+    path: the PNG file to write.
+    task_names: the T task names.
+    best: star the best point of each curve in each panel.
+    maximize: whether larger is better, for `best`.
+    title: figure title.
+    label: the y-axis label (the metric's name).
+    dpi: resolution of the PNG.
+
+  Returns:
+    `path` as a `pathlib.Path`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import grid, plot
+    >>> alphas = grid.simplex(3, 0.25)
+    >>> per_task = 0.5 + 0.4 * np.sqrt(alphas)             # each task's accuracy grows with its weight
+    >>> plot.pair_curves(alphas, {"exact": per_task, "simple": per_task - 0.05}, "/tmp/pairs.png").name
+    'pairs.png'
+  """
+  alphas = _simplex_grid(alphas, "alphas")
+  t = alphas.shape[1]
+  curves = _surfaces(curves, alphas, "alphas", "curves", check_grid=_simplex_grid, columns=t)
+  names = _names(task_names, t)
+  maximize = _checks.flag(maximize, "maximize")
+  pairs = list(itertools.combinations(range(t), 2))
+  fig = Figure(figsize=(4.6 * min(3, len(pairs)), 3.6 * -(-len(pairs) // 3)), dpi=dpi, layout="constrained")
+  axes = _panels(fig, len(pairs), sharey=True)
+  for ax, (i, j) in zip(axes, pairs):
+    edge = {}
+    for name, (a, v) in curves.items():
+      others = np.delete(a, [i, j], axis=1)
+      rows = np.flatnonzero(np.all(np.abs(others) <= 1e-9, axis=1))
+      if rows.size:
+        y = v[rows] if v.ndim == 1 else 0.5 * (v[rows, i] + v[rows, j])
+        edge[name] = (a[rows, i], y)
+    _draw_curves(ax, edge, best, maximize)
+    ax.set_xlabel(f"$\\alpha$ of {names[i]} ({names[j]}: $1 - \\alpha$)")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_title(f"{names[i]} and {names[j]}", fontsize=10)
+  axes[0].set_ylabel(label)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
+
+
+def _nonnegative_grid(alphas, name: str) -> np.ndarray:
+  arr = _checks.matrix(alphas, name, what="[G, T]")
+  if np.any(arr < 0):
+    raise ValueError(f"`{name}` must be non-negative task weights.")
+  return arr
+
+
+def scaling_curves(alphas, curves: Mapping[str, Any], path, *, directions=None,
+                   direction_names: Optional[Sequence[str]] = None, best: bool = True, maximize: bool = True,
+                   title: Optional[str] = None, label: str = "accuracy", max_panels: int = 12,
+                   dpi: int = 110) -> pathlib.Path:
+  """Metric against the scale lambda of task arithmetic's sweep alpha = lambda * d, one panel per direction d.
+
+  Rows are placed on the rays with `bmerge.grid.scaling`: along the given `directions` (those passed to
+  `bmerge.grid.scaled`, so the x axis is its lambda), or, without them, along the distinct simplex points
+  alpha / sum(alpha) with lambda = sum_t alpha_t (the total weight). Rows on no ray are left out.
+
+  Args:
+    alphas: [G, T] non-negative task weights.
+    curves: name -> [G] metric, or name -> (its own alphas [G', T], [G'] metric).
+    path: the PNG file to write.
+    directions: optional [D, T] directions of the sweep.
+    direction_names: optional D panel titles; default the direction's weights.
+    best: star the best point of each curve in each panel.
+    maximize: whether larger is better, for `best`.
+    title: figure title.
+    label: the y-axis label (the metric's name).
+    max_panels: draw at most this many directions (the first ones).
+    dpi: resolution of the PNG.
+
+  Returns:
+    `path` as a `pathlib.Path`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import grid, plot
+    >>> lambdas = np.linspace(0, 1, 11)
+    >>> alphas = grid.scaled(np.ones(3), lambdas)          # the usual task-arithmetic sweep
+    >>> acc = 0.6 + 0.3 * lambdas - 0.25 * lambdas ** 2
+    >>> plot.scaling_curves(alphas, {"task arithmetic": acc}, "/tmp/scaling.png", directions=np.ones(3)).name
+    'scaling.png'
+  """
+  alphas = _nonnegative_grid(alphas, "alphas")
+  curves = _surfaces(curves, alphas, "alphas", "curves", check_grid=_nonnegative_grid)
+  maximize = _checks.flag(maximize, "maximize")
+  max_panels = _positive(max_panels, "max_panels")
+  dirs = grid_lib.scaling(alphas, directions).directions[:max_panels]
+  if direction_names is not None and (len(direction_names) < len(dirs) or
+                                      not all(isinstance(n, str) for n in direction_names)):
+    raise ValueError(f"`direction_names` must hold a name (str) for each of the {len(dirs)} directions drawn.")
+  lam = {name: grid_lib.scaling(a, dirs).lambdas for name, (a, _) in curves.items()}
+  fig = Figure(figsize=(4.6 * min(3, len(dirs)), 3.6 * -(-len(dirs) // 3)), dpi=dpi, layout="constrained")
+  axes = _panels(fig, len(dirs), sharey=True)
+  for d, ax in enumerate(axes):
+    ray = {}
+    for name, (_, v) in curves.items():
+      rows = np.flatnonzero(np.isfinite(lam[name][:, d]))
+      if rows.size:
+        ray[name] = (lam[name][rows, d], v[rows])
+    _draw_curves(ax, ray, best, maximize)
+    heading = direction_names[d] if direction_names is not None else f"d = ({', '.join(f'{x:.2g}' for x in dirs[d])})"
+    ax.set_title(heading, fontsize=10)
+    ax.set_xlabel("$\\lambda$ ($\\alpha = \\lambda d$)" if directions is not None else
+                  "$\\lambda = \\sum_t \\alpha_t$")
+  axes[0].set_ylabel(label)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
   return _save(fig, path)
 
 
@@ -257,8 +459,15 @@ def histograms(surfaces: Mapping[str, object], path, *, bins: int = 10,
 
   Returns:
     `path` as a `pathlib.Path`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import plot
+    >>> plot.histograms({"exact": np.linspace(0.8, 0.9, 50), "simple": np.linspace(0.6, 0.9, 20)},
+    ...                 "/tmp/hist.png").name
+    'hist.png'
   """
-  surfaces = _surfaces(surfaces, None, "")
+  surfaces = {name: v for name, (_, v) in _surfaces(surfaces, None, "").items()}
   if range is None:
     lo = min(float(v.min()) for v in surfaces.values())
     hi = max(float(v.max()) for v in surfaces.values())
@@ -274,6 +483,238 @@ def histograms(surfaces: Mapping[str, object], path, *, bins: int = 10,
     ax.set_xlabel(label)
     ax.grid(alpha=0.3)
   axes[0].set_ylabel("number of alphas")
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
+
+
+def pareto_fronts(exact, previews: Mapping[str, Any], path, *, task_names: Optional[Sequence[str]] = None,
+                  maximize: bool = True, title: Optional[str] = None, label: str = "accuracy",
+                  dpi: int = 110) -> pathlib.Path:
+  """Per-task metrics of every alpha, the exact Pareto front, and the alphas each preview calls Pareto-optimal.
+
+  For each pair of tasks (one panel for T = 2; T > 2 shows every pair as a projection, the fronts being computed in
+  all T dimensions): the exact per-task metrics of every alpha (grey), those on the exact front (black), and, per
+  preview, the *exact* metrics at the alphas on the preview's own front (`bmerge.metrics.compare_fronts`): a preview
+  whose front choices sit on the black points loses nothing.
+
+  Args:
+    exact: [G, T] exact per-task metrics.
+    previews: name -> [G, T] preview per-task metrics on the same alphas.
+    path: the PNG file to write.
+    task_names: the T task names.
+    maximize: whether larger is better in every column.
+    title: figure title.
+    label: the metric's name for the axis labels.
+    dpi: resolution of the PNG.
+
+  Returns:
+    `path` as a `pathlib.Path`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import grid, plot
+    >>> a = grid.simplex(2, 0.1)
+    >>> exact = 0.5 + 0.4 * np.sqrt(a)
+    >>> plot.pareto_fronts(exact, {"simple": 0.5 + 0.4 * a}, "/tmp/pareto.png").name
+    'pareto.png'
+  """
+  exact = _checks.matrix(exact, "exact", what="[G, T]")
+  if exact.shape[1] < 2:
+    raise ValueError(f"`exact` must hold T >= 2 per-task metrics per row, got shape {exact.shape}.")
+  t = exact.shape[1]
+  previews = {name: v for name, (_, v) in _surfaces(previews, exact, "exact", "previews", columns=t).items()}
+  for name, v in previews.items():
+    if v.ndim != 2:
+      raise ValueError(f"`previews[{name!r}]` must have shape [G, {t}] (per-task metrics), got {v.shape}.")
+  names = _names(task_names, t)
+  maximize = _checks.flag(maximize, "maximize")
+  front = metrics.pareto_front(exact, maximize)
+  chosen = {name: metrics.pareto_front(v, maximize) for name, v in previews.items()}
+  pairs = list(itertools.combinations(range(t), 2))
+  fig = Figure(figsize=(4.4 * min(3, len(pairs)), 4.0 * -(-len(pairs) // 3)), dpi=dpi, layout="constrained")
+  axes = _panels(fig, len(pairs))
+  markers = "osD^v<>ph"
+  for ax, (i, j) in zip(axes, pairs):
+    ax.scatter(exact[:, i], exact[:, j], s=8, color="0.75", label="exact, every alpha", zorder=1)
+    ax.scatter(exact[front, i], exact[front, j], s=26, color="black", label="exact Pareto front", zorder=2)
+    for k, (name, idx) in enumerate(chosen.items()):
+      ax.scatter(exact[idx, i], exact[idx, j], s=60 + 25 * k, facecolors="none", edgecolors=f"C{k}",
+                 marker=markers[k % len(markers)], linewidths=1.3, label=f"{name}: its front's alphas (exact)",
+                 zorder=3)
+    ax.set_xlabel(f"{label}, {names[i]}")
+    ax.set_ylabel(f"{label}, {names[j]}")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two-parameter problems (paper Fig. 2): the parameter plane itself.
+
+
+def _plane(points: np.ndarray, margin: float, n: int = 101):
+  lo, hi = points.min(0), points.max(0)
+  pad = margin * np.maximum(hi - lo, 1.0)
+  lo, hi = lo - pad, hi + pad
+  xx, yy = np.meshgrid(np.linspace(lo[0], hi[0], n), np.linspace(lo[1], hi[1], n))
+  return lo, hi, xx, yy, np.stack([xx, yy], -1).reshape(-1, 2)
+
+
+def _plane_points(value, name: str, rows: Optional[int] = None, rows_of: str = "") -> np.ndarray:
+  arr = _checks.matrix(value, name, rows=rows, rows_of=rows_of, what="[N, 2]")
+  if arr.shape[1] != 2:
+    raise ValueError(f"`{name}` must hold points of the plane, shape [N, 2]; got {arr.shape}.")
+  return arr
+
+
+def _field(fn: Callable, flat: np.ndarray, num_tasks: int, name: str) -> np.ndarray:
+  out = _checks.numeric(fn(flat), f"{name}(points)")
+  if out.shape != (flat.shape[0], num_tasks):
+    raise ValueError(f"`{name}` must map points [M, 2] to per-task values [M, {num_tasks}], got shape {out.shape}.")
+  return out
+
+
+_TASK_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
+
+
+def solutions_2d(path, task_losses: Callable[[np.ndarray], Any], minimisers, exact, merged: Mapping[str, Any], *,
+                 task_names: Optional[Sequence[str]] = None, extra: Optional[Mapping[str, Any]] = None,
+                 title: Optional[str] = None, dpi: int = 110) -> pathlib.Path:
+  """For a model with two parameters: task-loss contours, the exact solutions and each rule's merged models (Fig. 2).
+
+  One panel per merge rule: contour lines of every task's loss, the task minimisers (stars), the exact solutions
+  theta*_alpha of the grid (grey dots), the merged theta_alpha (coloured dots) and a segment joining each pair.
+
+  Args:
+    path: the PNG file to write.
+    task_losses: maps points of the plane [M, 2] to the per-task losses [M, T] (numpy or jax arrays).
+    minimisers: [T, 2] the task minimisers.
+    exact: [G, 2] the exact solutions at every alpha of the grid.
+    merged: rule name -> [G, 2] the merged models at the same alphas.
+    task_names: the T task names.
+    extra: optional rule name -> [K, 2] points to mark in that rule's panel (e.g. the Gaussian means it merges).
+    title: figure title.
+    dpi: resolution of the PNG.
+
+  Returns:
+    `path` as a `pathlib.Path`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import grid, plot
+    >>> centres = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, 2.0]])
+    >>> losses = lambda p: 0.5 * ((p[:, None, :] - centres[None]) ** 2).sum(-1)
+    >>> alphas = grid.simplex(3, 0.25)
+    >>> plot.solutions_2d("/tmp/plane.png", losses, centres, alphas @ centres, {"simple": alphas @ centres}).name
+    'plane.png'
+  """
+  minimisers = _plane_points(minimisers, "minimisers")
+  exact = _plane_points(exact, "exact")
+  if not isinstance(merged, Mapping) or not merged:
+    raise ValueError("`merged` must be a non-empty dict of rule name -> [G, 2] merged models.")
+  merged = {k: _plane_points(v, f"merged[{k!r}]", exact.shape[0], "`exact`") for k, v in merged.items()}
+  extra = {k: _plane_points(v, f"extra[{k!r}]") for k, v in (extra or {}).items()}
+  t = minimisers.shape[0]
+  names = _names(task_names, t)
+  lo, hi, xx, yy, flat = _plane(np.concatenate([exact, minimisers, *merged.values()]), 0.35)
+  losses = _field(task_losses, flat, t, "task_losses")
+  fig = Figure(figsize=(5.0 * len(merged), 5.0), dpi=dpi, layout="constrained")
+  axes = fig.subplots(1, len(merged), sharex=True, sharey=True, squeeze=False)[0]
+  for ax, (name, theta) in zip(axes, merged.items()):
+    for k in range(t):
+      z = losses[:, k].reshape(xx.shape)
+      color = _TASK_COLORS[k % len(_TASK_COLORS)]
+      ax.contour(xx, yy, z, levels=np.min(z) + np.array([0.05, 0.25, 0.6, 1.2, 2.0]), colors=color, linewidths=0.9,
+                 alpha=0.8)
+      ax.plot(*minimisers[k], marker="*", markersize=14, color=color, markeredgecolor="black",
+              label=f"{names[k]} minimiser", zorder=5)
+    ax.add_collection(matplotlib.collections.LineCollection(np.stack([exact, theta], axis=1), colors="0.5",
+                                                            linewidths=0.5, alpha=0.6))
+    ax.scatter(*exact.T, s=9, color="0.25", label="exact $\\theta^*_\\alpha$", zorder=3)
+    ax.scatter(*theta.T, s=9, color="tab:red", label="merged $\\theta_\\alpha$", zorder=4)
+    if name in extra:
+      ax.scatter(*extra[name].T, marker="D", s=40, color="white", edgecolors="black", label=f"{name}: means", zorder=6)
+    dist = np.linalg.norm(theta - exact, axis=1)
+    ax.set_title(f"{name}: mean $|\\theta_\\alpha - \\theta^*_\\alpha|$ = {np.mean(dist):.3f}", fontsize=10)
+    ax.set_xlim(lo[0], hi[0])
+    ax.set_ylim(lo[1], hi[1])
+    ax.set_aspect("equal")
+    ax.set_xlabel("$\\theta_1$")
+  axes[0].set_ylabel("$\\theta_2$")
+  axes[0].legend(fontsize=7, loc="lower left")
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
+
+
+def surrogates_2d(path, surfaces: Mapping[str, Callable[[np.ndarray], Any]], alphas, exact,
+                  merged: Mapping[str, Any], *, minimisers=None, clip: float = 3.0, title: Optional[str] = None,
+                  dpi: int = 110) -> pathlib.Path:
+  """For a model with two parameters: the true multitask loss next to each rule's surrogate, at a few alphas.
+
+  Row r, column "exact" shows sum_t alpha_t loss_t(theta) at alphas[r]; the other columns show each rule's surrogate
+  sum_t alpha_t s_t(theta) (e.g. s_t = -log q_t, whose minimiser is the merged model; paper Eqs. 4-8), each minus its
+  minimum over the plane and clipped at `clip`, with the exact minimiser (x) and the rule's merged model (o).
+
+  Args:
+    path: the PNG file to write.
+    surfaces: name -> function mapping points [M, 2] to per-task values [M, T]; the key "exact" holds the true
+      losses, the others the surrogates of the merge rules.
+    alphas: [A, T] the alphas to show (one row of panels each).
+    exact: [A, 2] the exact minimisers at those alphas.
+    merged: rule name (keys of `surfaces`) -> [A, 2] its merged models at those alphas.
+    minimisers: optional [T, 2] task minimisers to mark.
+    clip: the colour scale's upper end.
+    title: figure title.
+    dpi: resolution of the PNG.
+
+  Returns:
+    `path` as a `pathlib.Path`.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import plot
+    >>> centres = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, 2.0]])
+    >>> losses = lambda p: 0.5 * ((p[:, None, :] - centres[None]) ** 2).sum(-1)
+    >>> a = np.array([[1 / 3, 1 / 3, 1 / 3]])
+    >>> plot.surrogates_2d("/tmp/surr.png", {"exact": losses, "simple": losses}, a, a @ centres,
+    ...                    {"simple": a @ centres}).name
+    'surr.png'
+  """
+  alphas = _nonnegative_grid(alphas, "alphas")
+  exact = _plane_points(exact, "exact", alphas.shape[0], "`alphas`")
+  if not isinstance(surfaces, Mapping) or "exact" not in surfaces or not all(callable(f) for f in surfaces.values()):
+    raise ValueError("`surfaces` must be a dict of name -> function of points [M, 2], with the key 'exact'.")
+  merged = {k: _plane_points(v, f"merged[{k!r}]", alphas.shape[0], "`alphas`") for k, v in merged.items()}
+  if set(merged) - set(surfaces):
+    raise ValueError(f"`merged` names rules without a surface: {sorted(set(merged) - set(surfaces))}.")
+  points = [exact, *merged.values()] + ([] if minimisers is None else [_plane_points(minimisers, "minimisers")])
+  _, _, xx, yy, flat = _plane(np.concatenate(points), 0.15)
+  t = alphas.shape[1]
+  fields = {k: _field(f, flat, t, f"surfaces[{k!r}]") for k, f in surfaces.items()}
+  cols = ["exact"] + [k for k in surfaces if k != "exact"]
+  fig = Figure(figsize=(3.8 * len(cols), 3.6 * len(alphas)), dpi=dpi, layout="constrained")
+  axes = np.asarray(fig.subplots(len(alphas), len(cols), sharex=True, sharey=True, squeeze=False))
+  for r, alpha in enumerate(alphas):
+    for c, name in enumerate(cols):
+      ax = axes[r, c]
+      z = (fields[name] @ alpha).reshape(xx.shape)
+      z = z - z.min()
+      ax.contourf(xx, yy, np.minimum(z, clip), levels=np.linspace(0, clip, 13), cmap="viridis_r")
+      ax.plot(*exact[r], marker="x", color="black", markersize=10, mew=2, label="exact minimiser")
+      if name in merged:
+        ax.plot(*merged[name][r], marker="o", color="white", markeredgecolor="black", markersize=7,
+                label="merged (surrogate's minimiser)")
+      if minimisers is not None:
+        for k, m in enumerate(points[-1]):
+          ax.plot(*m, marker="*", markersize=9, color=_TASK_COLORS[k % len(_TASK_COLORS)], markeredgecolor="black")
+      heading = "true $\\sum_t \\alpha_t$ loss$_t$" if name == "exact" else f"{name} surrogate"
+      ax.set_title(f"{heading}\nalpha = ({', '.join(f'{x:.2f}' for x in alpha)})", fontsize=9)
+      ax.set_aspect("equal")
+  axes[0, -1].legend(fontsize=7, loc="lower right")
   if title:
     fig.suptitle(title)
   return _save(fig, path)

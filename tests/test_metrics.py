@@ -1,4 +1,4 @@
-"""bmerge.metrics against values worked out by hand, and Pareto fronts / hypervolumes against brute force."""
+"""bmerge.metrics against values worked out by hand, and Pareto fronts, hypervolumes and IGD+ against brute force."""
 
 import json
 import math
@@ -137,21 +137,68 @@ def test_pareto_front_matches_brute_force(points, maximize):
 def test_hypervolume_by_hand():
   # Boxes [0,3]x[0,1], [0,2]x[0,2], [0,1]x[0,3]: a staircase of area 3 + 2 + 1 = 6.
   pts = np.array([[3, 1], [1, 3], [2, 2]])
-  assert metrics.hypervolume_2d(pts, [0, 0]) == pytest.approx(6.0)
+  assert metrics.hypervolume(pts, [0, 0]) == pytest.approx(6.0)
   # From (1, 1) the points are (2, 0), (0, 2), (1, 1): only the last encloses area, 1 x 1.
-  assert metrics.hypervolume_2d(pts, [1, 1]) == pytest.approx(1.0)
-  assert metrics.hypervolume_2d(np.zeros((0, 2)), [0, 0]) == 0.0
-  assert metrics.hypervolume_2d([[-1, 5]], [0, 0]) == 0.0  # worse than the reference in one column
+  assert metrics.hypervolume(pts, [1, 1]) == pytest.approx(1.0)
+  assert metrics.hypervolume(np.zeros((0, 2)), [0, 0]) == 0.0
+  assert metrics.hypervolume([[-1, 5]], [0, 0]) == 0.0  # worse than the reference in one column
+  # 3-D: unit cube plus a 2 x 0.5 x 0.5 slab overlapping it in a 1 x 0.5 x 0.5 block: 1 + 0.5 - 0.25.
+  assert metrics.hypervolume([[1, 1, 1], [2, 0.5, 0.5]], [0, 0, 0]) == pytest.approx(1.25)
 
 
-@hypothesis.settings(max_examples=100, deadline=None)
-@hypothesis.given(st.integers(0, 12).flatmap(lambda n: hnp.arrays(np.int64, (n, 2), elements=st.integers(-2, 6))))
-def test_hypervolume_matches_counting_unit_cells(points):
-  # With integer points and reference (0, 0), the union of boxes [0, p] is a union of unit cells: count them.
-  cells = sum(1 for a in range(6) for b in range(6) if any(px >= a + 1 and py >= b + 1 for px, py in points))
-  assert metrics.hypervolume_2d(points, [0, 0]) == pytest.approx(cells)
+def _unit_cells(points, size):
+  """Brute-force hypervolume of integer points against the origin: the unit cells [c, c + 1] (c in [0, size)^M)
+  that lie inside some box [0, p]."""
+  m = points.shape[1]
+  upper = np.indices((size,) * m).reshape(m, -1).T + 1  # the upper corner of every cell
+  inside = np.zeros(len(upper), bool)
+  for p in points:
+    inside |= np.all(upper <= p, axis=1)
+  return int(inside.sum())
+
+
+@hypothesis.settings(max_examples=80, deadline=None)
+@hypothesis.given(st.integers(2, 3).flatmap(lambda m: st.integers(0, 10).flatmap(
+    lambda n: hnp.arrays(np.int64, (n, m), elements=st.integers(-2, 5)))))
+def test_hypervolume_matches_counting_unit_cells_in_2d_and_3d(points):
+  # With integer points and the origin as reference, the union of boxes [0, p] is a union of unit cells: count them.
+  m = points.shape[1]
+  cells = _unit_cells(points, 5)
+  assert metrics.hypervolume(points, np.zeros(m)) == pytest.approx(cells)
   # Minimising the negated points is the same problem.
-  assert metrics.hypervolume_2d(-points, [0, 0], maximize=False) == pytest.approx(cells)
+  assert metrics.hypervolume(-points, np.zeros(m), maximize=False) == pytest.approx(cells)
+
+
+def _igd_plus_brute(points, front, maximize):
+  """mean over the front of the nearest point's shortfall, written out with loops."""
+  sign = 1.0 if maximize else -1.0
+  total = 0.0
+  for r in front:
+    total += min(math.sqrt(sum(max(sign * (rj - pj), 0.0) ** 2 for rj, pj in zip(r, p))) for p in points)
+  return total / len(front)
+
+
+@hypothesis.settings(max_examples=80, deadline=None)
+@hypothesis.given(st.integers(2, 3).flatmap(lambda m: st.tuples(
+    hnp.arrays(np.float64, st.tuples(st.integers(1, 8), st.just(m)), elements=st.floats(0, 1)),
+    hnp.arrays(np.float64, st.tuples(st.integers(1, 8), st.just(m)), elements=st.floats(0, 1)))), st.booleans())
+def test_igd_plus_matches_brute_force(pair, maximize):
+  points, front = pair
+  assert metrics.igd_plus(points, front, maximize) == pytest.approx(_igd_plus_brute(points, front, maximize),
+                                                                     abs=1e-12)
+  # The front itself (or anything dominating it) scores 0.
+  assert metrics.igd_plus(front, front, maximize) == 0.0
+
+
+def test_hypervolume_and_igd_plus_errors_name_the_argument():
+  with pytest.raises(ValueError, match="`points` has 3 columns but `reference` has M = 2"):
+    metrics.hypervolume(np.ones((2, 3)), [0, 0])
+  with pytest.raises(ValueError, match="`reference` must be finite"):
+    metrics.hypervolume(np.ones((2, 2)), [0, np.nan])
+  with pytest.raises(ValueError, match="`points` has 2 columns but `reference_front` has 3"):
+    metrics.igd_plus(np.ones((2, 2)), np.ones((1, 3)))
+  with pytest.raises(TypeError, match="`maximize`"):
+    metrics.hypervolume(np.ones((2, 2)), [0, 0], maximize=1)
 
 
 def test_compare_fronts_by_hand():
@@ -164,8 +211,10 @@ def test_compare_fronts_by_hand():
   np.testing.assert_array_equal(c.preview_front, [0, 2, 3])
   np.testing.assert_array_equal(c.recovered, [0, 2])
   assert c.recall == pytest.approx(2 / 3)
-  # IGD: exact front points 0 and 2 are hit; (.6,.6) is sqrt(.02) from (.5,.5): mean sqrt(.02) / 3.
+  # IGD: exact front points 0 and 2 are hit; (.6,.6) is sqrt(.02) from (.5,.5): mean sqrt(.02) / 3. IGD+ is the
+  # same here: the nearest preview alpha (.5,.5) falls short of (.6,.6) in both columns.
   assert c.igd == pytest.approx(math.sqrt(0.02) / 3)
+  assert c.igd_plus == pytest.approx(math.sqrt(0.02) / 3)
   # Reference: worst 0.1 per column minus 10 % of the range 0.8 -> (0.02, 0.02). Shifted exact front
   # (.88,.08), (.58,.58), (.08,.88): .88*.08 + .58*.50 + .08*.30 = .3844. Preview alphas' exact points
   # (.88,.08), (.48,.48), (.08,.88): .88*.08 + .48*.40 + .08*.40 = .2944.
@@ -173,21 +222,28 @@ def test_compare_fronts_by_hand():
   assert c.hypervolume_exact == pytest.approx(0.3844)
   assert c.hypervolume_preview == pytest.approx(0.2944)
   same = metrics.compare_fronts(alphas, exact, exact)
-  assert same.recall == 1.0 and same.igd == 0.0 and same.hypervolume_preview == same.hypervolume_exact
+  assert same.recall == 1.0 and same.igd == 0.0 and same.igd_plus == 0.0
+  assert same.hypervolume_preview == same.hypervolume_exact
+  # Three tasks: a third column equal to the first leaves the fronts as they were; the reference gets a third
+  # coordinate 0.02 and every box a third side m_1 - 0.02, so the volumes are sums of three-sided boxes.
   three = metrics.compare_fronts(np.ones((4, 1)), np.c_[preview, preview[:, :1]], np.c_[exact, exact[:, :1]])
-  assert math.isnan(three.hypervolume_exact) and three.recall == pytest.approx(2 / 3)
+  assert three.recall == pytest.approx(2 / 3)
+  np.testing.assert_allclose(three.reference, [0.02, 0.02, 0.02])
+  # Exact front (.88,.08,.88), (.58,.58,.58), (.08,.88,.08) shifted; cells by brute force on a 0.01 lattice below.
+  shifted = np.rint((np.c_[exact, exact[:, :1]][[0, 1, 2]] - 0.02) * 100).astype(np.int64)
+  assert three.hypervolume_exact == pytest.approx(_unit_cells(shifted, 88) / 100 ** 3)
 
 
 @hypothesis.settings(max_examples=60, deadline=None)
-@hypothesis.given(st.integers(1, 15).flatmap(lambda g: st.tuples(
-    hnp.arrays(np.float64, (g, 2), elements=st.floats(0, 1)),
-    hnp.arrays(np.float64, (g, 2), elements=st.floats(0, 1)))),
+@hypothesis.given(st.tuples(st.integers(1, 15), st.integers(2, 3)).flatmap(lambda s: st.tuples(
+    hnp.arrays(np.float64, s, elements=st.floats(0, 1)), hnp.arrays(np.float64, s, elements=st.floats(0, 1)))),
                   st.booleans())
 def test_preview_front_never_beats_the_exact_front(pair, maximize):
   preview, exact = pair
   c = metrics.compare_fronts(np.ones((len(exact), 1)), preview, exact, maximize)
   assert 0.0 <= c.recall <= 1.0 and c.igd >= 0.0
   assert c.hypervolume_preview <= c.hypervolume_exact + 1e-12
+  assert c.igd_plus <= c.igd + 1e-12  # only shortfalls count
 
 
 def test_summarize_by_hand_and_json():
