@@ -20,7 +20,7 @@ import optax
 import bmerge
 from bmerge import checkpoint, curvature, data, exact, grid, merge, metrics
 from bmerge.models import logistic
-from bmerge.optim.ivon import ivon, posterior as ivon_posterior, sample_params as ivon_sample_params
+from bmerge.optim import ivon, ivon_posterior, ivon_sample as ivon_sample_params
 from bmerge.optim import mog as mog_lib
 from bmerge.optim import von as von_lib
 from experiments import report

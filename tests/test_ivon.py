@@ -17,7 +17,7 @@ import pytest
 
 import bmerge
 from bmerge import checkpoint
-from bmerge.optim.ivon import IVONState, find_state, ivon, posterior, predictive, sample_params
+from bmerge.optim import IVONState, find_ivon_state, ivon, ivon_posterior, ivon_predictive, ivon_sample
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 SETTINGS = ("defaults", "mc3_clip", "norescale_nodebias", "gradsq")
@@ -114,7 +114,7 @@ def test_fixed_point_is_the_exact_gaussian_posterior_of_a_quadratic(x64):
     return (optax.apply_updates(params, updates), state), None
 
   (params, state), _ = jax.lax.scan(step, (params, tx.init(params)), length=3000)
-  q = posterior(params, state, ess, wd)
+  q = ivon_posterior(params, state, ess, wd)
   chex.assert_trees_all_close(state.hess, a, atol=1e-8)
   chex.assert_trees_all_close(q.mean, jax.tree.map(lambda a, c: a * c / (a + wd), a, c), atol=1e-8)
   chex.assert_trees_all_close(q.precision, jax.tree.map(lambda a: ess * (a + wd), a), atol=1e-6)
@@ -129,7 +129,7 @@ def test_random_sampling_estimates_the_curvature_without_bias():
 
   def step(carry, key):
     params, state = carry
-    samples, noise = sample_params(key, state, params, ess, wd, num_samples=4)
+    samples, noise = ivon_sample(key, state, params, ess, wd, num_samples=4)
     grads = jax.vmap(jax.grad(loss))(samples)
     updates, state = tx.update(grads, state, params, noise=noise)
     return (optax.apply_updates(params, updates), state), state.hess
@@ -231,7 +231,7 @@ def _problem(dtype=jnp.float32):
 
 def _ivon_step(tx, loss, ess=10.0, wd=1e-4, num_samples=2):
   def step(key, params, state):
-    samples, noise = sample_params(key, state, params, ess, wd, num_samples)
+    samples, noise = ivon_sample(key, state, params, ess, wd, num_samples)
     grads = jax.vmap(jax.grad(lambda p: loss(p).astype(jnp.float32)))(samples)
     updates, state = tx.update(grads, state, params, noise=noise)
     return optax.apply_updates(params, updates), state
@@ -294,7 +294,7 @@ def test_learning_rate_schedule_uses_the_step_count():
   tx = ivon(sched, 10.0, beta2=0.99)
   state, update = tx.init(params), jax.jit(tx.update)
   for t, key in enumerate(jax.random.split(jax.random.key(4), 5)):
-    samples, noise = sample_params(key, state, params, 10.0, 1e-4, 2)
+    samples, noise = ivon_sample(key, state, params, 10.0, 1e-4, 2)
     grads = jax.vmap(jax.grad(loss))(samples)
     u, new_state = update(grads, state, params, noise=noise)
     u_ref, ref_state = jax.jit(ivon(float(sched(t)), 10.0, beta2=0.99).update)(grads, state, params,
@@ -320,7 +320,7 @@ def test_multisteps_with_one_noise_equals_the_averaged_gradient():
   mean_grad = jax.tree.map(lambda *g: sum(g) / 3, *grads)
   ref_updates, ref_state = tx.update(mean_grad, tx.init(params), params, noise=noise)
   chex.assert_trees_all_close(updates, ref_updates, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(find_state(state), ref_state, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(find_ivon_state(state), ref_state, rtol=1e-5, atol=1e-7)
 
 
 def test_chain_passes_noise_and_find_state_digs_it_out():
@@ -328,16 +328,16 @@ def test_chain_passes_noise_and_find_state_digs_it_out():
   tx = ivon(0.1, 10.0)
   chained = optax.chain(optax.identity(), tx, optax.scale(0.5))
   state, cstate = tx.init(params), chained.init(params)
-  samples, noise = sample_params(jax.random.key(5), cstate, params, 10.0, 1e-4, 2)
+  samples, noise = ivon_sample(jax.random.key(5), cstate, params, 10.0, 1e-4, 2)
   grads = jax.vmap(jax.grad(loss))(samples)
   u, state = tx.update(grads, state, params, noise=noise)
   cu, cstate = jax.jit(chained.update)(grads, cstate, params, noise=noise)
   chex.assert_trees_all_close(cu, jax.tree.map(lambda x: 0.5 * x, u), rtol=1e-6)
-  chex.assert_trees_all_close(find_state(cstate), state, rtol=1e-6)
+  chex.assert_trees_all_close(find_ivon_state(cstate), state, rtol=1e-6)
   wrapped = optax.inject_hyperparams(ivon)(learning_rate=0.1, ess=10.0).init(params)
-  assert isinstance(find_state(wrapped), IVONState)
+  assert isinstance(find_ivon_state(wrapped), IVONState)
   with pytest.raises(ValueError, match="`opt_state`"):
-    find_state(optax.adam(0.1).init(params))
+    find_ivon_state(optax.adam(0.1).init(params))
 
 
 def test_flax_linen_params_and_nnx_state():
@@ -355,7 +355,7 @@ def test_flax_linen_params_and_nnx_state():
     state, start = tx.init(params), loss(params)
     for key in jax.random.split(jax.random.key(1), 200):
       params, state = step(key, params, state)
-    q = posterior(params, state, ess, wd)
+    q = ivon_posterior(params, state, ess, wd)
     assert jax.tree.structure(q.precision) == jax.tree.structure(params)
     chex.assert_trees_all_close(q.precision, jax.tree.map(lambda h: ess * (h + wd), state.hess))
     assert loss(q.mean) < 0.05 * start  # IVON fits the linear regression
@@ -388,7 +388,7 @@ def test_axis_name_averages_over_a_mapped_axis():
   tx = ivon(0.1, 10.0, beta2=0.9)
   tx_ax = ivon(0.1, 10.0, beta2=0.9, axis_name="data")
   state = tx.init(params)
-  samples, noise = sample_params(jax.random.key(1), state, params, 10.0, 1e-4, 3)
+  samples, noise = ivon_sample(jax.random.key(1), state, params, 10.0, 1e-4, 3)
   grad = jax.vmap(jax.grad(loss), in_axes=(0, None, None))
   full = jax.jit(tx.update)(grad(samples, x, y), state, params, noise=noise)
   shard_grads = jax.vmap(grad, in_axes=(None, 0, 0))(samples, x.reshape(2, 4, 3), y.reshape(2, 4))
@@ -401,7 +401,7 @@ def test_two_host_devices_shard_map_and_sharded_jit():
   script = textwrap.dedent("""
       import jax, jax.numpy as jnp, numpy as np, optax
       from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-      from bmerge.optim.ivon import ivon, sample_params
+      from bmerge.optim import ivon, ivon_sample
       assert jax.device_count() == 2, jax.devices()
       x = jax.random.normal(jax.random.key(0), (8, 3)); y = jnp.sin(x.sum(1))
       params = {"w": jnp.array([0.3, -0.2, 0.5]), "b": jnp.array(0.1)}
@@ -409,7 +409,7 @@ def test_two_host_devices_shard_map_and_sharded_jit():
       grad = jax.vmap(jax.grad(loss), in_axes=(0, None, None))
       tx = ivon(0.1, 10.0, beta2=0.9)
       state = tx.init(params)
-      samples, noise = sample_params(jax.random.key(1), state, params, 10.0, 1e-4, 3)
+      samples, noise = ivon_sample(jax.random.key(1), state, params, 10.0, 1e-4, 3)
       ref = tx.update(grad(samples, x, y), state, params, noise=noise)
       mesh = Mesh(np.array(jax.devices()), ("data",))
 
@@ -443,21 +443,21 @@ def test_sample_params_noise_has_the_posterior_scale():
   tx = ivon(0.1, 25.0, hess_init=0.5)
   state = tx.init(params)
   state = state._replace(hess={"a": jnp.array([0.5, 2.0, 8.0]), "b": jnp.full((2, 2), 3.0)})
-  samples, noise = sample_params(jax.random.key(0), state, params, 25.0, 0.1, num_samples=20000)
+  samples, noise = ivon_sample(jax.random.key(0), state, params, 25.0, 0.1, num_samples=20000)
   chex.assert_tree_shape_prefix(samples, (20000,))
   chex.assert_trees_all_close(jax.tree.map(lambda s, p: s - p, samples, params), noise)
   var = jax.tree.map(lambda n: jnp.var(n, axis=0), noise)
   expected = jax.tree.map(lambda h: 1.0 / (25.0 * (h + 0.1)), state.hess)
   chex.assert_trees_all_close(var, expected, rtol=0.05)
   # Leaves draw independent noise even when shaped alike.
-  one, one_noise = sample_params(jax.random.key(1), state, params, 25.0, 0.1)  # no MC axis
+  one, one_noise = ivon_sample(jax.random.key(1), state, params, 25.0, 0.1)  # no MC axis
   chex.assert_trees_all_equal_shapes(one, params, one_noise)
   with pytest.raises(ValueError, match="`num_samples`"):
-    sample_params(jax.random.key(1), state, params, 25.0, 0.1, 0)
+    ivon_sample(jax.random.key(1), state, params, 25.0, 0.1, 0)
   twins = {"a": jnp.zeros(3), "c": jnp.zeros(3)}
-  _, n2 = sample_params(jax.random.key(0), tx.init(twins), twins, 25.0, 0.1, 2)
+  _, n2 = ivon_sample(jax.random.key(0), tx.init(twins), twins, 25.0, 0.1, 2)
   assert not np.allclose(n2["a"], n2["c"])
-  q = posterior(params, state, 25.0, 0.1)
+  q = ivon_posterior(params, state, 25.0, 0.1)
   assert isinstance(q, bmerge.DiagGaussian)
   chex.assert_trees_all_close(q.precision, jax.tree.map(lambda h: 1.0 / h, expected), rtol=1e-6)
 
@@ -469,13 +469,13 @@ def test_predictive_averages_over_posterior_samples():
   x = jnp.array([[1.0, 2.0], [-1.0, 0.5]])
   apply_fn = lambda p, x: x @ p["w"]
   key = jax.random.key(7)
-  probs = predictive(key, apply_fn, params, state, x, ess=5.0, weight_decay=1e-4, num_samples=16)
-  samples, _ = sample_params(key, state, params, 5.0, 1e-4, 16)
+  probs = ivon_predictive(key, apply_fn, params, state, x, ess=5.0, weight_decay=1e-4, num_samples=16)
+  samples, _ = ivon_sample(key, state, params, 5.0, 1e-4, 16)
   brute = jnp.mean(jnp.stack([jax.nn.softmax(apply_fn(jax.tree.map(lambda s: s[i], samples), x))
                               for i in range(16)]), 0)
   chex.assert_trees_all_close(probs, brute, rtol=1e-5)
   np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-6)
-  raw = predictive(key, apply_fn, params, state, x, ess=5.0, num_samples=16, transform=None)
+  raw = ivon_predictive(key, apply_fn, params, state, x, ess=5.0, num_samples=16, transform=None)
   chex.assert_trees_all_close(raw, jnp.mean(jax.vmap(apply_fn, in_axes=(0, None))(samples, x), 0), rtol=1e-5)
 
 

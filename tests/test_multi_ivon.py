@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import bmerge
-from bmerge.optim.ivon import IVONState, ivon, posterior, sample_params
+from bmerge.optim import IVONState, ivon, ivon_posterior, ivon_sample
 from bmerge.optim import multi_ivon
 
 ESS, WD = 32.0, 1e-3
@@ -44,12 +44,12 @@ def _fns(t):
   def step_fn(key, carry, step):
     i = (step % 4) * 8  # minibatches of 8 cycle over the 32 points
     xb, yb = jax.lax.dynamic_slice_in_dim(x, i, 8), jax.lax.dynamic_slice_in_dim(y, i, 8)
-    samples, noise = sample_params(key, carry.opt_state, carry.params, ESS, WD, 2)
+    samples, noise = ivon_sample(key, carry.opt_state, carry.params, ESS, WD, 2)
     grads = jax.vmap(jax.grad(_loss), in_axes=(0, None, None))(samples, xb, yb)
     updates, opt_state = TX.update(grads, carry.opt_state, carry.params, noise=noise)
     return Carry(optax.apply_updates(carry.params, updates), opt_state)
 
-  posterior_fn = lambda c: posterior(c.params, c.opt_state, ESS, WD)
+  posterior_fn = lambda c: ivon_posterior(c.params, c.opt_state, ESS, WD)
   return init_fn, step_fn, posterior_fn
 
 

@@ -1,16 +1,43 @@
 """Learners that produce bmerge posteriors.
 
-- `ivon`: the IVON optimizer (an optax transformation; `bmerge.optim.ivon` is the function, its helpers live in
-  the module of the same name: `from bmerge.optim.ivon import sample_params, posterior, predictive`).
-- `von`: full-covariance variational online Newton -> `FullGaussian`.
-- `mog`: natural-gradient mixture-of-Gaussians VI -> `Mixture`.
-- `multi_ivon`: IVON posteriors over seeds x stopping steps -> an equally weighted `Mixture`.
+Flat exports (as optax does), implementation in private modules:
+
+- `ivon(learning_rate, ess, ...)`: the IVON optimizer as an optax transformation, with `IVONState`, `ivon_sample`
+  (posterior samples and the noise that made them), `ivon_posterior` (export as a `DiagGaussian`),
+  `ivon_predictive` (Bayesian model average) and `find_ivon_state` (the IVON state inside a wrapped optax state).
+- `von`: full-covariance variational online Newton -> `FullGaussian` (a module: `von.fit`, `von.step`, ...).
+- `mog`: natural-gradient mixture-of-Gaussians VI -> `Mixture` (a module: `mog.fit`, `mog.fit_diag`, ...).
+- `multi_ivon`: IVON posteriors over seeds x stopping steps -> an equally weighted `Mixture` (a module).
+
+`bmerge.fit` runs these learners on a user's `(key, loss_fn, params, batches)` and returns the posteriors.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> from bmerge import optim
+  >>> tx = optim.ivon(learning_rate=0.1, ess=1000.0)
+  >>> state = tx.init({"w": jnp.zeros(3)})
+  >>> isinstance(state, optim.IVONState)
+  True
 """
 
 from bmerge.optim import mog
 from bmerge.optim import multi_ivon
 from bmerge.optim import von
-from bmerge.optim.ivon import IVONState
-from bmerge.optim.ivon import ivon
+from bmerge.optim._ivon import IVONState
+from bmerge.optim._ivon import find_ivon_state
+from bmerge.optim._ivon import ivon
+from bmerge.optim._ivon import ivon_posterior
+from bmerge.optim._ivon import ivon_predictive
+from bmerge.optim._ivon import ivon_sample
 
-__all__ = ["IVONState", "ivon", "mog", "multi_ivon", "von"]
+__all__ = [
+    "IVONState",
+    "find_ivon_state",
+    "ivon",
+    "ivon_posterior",
+    "ivon_predictive",
+    "ivon_sample",
+    "mog",
+    "multi_ivon",
+    "von",
+]

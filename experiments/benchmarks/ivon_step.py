@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from bmerge.optim.ivon import ivon, sample_params
+from bmerge.optim import ivon, ivon_sample as sample_params
 
 flags.DEFINE_integer("hidden", 512, "width of the MLP's two hidden layers")
 flags.DEFINE_list("batches", ["256", "1797"], "examples per step; one timing per batch size")

@@ -6,16 +6,21 @@ Hessian-weighted and mixture-weighted merges consume (paper Sec. 3.5, Fig. 3 and
 
 A training step has three parts, all pure:
 
-1. `sample_params(key, state, params, ess, weight_decay, num_samples)` draws theta_s = m + n_s with
+1. `ivon_sample(key, state, params, ess, weight_decay, num_samples)` draws theta_s = m + n_s with
    n_s = eps_s / sqrt(ess (h + delta)), and returns the samples with a leading Monte-Carlo axis [S, ...] and the noise
    (`num_samples=None`: one sample, no MC axis);
 2. the user's gradient of the minibatch-mean loss at every sample (`jax.vmap(jax.grad(loss))` over the S axis);
 3. `tx.update(grads, state, params, noise=noise)` with grads and noise both [S, *param_shape] per leaf (or both
    params-shaped for one sample).
 
-`posterior` exports N(m, diag(ess (h + delta))^-1) as a `bmerge.DiagGaussian`; `find_state` digs the `IVONState` out
-of a chained, injected or accumulated optax state; `predictive` averages a model's outputs over posterior samples.
-The equations are those of the reference implementation `ivon-opt` 0.1.3 (REFERENCE.md §3), which the tests replay.
+`ivon_posterior` exports N(m, diag(ess (h + delta))^-1) as a `bmerge.DiagGaussian`; `find_ivon_state` digs the
+`IVONState` out of a chained, injected or accumulated optax state; `ivon_predictive` averages a model's outputs over
+posterior samples. The equations are those of the authors' reference implementation `ivon-opt` 0.1.3, whose recorded
+trajectories the tests replay; `bmerge.fit.ivon` runs the whole loop for a user's `loss_fn` and batches.
+
+References:
+  Shen, Daheim, Cong, Nickl, Marconi, Bazan, Yokota, Gurevych, Cremers, Khan, Möllenhoff. Variational Learning
+  is Effective for Large Deep Networks. ICML 2024. https://arxiv.org/abs/2402.17641
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ import jax.numpy as jnp
 import optax
 
 from bmerge.posteriors import DiagGaussian
+
+__all__ = ["HESS_APPROXIMATIONS", "IVONState", "find_ivon_state", "ivon", "ivon_posterior", "ivon_predictive",
+           "ivon_sample"]
 
 PyTree = Any
 
@@ -111,7 +119,7 @@ def ivon(
 
   With lambda = `ess`, delta = `weight_decay`, h0 = `hess_init`, r = `clip_radius`, the posterior is
   q = N(m, diag(1 / (lambda (h + delta)))), m the params. Given S samples theta_s = m + n_s with
-  n_s = eps_s / sqrt(lambda (h + delta)) (see `sample_params`) and the minibatch-mean-loss gradients g_s there, one
+  n_s = eps_s / sqrt(lambda (h + delta)) (see `ivon_sample`) and the minibatch-mean-loss gradients g_s there, one
   update is
 
   .. math::
@@ -157,20 +165,25 @@ def ivon(
     An `optax.GradientTransformationExtraArgs` whose state is an `IVONState`. The updates are m_new - m.
 
   Example:
+    A quadratic with Hessian 4: IVON finds its minimiser and learns h ≈ 4 (so the precision ≈ ess * 4).
+
     >>> import jax, jax.numpy as jnp, optax
-    >>> from bmerge.optim import ivon as ivon_lib
-    >>> loss = lambda p: 0.5 * jnp.sum((p["w"] - 1.0) ** 2)
+    >>> from bmerge import optim
+    >>> loss = lambda p: 2.0 * jnp.sum((p["w"] - 1.0) ** 2)
     >>> params = {"w": jnp.zeros(3)}
-    >>> tx = ivon_lib.ivon(0.1, ess=100.0, beta2=0.999)
-    >>> state = tx.init(params)
-    >>> key = jax.random.key(0)
-    >>> for _ in range(100):
-    ...   key, sub = jax.random.split(key)
-    ...   samples, noise = ivon_lib.sample_params(sub, state, params, 100.0, 1e-4, num_samples=2)
+    >>> tx = optim.ivon(0.1, ess=100.0, beta2=0.95)
+    >>> @jax.jit
+    ... def step(key, params, state):
+    ...   samples, noise = optim.ivon_sample(key, state, params, 100.0, 1e-4, num_samples=2)
     ...   grads = jax.vmap(jax.grad(loss))(samples)
     ...   updates, state = tx.update(grads, state, params, noise=noise)
-    ...   params = optax.apply_updates(params, updates)
-    >>> q = ivon_lib.posterior(params, state, ess=100.0, weight_decay=1e-4)  # a bmerge.DiagGaussian
+    ...   return optax.apply_updates(params, updates), state
+    >>> state = tx.init(params)
+    >>> for key in jax.random.split(jax.random.key(0), 200):
+    ...   params, state = step(key, params, state)
+    >>> q = optim.ivon_posterior(params, state, ess=100.0, weight_decay=1e-4)  # a bmerge.DiagGaussian
+    >>> print(q.mean["w"].round(1), (q.precision["w"] / 100.0).round(0))
+    [1. 1. 1.] [4. 4. 4.]
 
   References:
     Shen, Daheim, Cong, Nickl, Marconi, Bazan, Yokota, Gurevych, Cremers, Khan, Möllenhoff. Variational Learning
@@ -193,7 +206,7 @@ def ivon(
     if hess_approx == "price":
       if noise is None:
         raise ValueError("ivon.update: `noise` is required for hess_approx='price' (pass the noise n_s = "
-                         "theta_s - m returned by `sample_params`), or use hess_approx='gradsq'.")
+                         "theta_s - m returned by `ivon_sample`), or use hess_approx='gradsq'.")
       noise, noise_samples = _split_mc("noise", noise, params)
       if noise_samples != num_samples:
         raise ValueError(f"ivon.update: `noise` has {noise_samples} Monte-Carlo samples, `grads` {num_samples}; "
@@ -235,28 +248,28 @@ def ivon(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def find_state(opt_state: PyTree) -> IVONState:
+def find_ivon_state(opt_state: PyTree) -> IVONState:
   """The one `IVONState` inside an optax state (`chain`, `inject_hyperparams`, `MultiSteps`, ... wrappers)."""
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, IVONState))
            if isinstance(s, IVONState)]
   if len(found) != 1:
-    raise ValueError(f"find_state: `opt_state` holds {len(found)} IVONState(s); expected exactly one.")
+    raise ValueError(f"find_ivon_state: `opt_state` holds {len(found)} IVONState(s); expected exactly one.")
   return found[0]
 
 
-def posterior(params: PyTree, state: PyTree, ess, weight_decay=1e-4) -> DiagGaussian:
+def ivon_posterior(params: PyTree, state: PyTree, ess, weight_decay=1e-4) -> DiagGaussian:
   """The IVON posterior N(m, diag(ess (h + delta))^-1) as a `DiagGaussian(mean=params, precision)`.
 
-  `state` is an `IVONState` or any optax state holding exactly one (see `find_state`); `ess` and `weight_decay`
+  `state` is an `IVONState` or any optax state holding exactly one (see `find_ivon_state`); `ess` and `weight_decay`
   must be those given to `ivon`. The precision has the state's dtype (float32 or wider).
   """
-  state = state if isinstance(state, IVONState) else find_state(state)
+  state = state if isinstance(state, IVONState) else find_ivon_state(state)
   precision = jax.tree.map(lambda h: ess * (h + weight_decay), state.hess)
   return DiagGaussian(mean=params, precision=precision)
 
 
-def sample_params(key: jax.Array, state: PyTree, params: PyTree, ess, weight_decay=1e-4,
-                  num_samples: Optional[int] = None) -> tuple[PyTree, PyTree]:
+def ivon_sample(key: jax.Array, state: PyTree, params: PyTree, ess, weight_decay=1e-4,
+                num_samples: Optional[int] = None) -> tuple[PyTree, PyTree]:
   """Draws params theta_s = m + n_s from the IVON posterior, n_s = eps_s / sqrt(ess (h + delta)), eps_s ~ N(0, I).
 
   Returns `(samples, noise)`: with `num_samples=S` every leaf is [S, *param_shape] (vmap the gradient over the
@@ -265,9 +278,9 @@ def sample_params(key: jax.Array, state: PyTree, params: PyTree, ess, weight_dec
   to the params' dtype), in the state's dtype. Feed both to `ivon`'s update. `state` is an `IVONState` or any optax
   state holding one; `ess` and `weight_decay` must be those given to `ivon`.
   """
-  state = state if isinstance(state, IVONState) else find_state(state)
+  state = state if isinstance(state, IVONState) else find_ivon_state(state)
   if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-    raise ValueError(f"sample_params: `num_samples` = {num_samples!r}; expected a positive int or None.")
+    raise ValueError(f"ivon_sample: `num_samples` = {num_samples!r}; expected a positive int or None.")
   lead = () if num_samples is None else (num_samples,)
   leaves, treedef = jax.tree.flatten(params)
   hess = treedef.flatten_up_to(state.hess)
@@ -281,15 +294,15 @@ def sample_params(key: jax.Array, state: PyTree, params: PyTree, ess, weight_dec
   return jax.tree.unflatten(treedef, samples), jax.tree.unflatten(treedef, noise)
 
 
-def predictive(key: jax.Array, apply_fn: Callable[..., Any], params: PyTree, state: PyTree, *args,
-               ess, weight_decay=1e-4, num_samples: int = 1,
-               transform: Optional[Callable[[Any], Any]] = jax.nn.softmax) -> Any:
+def ivon_predictive(key: jax.Array, apply_fn: Callable[..., Any], params: PyTree, state: PyTree, *args,
+                    ess, weight_decay=1e-4, num_samples: int = 1,
+                    transform: Optional[Callable[[Any], Any]] = jax.nn.softmax) -> Any:
   """Bayesian model average (1/S) sum_s transform(apply_fn(theta_s, *args)) over posterior samples theta_s.
 
   With the default `transform` and logits from `apply_fn` this is the predictive class distribution;
   `transform=None` averages `apply_fn`'s outputs (any pytree) as they are.
   """
-  samples, _ = sample_params(key, state, params, ess, weight_decay, num_samples)
+  samples, _ = ivon_sample(key, state, params, ess, weight_decay, num_samples)
   f = (lambda p: transform(apply_fn(p, *args))) if transform is not None else (lambda p: apply_fn(p, *args))
   outs = jax.vmap(f)(samples)
   return jax.tree.map(lambda o: jnp.mean(o, axis=0), outs)
