@@ -1,6 +1,7 @@
 """bmerge: fast previews of weighted multitask finetuning by Bayesian model merging."""
 
 from bmerge import checkpoint
+from bmerge import comparison
 from bmerge import curvature
 from bmerge import data
 from bmerge import em
@@ -10,6 +11,8 @@ from bmerge import merge
 from bmerge import metrics
 from bmerge import models
 from bmerge import plot
+from bmerge import report
+from bmerge.comparison import compare
 from bmerge.grid_eval import chunked_map
 from bmerge.grid_eval import preview
 from bmerge.posteriors import Beta
@@ -28,6 +31,8 @@ __all__ = [
     "Mixture",
     "checkpoint",
     "chunked_map",
+    "compare",
+    "comparison",
     "curvature",
     "data",
     "em",
@@ -38,6 +43,7 @@ __all__ = [
     "models",
     "plot",
     "preview",
+    "report",
     "stack",
     "unstack",
 ]

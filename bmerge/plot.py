@@ -306,12 +306,23 @@ def _simplex_grid(alphas, name: str) -> np.ndarray:
   return arr
 
 
-def _panels(fig: Figure, n: int, **kwargs) -> list:
+def _panels(n: int, dpi: int, width: float = 4.6, height: float = 3.6, **kwargs) -> tuple[Figure, list]:
+  """A figure of n panels, three per row."""
   cols = min(3, n)
+  fig = Figure(figsize=(width * cols, height * -(-n // cols)), dpi=dpi, layout="constrained")
   axes = fig.subplots(-(-n // cols), cols, squeeze=False, **kwargs).ravel()
   for ax in axes[n:]:
     ax.set_visible(False)
-  return list(axes[:n])
+  return fig, list(axes[:n])
+
+
+def _finish(fig: Figure, axes: list, path, label: str, title: Optional[str]) -> pathlib.Path:
+  """The metric's label and the legend on the first panel, the title, and the PNG."""
+  axes[0].set_ylabel(label)
+  axes[0].legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
 
 
 def pair_curves(alphas, curves: Mapping[str, Any], path, *, task_names: Optional[Sequence[str]] = None,
@@ -351,8 +362,7 @@ def pair_curves(alphas, curves: Mapping[str, Any], path, *, task_names: Optional
   names = _names(task_names, t)
   maximize = _checks.flag(maximize, "maximize")
   pairs = list(itertools.combinations(range(t), 2))
-  fig = Figure(figsize=(4.6 * min(3, len(pairs)), 3.6 * -(-len(pairs) // 3)), dpi=dpi, layout="constrained")
-  axes = _panels(fig, len(pairs), sharey=True)
+  fig, axes = _panels(len(pairs), dpi, sharey=True)
   for ax, (i, j) in zip(axes, pairs):
     edge = {}
     for name, (a, v) in curves.items():
@@ -365,11 +375,7 @@ def pair_curves(alphas, curves: Mapping[str, Any], path, *, task_names: Optional
     ax.set_xlabel(f"$\\alpha$ of {names[i]} ({names[j]}: $1 - \\alpha$)")
     ax.set_xlim(0.0, 1.0)
     ax.set_title(f"{names[i]} and {names[j]}", fontsize=10)
-  axes[0].set_ylabel(label)
-  axes[0].legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  return _save(fig, path)
+  return _finish(fig, axes, path, label, title)
 
 
 def _nonnegative_grid(alphas, name: str) -> np.ndarray:
@@ -423,8 +429,7 @@ def scaling_curves(alphas, curves: Mapping[str, Any], path, *, directions=None,
                                       not all(isinstance(n, str) for n in direction_names)):
     raise ValueError(f"`direction_names` must hold a name (str) for each of the {len(dirs)} directions drawn.")
   lam = {name: grid_lib.scaling(a, dirs).lambdas for name, (a, _) in curves.items()}
-  fig = Figure(figsize=(4.6 * min(3, len(dirs)), 3.6 * -(-len(dirs) // 3)), dpi=dpi, layout="constrained")
-  axes = _panels(fig, len(dirs), sharey=True)
+  fig, axes = _panels(len(dirs), dpi, sharey=True)
   for d, ax in enumerate(axes):
     ray = {}
     for name, (_, v) in curves.items():
@@ -436,11 +441,7 @@ def scaling_curves(alphas, curves: Mapping[str, Any], path, *, directions=None,
     ax.set_title(heading, fontsize=10)
     ax.set_xlabel("$\\lambda$ ($\\alpha = \\lambda d$)" if directions is not None else
                   "$\\lambda = \\sum_t \\alpha_t$")
-  axes[0].set_ylabel(label)
-  axes[0].legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  return _save(fig, path)
+  return _finish(fig, axes, path, label, title)
 
 
 def histograms(surfaces: Mapping[str, object], path, *, bins: int = 10,
@@ -532,8 +533,7 @@ def pareto_fronts(exact, previews: Mapping[str, Any], path, *, task_names: Optio
   front = metrics.pareto_front(exact, maximize)
   chosen = {name: metrics.pareto_front(v, maximize) for name, v in previews.items()}
   pairs = list(itertools.combinations(range(t), 2))
-  fig = Figure(figsize=(4.4 * min(3, len(pairs)), 4.0 * -(-len(pairs) // 3)), dpi=dpi, layout="constrained")
-  axes = _panels(fig, len(pairs))
+  fig, axes = _panels(len(pairs), dpi, width=4.4, height=4.0)
   markers = "osD^v<>ph"
   for ax, (i, j) in zip(axes, pairs):
     ax.scatter(exact[:, i], exact[:, j], s=8, color="0.75", label="exact, every alpha", zorder=1)

@@ -1,0 +1,229 @@
+"""bmerge.compare on quadratic tasks, where joint training has a closed form: the Hessian-weighted merge is exact.
+
+Task t has the loss l_t(theta) = 1/2 (theta - m_t)^T diag(h_t) (theta - m_t), so joint training at alpha minimises to
+theta*_alpha = (sum_t alpha_t h_t m_t) / (sum_t alpha_t h_t): the Hessian-weighted merge of N(m_t, diag(h_t)^-1).
+The metric per task is -l_t; the overall metric the mean over tasks. Every score is checked against an independent
+computation (numpy, float64, loops over the matched rows).
+"""
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bmerge
+from bmerge import comparison, grid, merge, metrics, report
+
+MEANS = np.array([[0.0, 1.0], [2.0, 0.0], [1.0, 2.5]])
+PRECISIONS = np.array([[1.0, 4.0], [3.0, 0.5], [2.0, 2.0]])
+TASKS = ("a", "b", "c")
+
+
+def _posteriors(means=MEANS, precisions=PRECISIONS):
+  return bmerge.DiagGaussian(jnp.asarray(means, jnp.float32), jnp.asarray(precisions, jnp.float32))
+
+
+def per_task_and_overall(theta, tasks):
+  """[1 + T]: the mean of the per-task metrics, then -l_t(theta) for every task."""
+  means, precisions = tasks
+  scores = -0.5 * jnp.sum(precisions * (theta - means) ** 2, axis=1)
+  return jnp.concatenate([jnp.mean(scores)[None], scores])
+
+
+def simple(q, alphas):
+  return merge.simple_average(q.mean, alphas)
+
+
+def _exact(alphas):
+  """[G, 1 + T] the metrics of the closed-form joint training, float64."""
+  theta = (alphas @ (PRECISIONS * MEANS)) / (alphas @ PRECISIONS)
+  scores = -0.5 * np.sum(PRECISIONS[None] * (theta[:, None, :] - MEANS[None]) ** 2, axis=2)
+  return np.concatenate([scores.mean(axis=1, keepdims=True), scores], axis=1)
+
+
+BATCH = (jnp.asarray(MEANS, jnp.float32), jnp.asarray(PRECISIONS, jnp.float32))
+ENTRIES = [comparison.Entry("simple", _posteriors(), simple, "means -> simple averaging"),
+           comparison.Entry("hessian", _posteriors(), merge.hessian_weighted, "diagonal -> Hessian-weighted")]
+
+
+@pytest.fixture(scope="module")
+def coarse_run(tmp_path_factory):
+  """Preview at spacing 0.125 (45 alphas), exact at spacing 0.25 (15 alphas, a sub-lattice)."""
+  folder = tmp_path_factory.mktemp("compare")
+  alphas, exact_alphas = grid.simplex(3, 0.125), grid.simplex(3, 0.25)
+  out = bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact=_exact(exact_alphas),
+                       exact_alphas=exact_alphas, folder=folder, workdir=folder / "chunks", task_names=TASKS,
+                       metric="negative loss", costs={"exact": 3.0, "posteriors hessian": 1.0}, top_k=3,
+                       paper={"source": "a made-up table", "methods": {"simple": {"label": "Simple", "mse": 0.2},
+                                                                       "hessian": {"label": "Hessian", "mse": 0.1}}})
+  return folder, alphas, exact_alphas, out
+
+
+def test_previews_are_those_of_bmerge_preview(coarse_run):
+  _, alphas, _, out = coarse_run
+  for e in ENTRIES:
+    direct = bmerge.preview(e.rule, e.posteriors, alphas, per_task_and_overall, BATCH, progress=False)
+    np.testing.assert_array_equal(out.previews[e.name], direct)
+
+
+def test_scores_on_the_coarse_rows_match_an_independent_computation(coarse_run):
+  _, alphas, exact_alphas, out = coarse_run
+  exact = _exact(exact_alphas)
+  s = out.summary
+  assert s["num_alphas"] == 45 and s["num_exact_alphas"] == 15 and s["on_simplex"] and s["task_names"] == list(TASKS)
+  for name, prev in out.previews.items():
+    # Match by brute force: the preview row equal to each exact row.
+    rows = [int(np.flatnonzero(np.all(np.abs(alphas - a) < 1e-12, axis=1))[0]) for a in exact_alphas]
+    p = np.asarray(prev, np.float64)[rows, 0]
+    m = s["methods"][name]
+    assert m["mse"] == pytest.approx(np.mean((p - exact[:, 0]) ** 2), rel=1e-12, abs=1e-15)
+    g = int(np.argmax(p))
+    assert m["best_alpha"] == exact_alphas[g].tolist() and m["exact_at_best"] == pytest.approx(exact[g, 0])
+    assert m["regret_at_1"] == pytest.approx(exact[:, 0].max() - exact[g, 0], abs=1e-12)
+    # The best preview over the whole (finer) grid, and its exact value when joint training ran there.
+    full = int(np.argmax(np.asarray(prev)[:, 0]))
+    e = s["entries"][name]
+    assert e["grid_best_alpha"] == alphas[full].tolist()
+    on_coarse = [i for i, r in enumerate(rows) if r == full]
+    assert e["grid_exact_at_best"] == (pytest.approx(exact[on_coarse[0], 0]) if on_coarse else None)
+    fc = metrics.compare_fronts(exact_alphas, np.asarray(prev, np.float64)[rows, 1:], exact[:, 1:])
+    assert s["pareto"][name]["recall"] == fc.recall and s["pareto"][name]["igd_plus"] == fc.igd_plus
+    assert s["pareto"][name]["hypervolume_preview"] == pytest.approx(fc.hypervolume_preview)
+  # Quadratic tasks: the Hessian-weighted merge is joint training, so its preview is exact up to float32.
+  assert s["methods"]["hessian"]["mse"] < 1e-10 and s["methods"]["simple"]["mse"] > 1e-3
+  assert s["methods"]["hessian"]["regret_at_1"] < 1e-6
+  assert s["pareto"]["hessian"]["hypervolume_preview"] == pytest.approx(s["pareto"]["hessian"]["hypervolume_exact"],
+                                                                         rel=1e-5)
+
+
+def test_recommendation_costs_and_files(coarse_run):
+  folder, alphas, exact_alphas, out = coarse_run
+  s = out.summary
+  rec = s["recommendation"]
+  hess = np.asarray(out.previews["hessian"])[:, 0]
+  assert rec["from"] == "hessian" and rec["alphas"] == alphas[np.argsort(-hess, kind="stable")[:3]].tolist()
+  assert len(rec["exact"]) == 3
+  assert {"exact", "posteriors hessian", "preview simple", "preview hessian"} <= set(s["costs"])
+  assert json.loads((folder / "metrics.json").read_text()) == json.loads(json.dumps(s))
+  for name in ("contours", "pairs", "histograms", "pareto"):
+    assert out.paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+  assert "scaling" not in out.paths and "curves" not in out.paths
+  text = out.paths["report"].read_text()
+  assert "| simple | means -> simple averaging |" in text and "| hessian | diagonal -> Hessian-weighted |" in text
+  assert "## Next to the paper (a made-up table)" in text and "**holds**" in text  # simple > hessian in both
+  assert "## Per-task metrics: Pareto fronts" in text and "x faster per alpha" in text
+  assert all(f"![{p.name}]({p.name})" in text for k, p in out.paths.items() if k not in ("report", "metrics"))
+  lines = report.table(s).splitlines()
+  assert lines[1].split()[0] == "simple" and lines[-1].startswith("exact (joint)")
+
+
+def test_a_second_call_resumes_and_changed_posteriors_are_recomputed(coarse_run, tmp_path):
+  folder, alphas, exact_alphas, out = coarse_run
+  chunks = folder / "chunks"
+  assert sorted(os.listdir(chunks)) == ["preview_hessian", "preview_simple"]
+  stamps = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(chunks) for f in fs}
+  again = bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, workdir=chunks)
+  assert {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, fs in os.walk(chunks) for f in fs} == stamps  # nothing recomputed
+  for name in out.previews:
+    np.testing.assert_array_equal(again.previews[name], out.previews[name])
+  # Same entry name, other posteriors: never the old results.
+  moved = [comparison.Entry("hessian", _posteriors(MEANS + 1.0), merge.hessian_weighted)]
+  resumed = bmerge.compare(moved, per_task_and_overall, BATCH, alphas, workdir=chunks).previews["hessian"]
+  fresh = bmerge.compare(moved, per_task_and_overall, BATCH, alphas).previews["hessian"]
+  np.testing.assert_array_equal(resumed, fresh)
+  assert not np.allclose(fresh, out.previews["hessian"])
+
+
+def test_weighted_overall_metric_for_losses_and_two_tasks(tmp_path):
+  """overall='weighted': eval_fn returns per-task losses and the overall metric is sum_t alpha_t l_t (Eq. 1)."""
+  means, precisions = MEANS[:2], PRECISIONS[:2]
+  batch = (jnp.asarray(means, jnp.float32), jnp.asarray(precisions, jnp.float32))
+  losses = lambda theta, tasks: 0.5 * jnp.sum(tasks[1] * (theta - tasks[0]) ** 2, axis=1)
+  alphas = grid.line(0.1)
+  theta = (alphas @ (precisions * means)) / (alphas @ precisions)
+  exact = 0.5 * np.sum(precisions[None] * (theta[:, None, :] - means[None]) ** 2, axis=2)  # [G, 2]
+  entries = [("simple", _posteriors(means, precisions), simple),
+             ("hessian", _posteriors(means, precisions), merge.hessian_weighted)]
+  out = bmerge.compare(entries, losses, batch, alphas, exact=exact, overall="weighted", maximize=False,
+                       metric="multitask loss", folder=tmp_path)
+  simple_theta = alphas @ means
+  simple_loss = np.sum(alphas * 0.5 * np.sum(precisions[None] * (simple_theta[:, None] - means[None]) ** 2, -1), 1)
+  exact_loss = np.sum(alphas * exact, axis=1)
+  m = out.summary["methods"]["simple"]
+  assert m["mse"] == pytest.approx(np.mean((simple_loss - exact_loss) ** 2), rel=1e-5)
+  assert m["best_alpha"] == alphas[np.argmin(simple_loss)].tolist()
+  assert out.summary["exact_best"] == pytest.approx(exact_loss.min())
+  assert out.summary["methods"]["hessian"]["mse"] < 1e-10
+  assert {"curves", "histograms", "pareto"} <= set(out.paths) and "contours" not in out.paths
+
+
+def test_task_arithmetic_on_the_simplex_is_simple_averaging_and_off_it_the_scaled_sweep(tmp_path, x64):
+  """theta_base + sum_t alpha_t (theta_t - theta_base) = sum_t alpha_t theta_t when sum_t alpha_t = 1 (Eq. 3 vs 2);
+  the scaled sweep lambda * (1, ..., 1) gives theta_base + lambda sum_t (theta_t - theta_base)."""
+  base = jnp.asarray([0.5, -0.5])
+  finetuned = jnp.asarray(MEANS)
+  on = grid.simplex(3, 0.1)
+  ta = merge.task_arithmetic(base, finetuned, on)
+  np.testing.assert_allclose(ta, merge.simple_average(finetuned, on), rtol=0, atol=1e-14)
+  np.testing.assert_allclose(ta, on @ MEANS, rtol=0, atol=1e-14)
+
+  lambdas = np.linspace(0.0, 1.0, 11)
+  directions = np.vstack([np.ones(3), np.eye(3)[0]])
+  alphas = grid.scaled(directions, lambdas)
+  assert alphas.shape == (22, 3)
+  dist = lambda theta, target: -jnp.sum((theta - target) ** 2)[None]
+  target = jnp.asarray([1.5, 1.0])
+  rule = functools.partial(merge.task_arithmetic, base)
+  out = bmerge.compare([("task arithmetic", finetuned, rule)], dist, target, alphas, folder=tmp_path,
+                       directions=directions)
+  closed = np.asarray(base)[None] + alphas @ (MEANS - np.asarray(base))
+  np.testing.assert_allclose(out.previews["task arithmetic"][:, 0], -np.sum((closed - np.asarray(target)) ** 2, 1),
+                             rtol=1e-12)
+  assert not out.summary["on_simplex"] and "scaling" in out.paths and "contours" not in out.paths
+  # The ray decomposition gives the sweep's lambdas back, direction by direction.
+  s = grid.scaling(alphas, directions)
+  np.testing.assert_allclose(s.lambdas[:11, 0], lambdas)
+  np.testing.assert_allclose(s.lambdas[11:, 1], lambdas)
+  assert np.all(np.isnan(s.lambdas[12:, 0]))  # (lambda, 0, 0) with lambda > 0 is not on the all-ones ray
+
+
+def test_previews_without_exact_results(tmp_path):
+  out = bmerge.compare(ENTRIES[:1], per_task_and_overall, BATCH, grid.simplex(3, 0.25), folder=tmp_path)
+  m = out.summary["methods"]["simple"]
+  overall = np.asarray(out.previews["simple"])[:, 0]
+  assert set(m) == {"best_alpha", "best_preview"} and m["best_preview"] == pytest.approx(overall.max())
+  assert out.exact is None and "exact_best" not in out.summary and "pareto" not in out.summary
+  assert {"contours", "pairs", "histograms"} <= set(out.paths)
+  assert "| simple | means -> simple averaging |" in out.paths["report"].read_text()
+
+
+def test_errors_name_the_argument(tmp_path):
+  alphas = grid.simplex(3, 0.25)
+  with pytest.raises(ValueError, match="`entries` names must be unique"):
+    bmerge.compare([ENTRIES[0], ENTRIES[0]], per_task_and_overall, BATCH, alphas)
+  with pytest.raises(TypeError, match=r"`entries\[0\].rule`"):
+    bmerge.compare([("x", _posteriors(), None)], per_task_and_overall, BATCH, alphas)
+  with pytest.raises(ValueError, match=r"`exact_alphas` row 0 \[0.9"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact=np.zeros(1), exact_alphas=[[0.9, 0.1, 0.0]])
+  with pytest.raises(ValueError, match="`exact` has 3 rows but `alphas` has G = 15"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact=np.zeros(3))
+  with pytest.raises(ValueError, match=r"eval_fn\(params, batch\) for 'simple'.*\[1 \+ T\] = \[4\]"):
+    bmerge.compare(ENTRIES, lambda th, b: th, BATCH, alphas)  # 2 values per alpha: neither 1 nor 1 + T
+  with pytest.raises(ValueError, match="overall='weighted'.*shape \\[G, 3\\]"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, overall="weighted")
+  with pytest.raises(ValueError, match="`overall`"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, overall="mean")
+  with pytest.raises(ValueError, match="`paper` must hold only JSON"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, paper={"x": object()})
+  with pytest.raises(ValueError, match="`recommend`"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, recommend="mog")
+  with pytest.raises(ValueError, match="`costs`"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, costs={"exact": -1.0})
+  (tmp_path / "file").write_text("")
+  with pytest.raises(ValueError, match="`folder`"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, folder=tmp_path / "file")
