@@ -2,7 +2,10 @@
 
 `init(key, input_shape) -> params` (input_shape: one example, no batch axis) and `apply(params, x) -> logits [B, C]`
 on a batch x [B, *input_shape]. Params are plain pytrees (a dict for logistic regression, a Linen params dict for the
-MLP and the CNN), so they go straight into the optimizers, `bmerge.curvature` and the merge rules.
+MLP, the CNN and the ResNet), so they go straight into the optimizers, `bmerge.curvature` and the merge rules.
+
+`resnet.make` returns a `ResNetModel` with the same `init` / `apply` plus `statistics` / `apply_with` for its
+BatchNorm statistics (how they are handled when models are merged is described in `bmerge.models.resnet`).
 """
 
 from typing import Any, Callable, NamedTuple
@@ -18,5 +21,6 @@ class Model(NamedTuple):
 from bmerge.models import cnn  # noqa: E402  (the modules import Model from here)
 from bmerge.models import logistic  # noqa: E402
 from bmerge.models import mlp  # noqa: E402
+from bmerge.models import resnet  # noqa: E402
 
-__all__ = ["Model", "cnn", "logistic", "mlp"]
+__all__ = ["Model", "cnn", "logistic", "mlp", "resnet"]

@@ -1,0 +1,239 @@
+"""ResNet-20, the CIFAR ResNet of He et al. (2016, Sec. 4.2), in Flax Linen, with a BatchNorm policy for merging.
+
+Architecture: a 3x3 convolution to w_1 channels, then 3 stages of `blocks_per_stage` basic blocks with widths
+(w_1, w_2, w_3) = width x (16, 32, 64); the first block of stages 2 and 3 halves H and W (stride 2). A basic block is
+
+    y = relu(x' + BN(conv(relu(BN(conv(x)))))),   x' = x[:, ::s, ::s] with zero channels appended (shortcut 'A'),
+
+so shortcuts have no parameters. Global average pooling and a dense layer give the logits. Convolutions have no
+bias (BatchNorm follows) and pad by 1 on each side, as in the reference PyTorch models. With 3 blocks per stage and
+width 1 this is ResNet-20: 269,722 parameters for 10 classes on 3-channel images (the paper's "260k"). Any H, W
+(28x28 MNIST, 14x14 pooled, 32x32 CIFAR-10) and any number of channels work: the network ends in a global pool.
+
+BatchNorm and merging. BatchNorm's scale and bias are parameters and are merged like every other parameter. Its
+batch statistics are not: this module keeps no running averages at all. Every BatchNorm normalises
+
+    BN(z) = scale (z - mu) / sqrt(var + 1e-5) + bias,   mu, var = per-channel mean and (biased) variance of z,
+
+where (mu, var) come from the current batch in training (`apply`) and from a *calibration batch run through the
+same parameters* at evaluation (`statistics`, then `apply_with`). `make_eval_fn` builds an `eval_fn(params, batch)`
+for `bmerge.preview` and `bmerge.exact.joint_train` that does exactly that for every merged model of a chunk, so a
+merged model never uses statistics computed with the weights of another model (averaging the task models' running
+statistics would). Task models (a one-hot alpha), merged models and jointly trained models are all evaluated by
+this one rule, so previews and the exact baseline are compared on equal terms. Recomputing the statistics of an
+averaged network is the standard repair of interpolated networks (SWA's `bn_update`, Izmailov et al. 2018; REPAIR,
+Jordan et al. 2023); it costs one forward pass over the calibration batch per merged model. Use training inputs
+from all tasks as the calibration batch, never the test set.
+
+Params are a plain Linen params dict, so they go straight into IVON, the merge rules and `bmerge.preview`. In
+training mode the loss of one example depends on the rest of its batch, so per-example squared gradients
+(`bmerge.curvature`) need `apply_with` and fixed statistics.
+
+References:
+  He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016 (Sec. 4.2, option A shortcuts).
+  He, Zhang, Ren, Sun, "Delving Deep into Rectifiers", ICCV 2015 (the N(0, 2 / fan_in) initialisation).
+  Ioffe, Szegedy, "Batch Normalization", ICML 2015.
+  Izmailov, Podoprikhin, Garipov, Vetrov, Wilson, "Averaging Weights Leads to Wider Optima and Better
+    Generalization", UAI 2018 (recomputing BatchNorm statistics of averaged weights).
+  Jordan, Sedghi, Saukh, Entezari, Neyshabur, "REPAIR: REnormalizing Permuted Activations for Interpolation
+    Repair", ICLR 2023.
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan, "How to Weight Multitask Finetuning? Fast Previews via
+    Bayesian Model-Merging", 2024 (Sec. 4.1, Fig. 3, App. B.3: ResNet-20 on CIFAR-10).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+__all__ = ["BasicBlock", "ResNet", "ResNetModel", "accuracies", "make", "make_eval_fn", "num_params", "widths_for"]
+
+PyTree = Any
+
+_EPS = 1e-5
+# Initial values come from `ResNetModel.init`, not from Linen's per-layer initialisers.
+_conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding=((1, 1), (1, 1)), use_bias=False)
+
+
+def _norm(train: bool, name: str) -> nn.BatchNorm:
+  # momentum 0: after a training-mode pass the 'batch_stats' collection holds exactly that batch's statistics.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.0, epsilon=_EPS, use_fast_variance=False, name=name)
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 conv + BatchNorm layers and a parameter-free shortcut (stride `s` subsampling, zero channels)."""
+
+  width: int
+  stride: int = 1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = _conv(self.width, strides=self.stride, name="conv1")(x)
+    y = nn.relu(_norm(train, "bn1")(y))
+    y = _conv(self.width, name="conv2")(y)
+    y = _norm(train, "bn2")(y)
+    shortcut = x[:, ::self.stride, ::self.stride, :]
+    extra = self.width - x.shape[-1]
+    if extra < 0:
+      raise ValueError(f"A block cannot narrow {x.shape[-1]} channels to `width` {self.width}.")
+    shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (0, extra)))
+    return nn.relu(y + shortcut)
+
+
+class ResNet(nn.Module):
+  """x [B, H, W, C] (or grey [B, H, W]) -> logits [B, num_classes]; `train` picks the source of BN statistics."""
+
+  widths: Sequence[int] = (16, 32, 64)
+  blocks_per_stage: int = 3
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if x.ndim == 3:
+      x = x[..., None]
+    x = _conv(self.widths[0], name="stem_conv")(x)
+    x = nn.relu(_norm(train, "stem_bn")(x))
+    for s, width in enumerate(self.widths):
+      for b in range(self.blocks_per_stage):
+        stride = 2 if s > 0 and b == 0 else 1
+        x = BasicBlock(width, stride, name=f"stage{s + 1}_block{b + 1}")(x, train)
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(self.num_classes, name="head")(x)
+
+
+def widths_for(width: float) -> tuple[int, int, int]:
+  """Stage widths round(width x (16, 32, 64)), at least 1 channel each: (8, 16, 32) for width 0.5."""
+  if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
+    raise ValueError(f"`width` must be a positive number, got {width!r}.")
+  return tuple(max(1, int(round(width * w))) for w in (16, 32, 64))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetModel:
+  """The model as pure functions (the package's `Model` convention plus the two BatchNorm-statistics functions).
+
+  A frozen dataclass: hashable and equal by value, so it can be a static argument of `jax.jit` and a bound
+  argument of a `functools.partial`, and its repr names its sizes.
+  """
+
+  widths: tuple[int, ...] = (16, 32, 64)
+  blocks_per_stage: int = 3
+  num_classes: int = 10
+
+  @property
+  def module(self) -> ResNet:
+    return ResNet(widths=self.widths, blocks_per_stage=self.blocks_per_stage, num_classes=self.num_classes)
+
+  def init(self, key: jax.Array, input_shape: Sequence[int]) -> PyTree:
+    """Linen params dict for inputs of one example's shape (H, W, C) or (H, W).
+
+    Kernels ~ N(0, 2 / fan_in) (He et al. 2015), BatchNorm scales 1, biases 0. All kernels come from one normal
+    draw of their total size: one random-number kernel to compile instead of one per layer and shape.
+    """
+    return _init(self, key, tuple(int(d) for d in input_shape))
+
+  def _train_pass(self, params: PyTree, x: jax.Array) -> tuple[jax.Array, PyTree]:
+    return self.module.apply({"params": params}, x, train=True, mutable=["batch_stats"])
+
+  def apply(self, params: PyTree, x: jax.Array) -> jax.Array:
+    """Logits [B, C] in training mode: every BatchNorm uses the statistics of this batch x [B, ...]."""
+    return self._train_pass(params, x)[0]
+
+  def statistics(self, params: PyTree, x: jax.Array) -> PyTree:
+    """{BN layer path: {'mean', 'var'}} of the batch x as `apply(params, x)` computes them, layer after layer."""
+    return self._train_pass(params, x)[1]["batch_stats"]
+
+  def apply_with(self, params: PyTree, stats: PyTree, x: jax.Array) -> jax.Array:
+    """Logits [B, C] in evaluation mode: every BatchNorm uses the given `stats` (from `statistics`)."""
+    return self.module.apply({"params": params, "batch_stats": stats}, x, train=False)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: ResNetModel, key: jax.Array, input_shape: tuple[int, ...]) -> PyTree:
+  x = jnp.zeros((1, *input_shape), jnp.float32)
+  shapes = jax.eval_shape(lambda: model.module.init(jax.random.key(0), x, train=False))["params"]
+  leaves, treedef = jax.tree.flatten_with_path(shapes)
+  sizes = [leaf.size if path[-1].key == "kernel" else 0 for path, leaf in leaves]
+  noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+  out, start = [], 0
+  for (path, leaf), size in zip(leaves, sizes):
+    if size:
+      fan_in = size // leaf.shape[-1]
+      out.append(noise[start:start + size].reshape(leaf.shape) * jnp.sqrt(2.0 / fan_in))
+      start += size
+    else:
+      out.append(jnp.full(leaf.shape, 1.0 if path[-1].key == "scale" else 0.0, leaf.dtype))
+  return jax.tree.unflatten(treedef, out)
+
+
+def make(num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 3) -> ResNetModel:
+  """ResNet-(6 blocks_per_stage + 2) with stage widths `widths_for(width)`; the defaults are ResNet-20.
+
+  Example:
+    >>> model = make(num_classes=10, width=0.25)
+    >>> params = model.init(jax.random.key(0), (8, 8, 1))
+    >>> num_params(params), model.apply(params, jnp.ones((2, 8, 8, 1))).shape
+    (17254, (2, 10))
+  """
+  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+    raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+  if isinstance(blocks_per_stage, bool) or not isinstance(blocks_per_stage, int) or blocks_per_stage < 1:
+    raise ValueError(f"`blocks_per_stage` must be a positive integer, got {blocks_per_stage!r}.")
+  return ResNetModel(widths_for(width), blocks_per_stage, num_classes)
+
+
+def num_params(params: PyTree) -> int:
+  """Number of scalars in a params pytree."""
+  return sum(int(leaf.size) for leaf in jax.tree.leaves(params))
+
+
+def _calibrated_eval(model: ResNetModel, metric_fn: Callable[..., Any], params: PyTree, batch: tuple) -> Any:
+  calibration_x, x, *targets = batch
+  stats = model.statistics(params, calibration_x)
+  return metric_fn(model.apply_with(params, stats, x), *targets)
+
+
+def make_eval_fn(model: ResNetModel, metric_fn: Callable[..., Any]) -> Callable[[PyTree, tuple], Any]:
+  """`eval_fn(params, batch)` for `bmerge.preview`: statistics from a calibration batch, then `metric_fn`.
+
+  With `batch = (calibration_x, x, *targets)`, returns `metric_fn(model.apply_with(params, s, x), *targets)` where
+  s = `model.statistics(params, calibration_x)` are the BatchNorm statistics of *these* params on the calibration
+  inputs. Under `jax.vmap` over a chunk of merged params each merged model gets its own statistics.
+
+  Args:
+    model: a `ResNetModel`.
+    metric_fn: `metric_fn(logits [N, C], *targets) -> metric`, e.g. `accuracies` with targets (y, membership).
+
+  Returns:
+    A `functools.partial` (hashable; its bound arguments identify the model and the metric).
+
+  Example:
+    >>> model = make(width=0.25)
+    >>> params = model.init(jax.random.key(0), (8, 8, 1))
+    >>> x, y = jnp.ones((4, 8, 8, 1)), jnp.array([0, 1, 2, 3])
+    >>> eval_fn = make_eval_fn(model, accuracies)
+    >>> eval_fn(params, (x, x, y, jax.nn.one_hot(y % 2, 2))).shape  # overall accuracy, then one per task
+    (3,)
+  """
+  if not isinstance(model, ResNetModel):
+    raise TypeError(f"`model` must be a ResNetModel (from `make`), got {type(model).__name__}.")
+  if not callable(metric_fn):
+    raise TypeError("`metric_fn` must be callable: metric_fn(logits, *targets).")
+  return functools.partial(_calibrated_eval, model, metric_fn)
+
+
+def accuracies(logits: jax.Array, y: jax.Array, membership: jax.Array) -> jax.Array:
+  """[overall accuracy, accuracy on the examples of task 1, ..., task T] ([1 + T]).
+
+  `membership` [N, T] is 1 where example i belongs to task t (`bmerge.data.task_membership`; a class shared by two
+  tasks counts for both). A task without examples gets accuracy 0.
+  """
+  correct = (jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)
+  membership = membership.astype(logits.dtype)
+  per_task = (correct @ membership) / jnp.maximum(jnp.sum(membership, axis=0), 1.0)
+  return jnp.concatenate([jnp.mean(correct)[None], per_task])
