@@ -88,27 +88,28 @@ def test_k1_is_von(x64, estimator, antithetic, control_variate, num_samples):
   s_von = algo_von.init(np.zeros(3), np.eye(3))
   s_mog = algo_mog.init(np.zeros((1, 3)), np.eye(3)[None])
   for key in jax.random.split(jax.random.key(0), 10):
-    s_von = algo_von.step(key, s_von)
-    s_mog = algo_mog.step(key, s_mog)
+    s_von, info_von = algo_von.step(key, s_von)
+    s_mog, info_mog = algo_mog.step(key, s_mog)
+    np.testing.assert_allclose(info_mog.loss, info_von.loss, rtol=1e-12)
     np.testing.assert_allclose(s_mog.mean[0], s_von.mean, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(s_mog.precision[0], s_von.precision, rtol=1e-10)
-  assert float(s_mog.beta) == 0.3
+  assert float(info_mog.step_size) == 0.3
 
 
 def test_step_halves_beta_until_precisions_stay_positive_definite(x64):
   # Components three times too narrow must widen (E[delta_c hess f] > 0), so a huge beta would flip the sign.
   state = mog.init(INIT_1D[0], 12.0 * np.ones((2, 1, 1)))
   step = jax.jit(mog.step, static_argnums=(2, 5))
-  big = step(jax.random.key(0), state, _bimodal_loss, 64.0, None, 10)
-  b = float(big.beta)
+  big, info = step(jax.random.key(0), state, _bimodal_loss, 64.0, None, 10)
+  b = float(info.step_size)
   assert 0 < b < 64.0 and np.log2(64.0 / b) == int(np.log2(64.0 / b))  # a power-of-two fraction of beta
   assert np.all(np.linalg.eigvalsh(big.precision) > 0)
   # Same key, same samples: asking for b directly takes it unchanged and gives the same state; asking for 2b halves.
-  direct = step(jax.random.key(0), state, _bimodal_loss, b, None, 10)
-  assert float(direct.beta) == b
+  direct, info = step(jax.random.key(0), state, _bimodal_loss, b, None, 10)
+  assert float(info.step_size) == b
   np.testing.assert_allclose(direct.precision, big.precision, rtol=1e-12)
   np.testing.assert_allclose(direct.mean, big.mean, rtol=1e-12)
-  assert float(step(jax.random.key(0), state, _bimodal_loss, 2 * b, None, 10).beta) == b
+  assert float(step(jax.random.key(0), state, _bimodal_loss, 2 * b, None, 10)[1].step_size) == b
 
 
 def test_diagonal_equals_full_in_one_dimension(x64):
@@ -178,7 +179,7 @@ def test_factory_step_compiles_once_and_matches_fit(x64):
   algo = mog.mog(_bimodal_loss, beta=FIT_1D["beta"], beta_w=FIT_1D["beta_w"], num_samples=FIT_1D["num_samples"])
   s = algo.init(*INIT_1D)
   for key in jax.random.split(jax.random.key(5), FIT_1D["num_steps"]):
-    s = algo.step(key, s)
+    s, _ = algo.step(key, s)
   assert algo.step._cache_size() == 1
   fitted = mog.fit(jax.random.key(5), _bimodal_loss, *INIT_1D, **FIT_1D)
   np.testing.assert_allclose(fitted.mean, s.mean, rtol=1e-10)

@@ -88,9 +88,13 @@ def test_one_step_with_rho_one_on_a_quadratic_is_the_exact_newton_step(x64):
   # full VON step from anywhere lands on the minimiser, which is the posterior mean.
   loss, mean, prec, _ = _linreg(3)
   state = von.init(np.array([5.0, -3.0, 1.0]), 0.1 * np.eye(3))
-  out = von.step(jax.random.key(2), state, loss, rho=1.0, num_samples=4, antithetic=True)
+  out, info = von.step(jax.random.key(2), state, loss, rho=1.0, num_samples=4, antithetic=True)
   np.testing.assert_allclose(out.precision, prec, rtol=1e-12)
   np.testing.assert_allclose(out.mean, mean, rtol=1e-9)
+  # The info is the mean loss-bar at the step's samples (the same key draws the same samples) and the rho used.
+  samples = von.sample(jax.random.key(2), state, 4, antithetic=True)
+  np.testing.assert_allclose(info.loss, np.mean([loss(t) for t in samples]), rtol=1e-12)
+  assert float(info.step_size) == 1.0
 
 
 def test_logistic_regression_lands_on_the_laplace_mean(x64):
@@ -138,7 +142,7 @@ def test_stein_estimator_agrees_with_hessian_in_expectation(x64):
   loss, mean, prec, _ = _linreg(5)
   n = 4000
   state = von.init(mean, prec)
-  out = von.step(jax.random.key(3), state, loss, rho=1.0, num_samples=n, estimator="stein", pd_correction=False)
+  out, _ = von.step(jax.random.key(3), state, loss, rho=1.0, num_samples=n, estimator="stein", pd_correction=False)
   chol = np.linalg.cholesky(prec)
   eps = np.asarray(von.draw_noise(jax.random.key(3), n, 3, jnp.float64))
   theta = mean + np.linalg.solve(chol.T, eps.T).T
@@ -173,7 +177,7 @@ def test_pd_correction_closed_form_and_positivity(x64):
   algo = von.von(loss, rho=1.0, num_samples=1, estimator="stein")
   s = algo.init(np.zeros(3), np.eye(3))
   for key in jax.random.split(jax.random.key(6), 30):
-    s = algo.step(key, s)
+    s, _ = algo.step(key, s)
     assert np.min(np.linalg.eigvalsh(s.precision)) > 0
 
 
@@ -184,7 +188,7 @@ def test_fit_equals_a_loop_of_jitted_steps(x64):
   algo = von.von(loss, **kw)
   s = algo.init(np.zeros(3), np.eye(3))
   for key in jax.random.split(jax.random.key(7), 8):
-    s = algo.step(key, s)
+    s, _ = algo.step(key, s)
   np.testing.assert_allclose(fitted.mean, s.mean, rtol=1e-10)
   np.testing.assert_allclose(fitted.precision, s.precision, rtol=1e-10)
   assert fitted.mean.dtype == jnp.float64 and fitted.precision.shape == (3, 3)
@@ -199,10 +203,10 @@ def test_step_compiles_once():
 
   algo = von.von(loss, rho=0.5, num_samples=2)
   s = algo.init(jnp.zeros(2), jnp.eye(2))
-  s = algo.step(jax.random.key(0), s)
+  s, _ = algo.step(jax.random.key(0), s)
   n = len(calls)
   for key in jax.random.split(jax.random.key(1), 3):
-    s = algo.step(key, s)
+    s, _ = algo.step(key, s)
   assert len(calls) == n
   assert s.mean.dtype == jnp.float32
 

@@ -32,9 +32,16 @@ small tests, from P Hessian-vector products.
 The fitted q is exported as `bmerge.Mixture` (components `FullGaussian` or `DiagGaussian` with a leading K axis) and
 goes straight into `bmerge.merge.mixture_weighted`.
 
-Reference: W. Lin, M. E. Khan and M. Schmidt, "Fast and simple natural-gradient variational inference with mixture of
-exponential-family approximations", ICML 2019, Sec. 4.1. Paper setting (App. B.2): K = 20, beta = 0.02 for means and
-precisions, 3e-6 for the weights, 3 samples, 25 iterations.
+Each `step` returns `(state, info)` as blackjax's kernels do (`MoGInfo`: the step size used after halving, the mean
+loss-bar over the samples); `fit` / `fit_diag` run the steps in one `lax.scan`, and `bmerge.fit.mog` starts K
+components around a MAP, spread by its Laplace covariance.
+
+References:
+  Lin, Khan, Schmidt. Fast and simple natural-gradient variational inference with mixture of exponential-family
+  approximations. ICML 2019, Sec. 4.1.
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging. 2024 (Eqs. 11-12; App. B.2: K = 20, beta = 0.02 for means and precisions, 3e-6 for the
+  weights, 3 samples, 25 iterations).
 """
 
 from __future__ import annotations
@@ -50,14 +57,15 @@ from jax.scipy.special import logsumexp
 
 from bmerge import _checks
 from bmerge import _tree
-from bmerge.optim import von as _von
+from bmerge.optim import _learner
+from bmerge.optim._learner import ESTIMATORS, LOG_2PI
 from bmerge.posteriors import DiagGaussian, FullGaussian, Mixture
 
+__all__ = ["DIAG_ESTIMATORS", "DiagMoGState", "ESTIMATORS", "MoGAlgorithm", "MoGInfo", "MoGState", "fit", "fit_diag",
+           "init", "init_diag", "mog", "posterior", "sample", "step", "step_diag"]
+
 PyTree = Any
-ESTIMATORS = ("hessian", "stein", "gauss_newton")
 DIAG_ESTIMATORS = ("stein", "hessian")
-_LOG_2PI = math.log(2.0 * math.pi)
-_MAX_HALVINGS = 50
 
 
 class MoGState(NamedTuple):
@@ -66,7 +74,6 @@ class MoGState(NamedTuple):
   mean: jax.Array  # [K, P]
   precision: jax.Array  # [K, P, P] symmetric positive definite
   log_weights: jax.Array  # [K] normalised: logsumexp = 0
-  beta: jax.Array  # [] the step size the last step used after halving (0 before the first step)
 
 
 class DiagMoGState(NamedTuple):
@@ -75,34 +82,32 @@ class DiagMoGState(NamedTuple):
   mean: PyTree  # params pytree, every leaf with a leading [K] axis
   precision: PyTree  # same structure and shapes as `mean`, entries > 0
   log_weights: jax.Array  # [K] normalised: logsumexp = 0
-  beta: jax.Array  # [] the step size the last step used after halving (0 before the first step)
+
+
+class MoGInfo(NamedTuple):
+  """Diagnostics of one `step` / `step_diag`."""
+
+  step_size: jax.Array  # [] the beta used, after halving until every precision stayed positive (0: no step)
+  loss: jax.Array  # [] mean of loss-bar over the step's Monte-Carlo samples
 
 
 class MoGAlgorithm(NamedTuple):
-  """`init(mean, precision, log_weights=None)` and a jitted `step(key, state)` with hyperparameters bound."""
+  """`init(mean, precision, log_weights=None)` and a jitted `step(key, state) -> (state, MoGInfo)`."""
 
   init: Callable[..., Any]
-  step: Callable[[jax.Array, Any], Any]
+  step: Callable[[jax.Array, Any], tuple[Any, MoGInfo]]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Validation.
 
 
-def _check_beta(beta: Any, name: str) -> None:
-  if not _checks.is_concrete(beta):
-    return
-  arr = np.asarray(beta, dtype=np.float64)
-  if arr.ndim != 0 or not np.isfinite(arr) or not float(arr) > 0:
-    raise ValueError(f"`{name}` must be a finite scalar step size > 0, got {beta!r}.")
-
-
 def _check_common(loss_fn, beta, beta_w, num_samples, antithetic):
-  _von._check_loss_fn(loss_fn)
-  _check_beta(beta, "beta")
+  _learner.check_loss_fn(loss_fn)
+  _learner.check_step_size(beta, "beta")
   if beta_w is not None:
-    _check_beta(beta_w, "beta_w")
-  _von._check_num_samples(num_samples, antithetic)
+    _learner.check_step_size(beta_w, "beta_w")
+  _learner.check_num_samples(num_samples, antithetic)
 
 
 def _check_log_weights(log_weights, k, dtype, name="log_weights"):
@@ -116,11 +121,6 @@ def _check_log_weights(log_weights, k, dtype, name="log_weights"):
       raise ValueError(f"`{name}` must be finite or -inf (an empty component), with at least one finite entry.")
   lw = jnp.asarray(log_weights, dtype)
   return lw - logsumexp(lw)
-
-
-def _check_num_steps(num_steps):
-  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
-    raise ValueError(f"`num_steps` must be a non-negative integer, got {num_steps!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,18 +149,18 @@ def _init(mean, precision, log_weights, prefix):
     raise ValueError(f"`{prefix}precision` must be [K, P, P] = {(k, p, p)}, got shape {jnp.shape(precision)}.")
   _checks.finite(mean, name=f"{prefix}mean")
   _checks.positive_definite(precision, name=f"{prefix}precision")
-  dtype = _von._float_dtype(mean, precision)
+  dtype = _learner.float_dtype(mean, precision)
   return MoGState(jnp.asarray(mean, dtype), jnp.asarray(precision, dtype),
-                  _check_log_weights(log_weights, k, dtype, f"{prefix}log_weights"), jnp.zeros((), dtype))
+                  _check_log_weights(log_weights, k, dtype, f"{prefix}log_weights"))
 
 
 def _draw(key, log_weights, num_samples, dim, dtype, antithetic):
   """Component indices c [S] and noise eps [S, P]; with K = 1 exactly VON's noise (no component draw)."""
   k = log_weights.shape[0]
   if k == 1:
-    return jnp.zeros((num_samples,), jnp.int32), _von.draw_noise(key, num_samples, dim, dtype, antithetic)
+    return jnp.zeros((num_samples,), jnp.int32), _learner.draw_noise(key, num_samples, dim, dtype, antithetic)
   key_eps, key_c = jax.random.split(key)
-  eps = _von.draw_noise(key_eps, num_samples, dim, dtype, antithetic)
+  eps = _learner.draw_noise(key_eps, num_samples, dim, dtype, antithetic)
   if antithetic:  # the pair (eps, -eps) mirrors around the same component
     c = jax.random.categorical(key_c, log_weights, shape=(num_samples // 2,))
     c = jnp.concatenate([c, c])
@@ -171,7 +171,7 @@ def _draw(key, log_weights, num_samples, dim, dtype, antithetic):
 
 def sample(key: jax.Array, state: MoGState, num_samples: int = 1) -> jax.Array:
   """[num_samples, P] draws from q."""
-  _von._check_num_samples(num_samples, False)
+  _learner.check_num_samples(num_samples, False)
   chol = jnp.linalg.cholesky(state.precision)
   c, eps = _draw(key, state.log_weights, num_samples, state.mean.shape[1], state.mean.dtype, False)
   return _full_theta(state.mean, chol, c, eps)
@@ -183,14 +183,14 @@ def _full_theta(mean, chol, c, eps):
 
 
 def _full_expectations(state, loss_fn, z, estimator, gauss_newton_fn, control_variate):
-  """E_q[delta_c grad f] [K, P], E_q[delta_c hess f] [K, P, P] and E_q[delta_c f] [K] from samples z [S, P]."""
+  """E_q[delta_c grad f] [K, P], E_q[delta_c hess f] [K, P, P], E_q[delta_c f] [K] and the mean loss from z [S, P]."""
   mean, prec, log_w = state.mean, state.precision, state.log_weights
   chol = jnp.linalg.cholesky(prec)
   n = z.shape[0]
   diff = mean[None] - z[:, None]  # [S, K, P] mu_c - z
   a = jnp.einsum("kpq,skq->skp", prec, diff)  # a_c = S_c (mu_c - z)
   half_logdet = jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)  # [K]
-  log_n = -0.5 * jnp.einsum("skp,skp->sk", diff, a) + half_logdet - 0.5 * z.shape[1] * _LOG_2PI  # [S, K]
+  log_n = -0.5 * jnp.einsum("skp,skp->sk", diff, a) + half_logdet - 0.5 * z.shape[1] * LOG_2PI  # [S, K]
   log_joint = log_w + log_n
   log_q = logsumexp(log_joint, axis=1)  # [S]
   r = jnp.exp(log_joint - log_q[:, None])  # responsibilities
@@ -203,31 +203,20 @@ def _full_expectations(state, loss_fn, z, estimator, gauss_newton_fn, control_va
   neg_hess_log_q = (jnp.einsum("sk,kpq->spq", r, prec) - jnp.einsum("sk,skp,skq->spq", r, a, a)
                     + jnp.einsum("sp,sq->spq", abar, abar))
   if estimator == "stein":  # per component: E_{N_c}[hess loss] = E_q[delta_c sym(S_c (z - mu_c) grad^T)]
-    loss_h = _von._sym(jnp.einsum("sk,skp,sq->kpq", delta, -a, grads)) / n
+    loss_h = _learner.sym(jnp.einsum("sk,skp,sq->kpq", delta, -a, grads)) / n
   else:
     h = jax.vmap(jax.hessian(loss_fn))(z) if estimator == "hessian" else jax.vmap(gauss_newton_fn)(z)
-    loss_h = jnp.einsum("sk,spq->kpq", delta, _von._sym(h)) / n
+    loss_h = jnp.einsum("sk,spq->kpq", delta, _learner.sym(h)) / n
   e_hess = -loss_h + jnp.einsum("sk,spq->kpq", delta, neg_hess_log_q) / n
   if control_variate:
     e_grad = jnp.einsum("sk,skp->kp", delta, grad_f[:, None] + a) / n
     e_hess = e_hess + prec * (1.0 - jnp.mean(delta, axis=0))[:, None, None]
-    neg_entropy = half_logdet - 0.5 * z.shape[1] * (1.0 + _LOG_2PI)  # E_{N_c}[log N_c]
+    neg_entropy = half_logdet - 0.5 * z.shape[1] * (1.0 + LOG_2PI)  # E_{N_c}[log N_c]
     e_f = jnp.einsum("sk,sk->k", delta, f[:, None] + log_n) / n - neg_entropy
   else:
     e_grad = jnp.einsum("sk,sp->kp", delta, grad_f) / n
     e_f = jnp.einsum("sk,s->k", delta, f) / n
-  return e_grad, _von._sym(e_hess), e_f
-
-
-def _halve_until(ok_fn, beta):
-  """The largest beta / 2^i (i = 0.._MAX_HALVINGS) with ok_fn(beta / 2^i), else 0."""
-
-  def cond(carry):
-    b, i = carry
-    return jnp.logical_and(i < _MAX_HALVINGS, jnp.logical_not(ok_fn(b)))
-
-  b, i = jax.lax.while_loop(cond, lambda c: (0.5 * c[0], c[1] + 1), (beta, 0))
-  return jnp.where(ok_fn(b), b, jnp.zeros_like(b))
+  return e_grad, _learner.sym(e_hess), e_f, jnp.mean(losses)
 
 
 def _update_weights(log_w, e_f, beta_w):
@@ -239,7 +228,7 @@ def _update_weights(log_w, e_f, beta_w):
 
 def step(key: jax.Array, state: MoGState, loss_fn: Callable, beta=0.02, beta_w=None, num_samples: int = 3,
          estimator: str = "hessian", *, gauss_newton_fn: Optional[Callable] = None, antithetic: bool = False,
-         control_variate: bool = False) -> MoGState:
+         control_variate: bool = False) -> tuple[MoGState, MoGInfo]:
   """One natural-gradient step of mixture VI (pure; see the module docstring for the math).
 
   Args:
@@ -255,50 +244,74 @@ def step(key: jax.Array, state: MoGState, loss_fn: Callable, beta=0.02, beta_w=N
     control_variate: subtract each component's own score (unbiased; see the module docstring).
 
   Returns:
-    The new `MoGState`; its `beta` field holds the step size used.
+    `(state, info)`: the new `MoGState` and a `MoGInfo` (the beta used after halving, the mean loss-bar).
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _von._check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  _learner.check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
   dtype = state.mean.dtype
-  beta = jnp.asarray(beta, dtype)
-  beta_w = 0.01 * beta if beta_w is None else jnp.asarray(beta_w, dtype)
   chol = jnp.linalg.cholesky(state.precision)
   c, eps = _draw(key, state.log_weights, num_samples, state.mean.shape[1], dtype, antithetic)
   z = _full_theta(state.mean, chol, c, eps)
-  e_grad, e_hess, e_f = _full_expectations(state, loss_fn, z, estimator, gauss_newton_fn, control_variate)
-  alive = jnp.isfinite(state.log_weights)  # an empty (-inf) component keeps its parameters
-  e_grad = jnp.where(alive[:, None], e_grad, 0.0)
-  e_hess = jnp.where(alive[:, None, None], e_hess, 0.0)
+  e_grad, e_hess, e_f, loss = _full_expectations(state, loss_fn, z, estimator, gauss_newton_fn, control_variate)
 
-  def new_prec(b):
-    return _von._sym(state.precision - b * e_hess)
+  def new_prec(b, e_hess):
+    return _learner.sym(state.precision - b * e_hess)
 
-  def ok(b):
-    return jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_prec(b))))
+  def new_mean(b, prec, e_grad):
+    chol_new = jnp.linalg.cholesky(prec)
+    return state.mean + b * jax.vmap(lambda l, g: jax.scipy.linalg.cho_solve((l, True), g))(chol_new, e_grad)
 
-  b = _halve_until(ok, beta)
-  prec = new_prec(b)
-  chol_new = jnp.linalg.cholesky(prec)
-  mean = state.mean + b * jax.vmap(lambda l, g: jax.scipy.linalg.cho_solve((l, True), g))(chol_new, e_grad)
-  log_w = _update_weights(state.log_weights, e_f, beta_w * (b / beta))
-  return MoGState(mean.astype(dtype), prec.astype(dtype), log_w.astype(dtype), b)
+  ok = lambda b, e_hess: jnp.all(jnp.isfinite(jnp.linalg.cholesky(new_prec(b, e_hess))))
+  mean, prec, log_w, info = _natural_step(state.log_weights, e_grad, e_hess, e_f, loss, beta, beta_w, ok, new_prec,
+                                          new_mean)
+  return MoGState(mean.astype(dtype), prec.astype(dtype), log_w), info
+
+
+def _natural_step(log_w, e_grad, e_hess, e_f, loss, beta, beta_w, ok, new_prec, new_mean):
+  """The update shared by full and diagonal components: beta halved until `ok(beta, e_hess)`, then the precisions
+  `new_prec(beta, e_hess)`, the means `new_mean(beta, prec, e_grad)` and the log weights.
+
+  `e_grad` and `e_hess` carry a leading K axis; an empty (-inf weight) component keeps its parameters. Returns
+  (mean, precision, log_weights, MoGInfo).
+  """
+  dtype = log_w.dtype
+  beta = jnp.asarray(beta, dtype)
+  beta_w = 0.01 * beta if beta_w is None else jnp.asarray(beta_w, dtype)
+  alive = jnp.isfinite(log_w)
+  e_grad = jnp.where(alive.reshape((-1,) + (1,) * (e_grad.ndim - 1)), e_grad, 0.0)
+  e_hess = jnp.where(alive.reshape((-1,) + (1,) * (e_hess.ndim - 1)), e_hess, 0.0)
+  b = _learner.halve_until(lambda b: ok(b, e_hess), beta)
+  prec = new_prec(b, e_hess)
+  mean = new_mean(b, prec, e_grad)
+  log_w = _update_weights(log_w, e_f, beta_w * (b / beta)).astype(dtype)
+  return mean, prec, log_w, MoGInfo(b, loss.astype(dtype))
 
 
 def mog(loss_fn: Callable, beta=0.02, beta_w=None, num_samples: int = 3, estimator: str = "hessian", *,
         gauss_newton_fn: Optional[Callable] = None, antithetic: bool = False,
         control_variate: bool = False) -> MoGAlgorithm:
   """Mixture VI with its hyperparameters bound: `init(mean, precision, log_weights=None)` and a jitted
-  `step(key, state)`. See `step` for the arguments.
+  `step(key, state) -> (state, info)`. See `step` for the arguments.
 
   Example:
-    >>> algo = mog(loss_fn, beta=0.02, beta_w=3e-6, num_samples=3)
-    >>> state = algo.init(means_kp, jnp.broadcast_to(jnp.eye(p), (k, p, p)))
-    >>> for key in jax.random.split(jax.random.key(0), 25):
-    ...   state = algo.step(key, state)
-    >>> q = posterior(state)  # bmerge.Mixture of FullGaussian components
+    Two components fit the bimodal target 0.3 N(-2, 0.5^2) + 0.7 N(2, 0.5^2) exactly: weights, means, precisions.
+
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from jax.scipy.stats import norm
+    >>> from bmerge.optim import mog
+    >>> def loss_fn(z):                                     # -log target
+    ...   return -jnp.logaddexp(jnp.log(0.3) + norm.logpdf(z[0], -2.0, 0.5), jnp.log(0.7) + norm.logpdf(z[0], 2.0, 0.5))
+    >>> algo = mog.mog(loss_fn, beta=0.2, beta_w=0.1, num_samples=10)
+    >>> state = algo.init(jnp.array([[-3.0], [3.0]]), jnp.ones((2, 1, 1)))
+    >>> for key in jax.random.split(jax.random.key(0), 100):
+    ...   state, info = algo.step(key, state)
+    >>> q = mog.posterior(state)                            # a bmerge.Mixture of FullGaussian components
+    >>> show = lambda x: np.round(np.asarray(x, np.float64), 2)
+    >>> print(show(jnp.exp(q.log_weights)), show(q.components.mean[:, 0]), show(q.components.precision[:, 0, 0]))
+    [0.3 0.7] [-2.  2.] [4. 4.]
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _von._check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  _learner.check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
 
   @jax.jit
   def step_fn(key, state):
@@ -321,8 +334,8 @@ def fit(key: jax.Array, loss_fn: Callable, init_mean: jax.Array, init_precision:
     The final `MoGState`; `posterior(state)` is the `Mixture` to merge.
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _von._check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
-  _check_num_steps(num_steps)
+  _learner.check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  num_steps = _learner.check_count(num_steps, "num_steps", minimum=0)
   state = _init(init_mean, init_precision, init_log_weights, "init_")
   dtype = state.mean.dtype
   beta_w = 0.01 * beta if beta_w is None else beta_w
@@ -333,12 +346,11 @@ def fit(key: jax.Array, loss_fn: Callable, init_mean: jax.Array, init_precision:
 @partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
 def _fit_full(key, state, beta, beta_w, num_steps, loss_fn, num_samples, estimator, gauss_newton_fn, antithetic,
               control_variate):
-  def body(s, k):
+  def one(k, s, _):
     return step(k, s, loss_fn, beta, beta_w, num_samples, estimator, gauss_newton_fn=gauss_newton_fn,
-                antithetic=antithetic, control_variate=control_variate), None
+                antithetic=antithetic, control_variate=control_variate)
 
-  state, _ = jax.lax.scan(body, state, jax.random.split(key, num_steps))
-  return state
+  return _learner.scan_steps(one, state, key, num_steps)
 
 
 def posterior(state: MoGState | DiagMoGState) -> Mixture:
@@ -374,19 +386,19 @@ def _init_diag(mean, precision, log_weights, prefix):
   _checks.same_structure(precision, mean, name_a=f"{prefix}precision", name_b=f"{prefix}mean")
   _checks.finite(mean, name=f"{prefix}mean")
   _checks.positive_finite(precision, name=f"{prefix}precision")
-  dtype = _von._float_dtype(*leaves, *jax.tree.leaves(precision))
+  dtype = _learner.float_dtype(*leaves, *jax.tree.leaves(precision))
   cast = lambda t: jax.tree.map(lambda x: jnp.asarray(x, dtype), t)
-  return DiagMoGState(cast(mean), cast(precision), _check_log_weights(log_weights, k, dtype, f"{prefix}log_weights"),
-                      jnp.zeros((), dtype))
+  return DiagMoGState(cast(mean), cast(precision), _check_log_weights(log_weights, k, dtype, f"{prefix}log_weights"))
 
 
 def _diag_expectations(mean, prec, log_w, loss_flat, z, estimator, control_variate):
-  """Diagonal analogue of `_full_expectations`: E[delta_c grad f] [K, P], E[delta_c diag hess f] [K, P], E[delta_c f]."""
+  """Diagonal analogue of `_full_expectations`: E[delta_c grad f] [K, P], E[delta_c diag hess f] [K, P], E[delta_c f],
+  mean loss."""
   n, p = z.shape
   diff = mean[None] - z[:, None]  # [S, K, P]
   a = prec[None] * diff
   half_logdet = 0.5 * jnp.sum(jnp.log(prec), axis=-1)
-  log_n = -0.5 * jnp.sum(diff * a, axis=-1) + half_logdet - 0.5 * p * _LOG_2PI
+  log_n = -0.5 * jnp.sum(diff * a, axis=-1) + half_logdet - 0.5 * p * LOG_2PI
   log_joint = log_w + log_n
   log_q = logsumexp(log_joint, axis=1)
   r = jnp.exp(log_joint - log_q[:, None])
@@ -410,43 +422,41 @@ def _diag_expectations(mean, prec, log_w, loss_flat, z, estimator, control_varia
   if control_variate:
     e_grad = jnp.einsum("sk,skp->kp", delta, grad_f[:, None] + a) / n
     e_hess = e_hess + prec * (1.0 - jnp.mean(delta, axis=0))[:, None]
-    neg_entropy = half_logdet - 0.5 * p * (1.0 + _LOG_2PI)
+    neg_entropy = half_logdet - 0.5 * p * (1.0 + LOG_2PI)
     e_f = jnp.einsum("sk,sk->k", delta, f[:, None] + log_n) / n - neg_entropy
   else:
     e_grad = jnp.einsum("sk,sp->kp", delta, grad_f) / n
     e_f = jnp.einsum("sk,s->k", delta, f) / n
-  return e_grad, e_hess, e_f
+  return e_grad, e_hess, e_f, jnp.mean(losses)
 
 
 def step_diag(key: jax.Array, state: DiagMoGState, loss_fn: Callable, beta=0.02, beta_w=None, num_samples: int = 3,
-              estimator: str = "stein", *, antithetic: bool = False, control_variate: bool = False) -> DiagMoGState:
+              estimator: str = "stein", *, antithetic: bool = False, control_variate: bool = False
+              ) -> tuple[DiagMoGState, MoGInfo]:
   """One step of diagonal mixture VI over a params pytree; `loss_fn(params) -> scalar`.
 
   The same updates as `step` with every precision diagonal: h_c <- h_c - beta E[delta_c diag hess f] (beta halved
   until every h_c > 0), mu_c <- mu_c + beta E[delta_c grad f] / h_c. `estimator`: 'stein' (gradients only,
   E_{N_c}[diag hess] = E_q[delta_c h_c (z - mu_c) * grad]) or 'hessian' (exact diagonal, P Hessian-vector products).
+  Returns `(state, info)` like `step`.
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _von._check_estimator(estimator, None, DIAG_ESTIMATORS)
+  _learner.check_estimator(estimator, None, DIAG_ESTIMATORS)
   mean, unflatten = _tree.flatten(state.mean, 1)  # [K, P]
   prec, _ = _tree.flatten(state.precision, 1)
   dtype = mean.dtype
   prec = prec.astype(dtype)
-  beta = jnp.asarray(beta, dtype)
-  beta_w = 0.01 * beta if beta_w is None else jnp.asarray(beta_w, dtype)
   c, eps = _draw(key, state.log_weights, num_samples, mean.shape[1], dtype, antithetic)
   z = mean[c] + eps / jnp.sqrt(prec[c])
   loss_flat = lambda x: loss_fn(unflatten(x))
-  e_grad, e_hess, e_f = _diag_expectations(mean, prec, state.log_weights, loss_flat, z, estimator, control_variate)
-  alive = jnp.isfinite(state.log_weights)[:, None]  # an empty (-inf) component keeps its parameters
-  e_grad = jnp.where(alive, e_grad, 0.0)
-  e_hess = jnp.where(alive, e_hess, 0.0)
-  ok = lambda b: jnp.all(prec - b * e_hess > 0)
-  b = _halve_until(ok, beta)
-  prec_new = prec - b * e_hess
-  mean_new = mean + b * e_grad / prec_new
-  log_w = _update_weights(state.log_weights, e_f, beta_w * (b / beta))
-  return DiagMoGState(unflatten(mean_new), unflatten(prec_new), log_w.astype(dtype), b)
+  e_grad, e_hess, e_f, loss = _diag_expectations(mean, prec, state.log_weights, loss_flat, z, estimator,
+                                                 control_variate)
+  new_prec = lambda b, e_hess: prec - b * e_hess
+  ok = lambda b, e_hess: jnp.all(new_prec(b, e_hess) > 0)
+  new_mean = lambda b, prec_new, e_grad: mean + b * e_grad / prec_new
+  mean_new, prec_new, log_w, info = _natural_step(state.log_weights, e_grad, e_hess, e_f, loss, beta, beta_w, ok,
+                                                  new_prec, new_mean)
+  return DiagMoGState(unflatten(mean_new), unflatten(prec_new), log_w), info
 
 
 def fit_diag(key: jax.Array, loss_fn: Callable, init_mean: PyTree, init_precision: PyTree, num_steps: int,
@@ -455,8 +465,8 @@ def fit_diag(key: jax.Array, loss_fn: Callable, init_mean: PyTree, init_precisio
              control_variate: bool = False) -> DiagMoGState:
   """`step_diag` `num_steps` times in one `lax.scan` (keys `jax.random.split(key, num_steps)`)."""
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _von._check_estimator(estimator, None, DIAG_ESTIMATORS)
-  _check_num_steps(num_steps)
+  _learner.check_estimator(estimator, None, DIAG_ESTIMATORS)
+  num_steps = _learner.check_count(num_steps, "num_steps", minimum=0)
   state = _init_diag(init_mean, init_precision, init_log_weights, "init_")
   dtype = state.log_weights.dtype
   beta_w = 0.01 * beta if beta_w is None else beta_w
@@ -466,9 +476,8 @@ def fit_diag(key: jax.Array, loss_fn: Callable, init_mean: PyTree, init_precisio
 
 @partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
 def _fit_diag(key, state, beta, beta_w, num_steps, loss_fn, num_samples, estimator, antithetic, control_variate):
-  def body(s, k):
+  def one(k, s, _):
     return step_diag(k, s, loss_fn, beta, beta_w, num_samples, estimator, antithetic=antithetic,
-                     control_variate=control_variate), None
+                     control_variate=control_variate)
 
-  state, _ = jax.lax.scan(body, state, jax.random.split(key, num_steps))
-  return state
+  return _learner.scan_steps(one, state, key, num_steps)
