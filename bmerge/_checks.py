@@ -6,6 +6,9 @@ arrays: under a user's `jit` the inputs are tracers and are assumed valid, as in
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import os
 from typing import Any, Sequence
 
 import jax
@@ -16,8 +19,46 @@ from bmerge import posteriors as post
 from bmerge.posteriors import DiagGaussian, FullGaussian, IsoGaussian
 
 
+# Row numbers in error messages are offset by this much: `bmerge.preview` checks one row of its grid at a time and
+# the error must name that row's index in the user's grid.
+_ROW_OFFSET = contextvars.ContextVar("row_offset", default=0)
+
+
+@contextlib.contextmanager
+def row_offset(offset: int):
+  """Within the block, errors about rows of `alphas` report row `i + offset`."""
+  token = _ROW_OFFSET.set(int(offset))
+  try:
+    yield
+  finally:
+    _ROW_OFFSET.reset(token)
+
+
+def _row(i) -> int:
+  return int(i) + _ROW_OFFSET.get()
+
+
 def is_concrete(x: Any) -> bool:
+  """True unless `x` is a tracer (value checks run only on concrete values)."""
   return not isinstance(x, jax.core.Tracer)
+
+
+def positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+  """A Python or numpy integer (not a bool) > 0 (>= 0 with `allow_zero`)."""
+  ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+  if not ok:
+    raise ValueError(f"`{name}` must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}.")
+  return int(value)
+
+
+def workdir(value: Any, name: str = "workdir") -> str:
+  """A path to a directory (created later if missing); an existing file there is an error naming the argument."""
+  if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+    raise TypeError(f"`{name}` must be a path (str or os.PathLike) to a directory, got {value!r}.")
+  path = os.fspath(value)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"`{name}` = {path!r} is a file, not a directory; give a directory (created if missing).")
+  return path
 
 
 def _leaves_concrete(tree: Any) -> bool:
@@ -45,21 +86,21 @@ def alphas(value: Any, num_tasks: int, *, name: str = "alphas") -> tuple[Any, bo
   if is_concrete(arr):
     if not np.all(np.isfinite(arr)):
       bad = np.argwhere(~np.isfinite(arr))[0]
-      raise ValueError(f"`{name}` must be finite; row {bad[0]} has {arr[tuple(bad)]} at task {bad[1]}.")
+      raise ValueError(f"`{name}` must be finite; row {_row(bad[0])} has {arr[tuple(bad)]} at task {bad[1]}.")
     if np.any(arr < 0):
       bad = np.argwhere(arr < 0)[0]
-      raise ValueError(f"`{name}` must be non-negative; row {bad[0]} has {arr[tuple(bad)]} at task {bad[1]}.")
+      raise ValueError(f"`{name}` must be non-negative; row {_row(bad[0])} has {arr[tuple(bad)]} at task {bad[1]}.")
   return arr, single
 
 
 def rows_sum_to_one(value: Any, *, name: str = "alphas", what: str = "", atol: float = 1e-5) -> None:
-  """Without a prior, gamma = 1 - sum(alpha) must be 0 (REFERENCE §2)."""
+  """Without a prior, gamma = 1 - sum(alpha) must be 0 (paper Eqs. 5-8: the prior carries the weight gamma)."""
   if not is_concrete(value):
     return
   sums = np.asarray(value, dtype=np.float64).sum(axis=1)
   bad = np.flatnonzero(np.abs(sums - 1.0) > atol)
   if bad.size:
-    raise ValueError(f"`{name}` row {bad[0]} sums to {sums[bad[0]]:.6g}, not 1. {what}")
+    raise ValueError(f"`{name}` row {_row(bad[0])} sums to {sums[bad[0]]:.6g}, not 1. {what}")
 
 
 def leading(tree: Any, lead: Sequence[int], *, name: str, what: str = "") -> None:

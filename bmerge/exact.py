@@ -16,29 +16,30 @@ import numpy as np
 import optax
 
 from bmerge import _checks
-from bmerge.grid_eval import chunked_map
+from bmerge.grid_eval import chunked_map, compute_dtype
 
 PyTree = Any
 
 
-def _train_one(task_losses, optimizer, num_steps, alpha, params, batch):
-  objective = lambda p: jnp.dot(alpha, task_losses(p, batch))
+def _train_one(task_losses, optimizer, num_steps, stepwise, alpha, params, batch):
+  objective = lambda p, b: jnp.dot(alpha, task_losses(p, b).astype(alpha.dtype))
   opt_state = optimizer.init(params)
 
-  def step(carry, _):
+  def step(carry, b):
     params, opt_state = carry
-    grads = jax.grad(objective)(params)
+    grads = jax.grad(objective)(params, batch if b is None else b)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), None
 
-  (params, _), _ = jax.lax.scan(step, (params, opt_state), None, length=num_steps)
+  xs = batch if stepwise else None
+  (params, _), _ = jax.lax.scan(step, (params, opt_state), xs, length=None if stepwise else num_steps)
   return params
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2, 3))
-def _train_chunk(task_losses, optimizer, num_steps, eval_fn, chunk, params, batch, eval_batch):
+@partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _train_chunk(task_losses, optimizer, num_steps, stepwise, eval_fn, chunk, params, batch, eval_batch):
   """Trains every alpha of a chunk at once; compiled once per (losses, optimizer, steps, eval_fn, shapes)."""
-  trained = jax.vmap(partial(_train_one, task_losses, optimizer, num_steps), in_axes=(0, None, None))(
+  trained = jax.vmap(partial(_train_one, task_losses, optimizer, num_steps, stepwise), in_axes=(0, None, None))(
       chunk, params, batch)
   if eval_fn is None:
     return trained
@@ -46,45 +47,65 @@ def _train_chunk(task_losses, optimizer, num_steps, eval_fn, chunk, params, batc
 
 
 def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: PyTree, alphas,
-                optimizer: optax.GradientTransformation, num_steps: int, batch: Any, *,
-                eval_fn: Optional[Callable[[PyTree, Any], Any]] = None, eval_batch: Any = None,
-                chunk_size: int = 64, workdir: Optional[str] = None, tag: str = "exact", salt: str = "",
+                optimizer: optax.GradientTransformation, num_steps: Optional[int], batch: Any, *,
+                stepwise: bool = False, eval_fn: Optional[Callable[[PyTree, Any], Any]] = None, eval_batch: Any = None,
+                chunk_size: int = 64, workdir: Optional[str] = None, tag: str = "exact",
                 progress: bool = True) -> PyTree:
-  """Trains argmin_theta sum_t alpha_t loss_t(theta) for every alpha of a grid, full batch.
+  """Trains argmin_theta sum_t alpha_t loss_t(theta) for every alpha of a grid (paper Eq. 1).
+
+  Every alpha starts from `init_params` with the same optimizer, the same data in the same order and the same budget,
+  so the results differ only by the weighting. Full batch by default; with `stepwise=True` step i uses the i-th slice
+  of `batch` along its leading axis (minibatches prepared in advance, e.g. `[num_steps, B, ...]` arrays).
 
   Args:
     task_losses: `task_losses(params, batch) -> [T]`, the per-task losses (each including its share of any
       regulariser, so that with sum(alpha) = 1 the objective is the weighted multitask loss plus the regulariser).
     init_params: the common initialisation (e.g. the pretrained model).
     alphas: [G, T] task weights.
-    optimizer: an optax transformation, applied for `num_steps` full-batch steps (same budget for every alpha).
-    batch: the training data passed to `task_losses` at every step.
+    optimizer: an optax transformation, applied for `num_steps` steps (same budget for every alpha).
+    num_steps: the number of steps; with `stepwise=True` it must equal the leading axis of `batch` (or be None).
+    batch: the training data passed to `task_losses` at every step (or, stepwise, one slice per step).
+    stepwise: whether `batch` holds one minibatch per step along its leading axis.
     eval_fn: optional `eval_fn(params, eval_batch) -> metric`; when given, only the metrics are kept (and saved per
       chunk), not the trained models.
     eval_batch: data for `eval_fn`.
     chunk_size: alphas trained together in one compiled call.
-    workdir: if given, finished chunks are saved under `<workdir>/<tag>/` and reused on the next run.
+    workdir: if given, finished chunks are saved under `<workdir>/<tag>/<key>/` and reused on the next run. The key
+      is a content hash of everything that determines the results (`task_losses`, `optimizer` with the
+      hyperparameters its functions capture, `num_steps`, `init_params`, `batch`, `eval_fn`, `eval_batch`), and each
+      row is stored with its alpha: changed inputs never load old results, another grid or `chunk_size` reuses the
+      rows already trained.
     tag: sub-folder in `workdir`.
-    salt: identifies the data, losses and optimizer (e.g. a config fingerprint); chunks of another salt are refused.
     progress: show a progress bar.
 
   Returns:
     The trained params with a leading G axis, or the metrics [G, ...] when `eval_fn` is given (numpy).
   """
-  if not isinstance(num_steps, (int, np.integer)) or num_steps < 0:
-    raise ValueError(f"`num_steps` must be a non-negative integer, got {num_steps!r}.")
+  if stepwise:
+    sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in jax.tree.leaves(batch)}
+    if len(sizes) != 1 or -1 in sizes:
+      raise ValueError(f"With `stepwise=True` every leaf of `batch` needs the same leading steps axis; got leading "
+                       f"sizes {sorted(sizes)}.")
+    steps = sizes.pop()
+    if num_steps is not None and num_steps != steps:
+      raise ValueError(f"`num_steps` = {num_steps} but `batch` holds {steps} steps along its leading axis.")
+    num_steps = steps
+  num_steps = _checks.positive_int(num_steps, "num_steps", allow_zero=True)
+  if workdir is not None:
+    _checks.workdir(workdir)
   a = np.asarray(alphas)
   if a.ndim != 2:
     raise ValueError(f"`alphas` must be a [G, T] grid, got shape {a.shape}.")
-  losses0 = jax.eval_shape(task_losses, init_params, batch)
+  first = jax.tree.map(lambda x: x[0], batch) if stepwise else batch
+  losses0 = jax.eval_shape(task_losses, init_params, first)
   if losses0.shape != (a.shape[1],):
     raise ValueError(f"`task_losses` returns shape {losses0.shape} but `alphas` has T = {a.shape[1]} columns; "
                      f"expected task_losses(params, batch) -> [{a.shape[1]}].")
   _checks.alphas(a, a.shape[1])
   _checks.finite(init_params, name="init_params")
-  dtype = jax.tree.leaves(init_params)[0].dtype
-
-  chunk_fn = partial(_train_chunk, task_losses, optimizer, int(num_steps), eval_fn)
-  return chunked_map(lambda chunk: chunk_fn(chunk, init_params, batch, eval_batch), a.astype(dtype),
-                     chunk_size=chunk_size, workdir=workdir, tag=tag, salt=salt, progress=progress,
+  chunk_fn = partial(_train_chunk, task_losses, optimizer, num_steps, bool(stepwise), eval_fn)
+  inputs = dict(task_losses=task_losses, optimizer=optimizer, num_steps=num_steps, stepwise=bool(stepwise),
+                init_params=init_params, batch=batch, eval_fn=eval_fn, eval_batch=eval_batch)
+  return chunked_map(lambda chunk: chunk_fn(chunk, init_params, batch, eval_batch), a.astype(compute_dtype()),
+                     chunk_size=chunk_size, workdir=workdir, tag=tag, inputs=inputs, progress=progress,
                      description=f"joint training {tag}")

@@ -11,11 +11,11 @@ The exact baseline (weighted joint training per alpha, paper Eq. 1) runs through
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import os
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -23,82 +23,134 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bmerge import _checks
+from bmerge import _fingerprint
 from bmerge import _sharding
 
 PyTree = Any
 
 
-def _fingerprint(alphas: np.ndarray, chunk_size: int, tag: str, salt: str) -> str:
-  h = hashlib.sha256()
-  h.update(np.ascontiguousarray(alphas, dtype=np.float64).tobytes())
-  h.update(f"{alphas.shape}|{chunk_size}|{tag}|{salt}".encode())
-  return h.hexdigest()[:16]
+_log = logging.getLogger(__name__)
+_MANIFEST = "manifest.json"
 
 
-def _save_chunk(path: str, tree: PyTree) -> None:
-  leaves, _ = jax.tree.flatten(tree)
+def _row_keys(alphas: np.ndarray) -> list[bytes]:
+  """One key per row: its float64 bytes (rows are compared exactly, as stored)."""
+  rows = np.ascontiguousarray(alphas, dtype=np.float64)
+  return [r.tobytes() for r in rows]
+
+
+def _save_chunk(path: str, rows: np.ndarray, tree: PyTree) -> None:
+  leaves = jax.tree.leaves(tree)
   tmp = path + ".tmp.npz"
-  np.savez(tmp, *[np.asarray(x) for x in leaves])
+  np.savez(tmp, alphas=np.asarray(rows, np.float64), **{f"out_{i}": np.asarray(x) for i, x in enumerate(leaves)})
   os.replace(tmp, path)  # atomic: a chunk file either is complete or does not exist
 
 
-def _load_chunk(path: str, treedef) -> PyTree:
+def _load_chunk(path: str) -> tuple[np.ndarray, list[np.ndarray]]:
   with np.load(path) as f:
-    return jax.tree.unflatten(treedef, [f[f"arr_{i}"] for i in range(len(f.files))])
+    n = sum(1 for k in f.files if k.startswith("out_"))
+    return f["alphas"], [f[f"out_{i}"] for i in range(n)]
+
+
+def _check_name(value: Any, name: str) -> str:
+  if not isinstance(value, str) or not value or value in (".", "..") or any(c in value for c in "/\\"):
+    raise ValueError(f"`{name}` must be a non-empty name without path separators, got {value!r}.")
+  return value
+
+
+def _run_folder(workdir: str, tag: str, parts: dict[str, str]) -> str:
+  """`<workdir>/<tag>/<key>`: the folder of this run's inputs; says which inputs changed if an older run is there."""
+  _checks.workdir(workdir)
+  key = _fingerprint.combine(parts)[:16]
+  parent = os.path.join(workdir, tag)
+  folder = os.path.join(parent, key)
+  if os.path.isdir(folder):
+    return folder
+  others = []
+  if os.path.isdir(parent):
+    for name in os.listdir(parent):
+      manifest = os.path.join(parent, name, _MANIFEST)
+      if os.path.isfile(manifest):
+        others.append((os.path.getmtime(manifest), name, manifest))
+  if others:
+    _, name, manifest = max(others)
+    with open(manifest) as f:
+      old = json.load(f).get("inputs", {})
+    changed = sorted(k for k in set(old) | set(parts) if old.get(k) != parts.get(k))
+    _log.warning("%s: the inputs differ from the run in %s (changed: %s); computing into %s.", tag,
+                 os.path.join(parent, name), ", ".join(changed), folder)
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, _MANIFEST + ".tmp"), "w") as f:
+    json.dump({"tag": tag, "inputs": parts}, f, indent=1)
+  os.replace(os.path.join(folder, _MANIFEST + ".tmp"), os.path.join(folder, _MANIFEST))
+  return folder
 
 
 def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 64, workdir: Optional[str] = None,
-                tag: str = "map", salt: str = "", progress: bool = True, description: str = "") -> PyTree:
+                tag: str = "map", inputs: Optional[Mapping[str, Any]] = None, progress: bool = True,
+                description: str = "") -> PyTree:
   """Applies `fn(alphas_chunk [C, T]) -> pytree with leading C axis` over `alphas` [G, T] chunk by chunk.
 
-  The last chunk is padded (with its first row) to `chunk_size` so every call has one shape: one trace in all.
-  With several devices each chunk is split across them along its rows. With `workdir`, chunk i is saved as
-  `<workdir>/<tag>/chunk_<i>.npz` when it finishes and loaded instead of recomputed on the next run; a manifest
-  holding a fingerprint of (alphas, chunk_size, tag, salt) guards against mixing runs: pass as `salt` anything else
-  that determines the results (e.g. `bmerge.checkpoint.config_fingerprint(config)`), and a folder holding chunks of
-  another run is refused, never overwritten.
+  The last chunk is padded (with its first row) to `chunk_size` so every call has one shape: one trace in all. With
+  several devices each chunk is split across them along its rows.
 
-  Returns the pytree of numpy arrays with a leading G axis.
+  With `workdir`, every finished chunk is saved (with its alpha rows) under `<workdir>/<tag>/<key>/`, where `key` is a
+  content hash of `inputs`: everything besides the alphas that determines `fn`'s results (arrays by the hash of their
+  bytes, functions by qualified name, code and bound or captured values; see `bmerge.preview`, which fills it in).
+  A later run with the same inputs loads the rows it finds there, whatever grid or `chunk_size` they were computed
+  with, and computes only the missing rows; a run whose inputs differ in anything gets another folder, and a warning
+  names the inputs that changed. Finished rows are never overwritten.
+
+  Args:
+    fn: maps a chunk of alphas [C, T] to a pytree of arrays with a leading C axis (the same structure every call).
+    alphas: [G, T] task weights.
+    chunk_size: rows per call.
+    workdir: optional folder for finished chunks (created if missing).
+    tag: a sub-folder name for this computation.
+    inputs: named inputs that determine `fn`'s results; default `{"fn": fn}` (its code and captured values).
+    progress: show a tqdm progress bar.
+    description: label of the progress bar.
+
+  Returns:
+    The pytree of numpy arrays with a leading G axis.
+
+  Example:
+    >>> import numpy as np
+    >>> import bmerge
+    >>> out = bmerge.chunked_map(lambda a: a.sum(axis=1), np.eye(3), chunk_size=2, progress=False)
+    >>> out.tolist()
+    [1.0, 1.0, 1.0]
   """
   alphas = np.asarray(alphas)
+  if alphas.ndim != 2:
+    raise ValueError(f"`alphas` must be a [G, T] grid, got shape {alphas.shape}.")
   g = alphas.shape[0]
-  if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-    raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
+  _checks.positive_int(chunk_size, "chunk_size")
   mesh = _sharding.grid_mesh()
-  if mesh is not None:
-    chunk_size = -(-chunk_size // mesh.size) * mesh.size
-  chunk_size = min(chunk_size, -(-g // (mesh.size if mesh else 1)) * (mesh.size if mesh else 1))
-  num_chunks = -(-g // chunk_size)
+  n_dev = mesh.size if mesh is not None else 1
+  chunk_size = -(-chunk_size // n_dev) * n_dev
+  chunk_size = min(chunk_size, -(-g // n_dev) * n_dev)
   folder = None
+  found: dict[bytes, tuple[str, int]] = {}
   if workdir is not None:
-    folder = os.path.join(workdir, tag)
-    os.makedirs(folder, exist_ok=True)
-    manifest = os.path.join(folder, "manifest.json")
-    fp = _fingerprint(alphas, chunk_size, tag, salt)
-    if os.path.exists(manifest):
-      with open(manifest) as f:
-        old = json.load(f)
-      if old.get("fingerprint") != fp:
-        raise ValueError(f"`workdir` {folder} holds chunks of a different run (other alphas, chunk_size, tag or salt); "
-                         "use a new workdir or delete that folder.")
-    else:
-      with open(manifest + ".tmp", "w") as f:
-        json.dump({"fingerprint": fp, "num_alphas": g, "chunk_size": int(chunk_size), "tag": tag}, f)
-      os.replace(manifest + ".tmp", manifest)
-
-  outputs = [None] * num_chunks
+    _check_name(tag, "tag")
+    parts = _fingerprint.fingerprints({"fn": fn} if inputs is None else inputs)
+    folder = _run_folder(workdir, tag, parts)
+    for name in sorted(os.listdir(folder)):
+      if name.endswith(".npz") and not name.endswith(".tmp.npz"):
+        path = os.path.join(folder, name)
+        with np.load(path) as f:
+          for i, key in enumerate(_row_keys(f["alphas"])):
+            found.setdefault(key, (path, i))
+  keys = _row_keys(alphas)
+  todo = np.asarray([i for i, k in enumerate(keys) if k not in found], dtype=np.int64)
+  num_chunks = -(-len(todo) // chunk_size)
+  computed: dict[int, tuple[PyTree, int]] = {}  # row -> (chunk output, index in it)
   treedef = None
-  todo = []
-  for i in range(num_chunks):
-    path = os.path.join(folder, f"chunk_{i:05d}.npz") if folder else None
-    if path and os.path.exists(path):
-      outputs[i] = path  # loaded below, once the tree structure is known
-    else:
-      todo.append(i)
-  bar = tqdm(total=num_chunks, initial=num_chunks - len(todo), desc=description or tag, disable=not progress,
-             unit="chunk", leave=False)
-  for i in todo:
-    rows = alphas[i * chunk_size:(i + 1) * chunk_size]
+  bar = tqdm(total=num_chunks, desc=description or tag, disable=not progress, unit="chunk", leave=False)
+  for c in range(num_chunks):
+    idx = todo[c * chunk_size:(c + 1) * chunk_size]
+    rows = alphas[idx]
     n = rows.shape[0]
     if n < chunk_size:
       rows = np.concatenate([rows, np.repeat(rows[:1], chunk_size - n, axis=0)])
@@ -106,15 +158,27 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
     out = jax.tree.map(lambda x: np.asarray(x)[:n], fn(sharded))
     treedef = jax.tree.structure(out)
     if folder:
-      _save_chunk(os.path.join(folder, f"chunk_{i:05d}.npz"), out)
-    outputs[i] = out
+      _save_chunk(os.path.join(folder, f"rows-{_fingerprint.fingerprint(alphas[idx])[:16]}.npz"), alphas[idx], out)
+    leaves = jax.tree.leaves(out)
+    for j, i in enumerate(idx):
+      computed[int(i)] = (leaves, j)
     bar.update(1)
   bar.close()
-  if treedef is None:  # everything was on disk: recover the structure by evaluating the tree shape of fn
-    shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk_size, alphas.shape[1]), jnp.asarray(alphas[:1]).dtype))
+  if treedef is None:  # everything was on disk: recover the structure from the tree shape of fn
+    shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk_size, alphas.shape[1]), alphas.dtype))
     treedef = jax.tree.structure(shape)
-  outputs = [_load_chunk(o, treedef) if isinstance(o, str) else o for o in outputs]
-  return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outputs)
+  loaded: dict[str, list[np.ndarray]] = {}
+  columns = []
+  for i, key in enumerate(keys):
+    if i in computed:
+      leaves, j = computed[i]
+    else:
+      path, j = found[key]
+      if path not in loaded:
+        loaded[path] = _load_chunk(path)[1]
+      leaves = loaded[path]
+    columns.append([leaf[j] for leaf in leaves])
+  return jax.tree.unflatten(treedef, [np.stack(col) for col in zip(*columns)])
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -132,46 +196,100 @@ def _hashable(f) -> bool:
     return False
 
 
+def _rule_name(fn: Any) -> str:
+  """A readable default tag for a merge rule: its function name (that of a partial's or a jit's function)."""
+  while True:
+    if isinstance(fn, partial):
+      fn = fn.func
+    elif getattr(fn, "__wrapped__", None) is not None:
+      fn = fn.__wrapped__
+    else:
+      break
+  name = getattr(fn, "__name__", type(fn).__name__)
+  name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("_") or "rule"
+  return f"preview_{name}"
+
+
+def compute_dtype() -> jnp.dtype:
+  """float32, or float64 when `jax_enable_x64` is on: the dtype alphas and merges are computed in."""
+  return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
 def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree, alphas,
             eval_fn: Callable[[PyTree, Any], Any], batch: Any, *, chunk_size: int = 64,
-            workdir: Optional[str] = None, tag: str = "preview", salt: str = "", progress: bool = True) -> PyTree:
-  """The preview: for every alpha, merge the task posteriors and evaluate the merged model (paper §1, Fig. 1).
+            workdir: Optional[str] = None, tag: Optional[str] = None, progress: bool = True) -> PyTree:
+  """The preview: for every alpha, merge the task posteriors and evaluate the merged model (paper Sec. 3, Fig. 1).
+
+  Each chunk of alphas is one compiled call that merges (`merge_fn`) and evaluates (`eval_fn`, `vmap`ped over the
+  chunk), so only `chunk_size` merged models exist at once however large the grid.
+
+  Resuming. With a `workdir`, finished chunks are saved as they complete and a later call loads them instead of
+  computing them again. They are stored under a content key of everything that determines the results: the posteriors
+  (a hash of every array's bytes, shape and dtype), the merge rule (qualified name, code, and the bound arguments of a
+  `functools.partial`), `eval_fn` (likewise, with the values its closure captures) and the evaluation batch; each row
+  is stored with its alpha. So a call with other posteriors, another rule or another batch never loads these results
+  (it computes into a new folder and logs which inputs changed), and a call with other alphas or another
+  `chunk_size` reuses every row already computed.
 
   Args:
     merge_fn: `merge_fn(posteriors, alphas [C, T]) -> params with a leading C axis`, e.g.
       `bmerge.merge.hessian_weighted` or `functools.partial(bmerge.merge.mixture_weighted, num_iters=10)`.
     posteriors: the stacked task posteriors (anything `merge_fn` takes; passed as an argument, not baked into the
       compiled function, so large models compile fast).
-    alphas: [G, T] grid (e.g. `bmerge.grid.simplex(T, 0.05)`).
-    eval_fn: `eval_fn(params, batch) -> metric`, a scalar or a vector (e.g. per-task accuracies); jittable.
+    alphas: [G, T] grid (e.g. `bmerge.grid.simplex(T, 0.05)`), or one [T] vector (the result then has no G axis).
+      Computed in float32 (float64 under `jax_enable_x64`) whatever the params' dtype.
+    eval_fn: `eval_fn(params, batch) -> metric`, a scalar, a vector (e.g. per-task accuracies) or any pytree; jittable.
+      Functions a closure calls are identified by name; global values `eval_fn` reads are not part of the resume key,
+      so pass them in `batch` or bind them with `functools.partial`.
     batch: the evaluation data, passed to every `eval_fn` call.
     chunk_size: alphas merged and evaluated per compiled call (memory ~ chunk_size merged models).
-    workdir: if given, finished chunks are saved under `<workdir>/<tag>/` and reused when run again.
-    tag: the sub-folder name of this preview in `workdir` (use one tag per merge rule).
-    salt: a string identifying the posteriors and data (e.g. a config fingerprint); chunks saved under another salt
-      are refused instead of silently reused.
+    workdir: if given, finished chunks are saved under `<workdir>/<tag>/<key>/` and reused when run again.
+    tag: the sub-folder of this preview in `workdir`; default `preview_<rule name>`.
     progress: show a tqdm progress bar.
 
   Returns:
     The metrics with a leading G axis, as numpy arrays.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> import bmerge
+    >>> q = bmerge.stack([bmerge.DiagGaussian({"w": jnp.array([0.0, 1.0])}, {"w": jnp.array([1.0, 1.0])}),
+    ...                   bmerge.DiagGaussian({"w": jnp.array([2.0, 1.0])}, {"w": jnp.array([3.0, 1.0])})])
+    >>> alphas = bmerge.grid.simplex(2, 0.5)                       # (1, 0), (0.5, 0.5), (0, 1)
+    >>> distance = lambda params, target: jnp.abs(params["w"][0] - target)
+    >>> bmerge.preview(bmerge.merge.hessian_weighted, q, alphas, distance, 2.0, progress=False).tolist()
+    [2.0, 0.5, 0.0]
   """
   leaves = jax.tree.leaves(posteriors)
   if not leaves:
     raise ValueError("`posteriors` holds no arrays.")
-  if not callable(merge_fn) or not callable(eval_fn):
-    raise TypeError("`merge_fn` and `eval_fn` must be callables: merge_fn(posteriors, alphas) and eval_fn(params, batch).")
+  if not callable(merge_fn):
+    raise TypeError(f"`merge_fn` must be a callable merge_fn(posteriors, alphas), got {type(merge_fn).__name__}.")
+  if not callable(eval_fn):
+    raise TypeError(f"`eval_fn` must be a callable eval_fn(params, batch), got {type(eval_fn).__name__}.")
+  if workdir is not None:
+    _checks.workdir(workdir)
   a = np.asarray(alphas)
+  single = a.ndim == 1
+  if single:
+    a = a[None]
   if a.ndim != 2:
-    raise ValueError(f"`alphas` must be a [G, T] grid, got shape {a.shape}.")
+    raise ValueError(f"`alphas` must be a [G, T] grid or one [T] vector, got shape {a.shape}.")
   _checks.alphas(a, a.shape[1])
+  a = a.astype(compute_dtype())
   # Inside the compiled chunk the merge rule sees tracers and skips its value checks (sums to one, positive
-  # precisions). Run it once eagerly on the row farthest from the simplex so bad input fails here, clearly.
-  worst = int(np.argmax(np.abs(a.sum(axis=1) - 1.0)))
-  jax.block_until_ready(merge_fn(posteriors, a[worst:worst + 1].astype(leaves[0].dtype)))
+  # precisions). Run it once eagerly on the row farthest from the simplex so bad input fails here, clearly, with
+  # errors naming that row's index in the grid.
+  worst = int(np.argmax(np.abs(a.astype(np.float64).sum(axis=1) - 1.0)))
+  with _checks.row_offset(worst):
+    jax.block_until_ready(merge_fn(posteriors, a[worst:worst + 1]))
 
   if _hashable(merge_fn) and _hashable(eval_fn):  # the usual case: compiled once per (merge_fn, eval_fn, shapes)
     fused = partial(_fused, merge_fn, eval_fn)
   else:
     fused = jax.jit(partial(_fused.__wrapped__, merge_fn, eval_fn))
-  return chunked_map(lambda chunk: fused(chunk, posteriors, batch), a.astype(leaves[0].dtype), chunk_size=chunk_size,
-                     workdir=workdir, tag=tag, salt=salt, progress=progress, description=f"preview {tag}")
+  tag = _rule_name(merge_fn) if tag is None else tag
+  inputs = {"merge_fn": merge_fn, "posteriors": posteriors, "eval_fn": eval_fn, "batch": batch} if workdir else None
+  out = chunked_map(lambda chunk: fused(chunk, posteriors, batch), a, chunk_size=chunk_size, workdir=workdir, tag=tag,
+                    inputs=inputs, progress=progress, description=f"preview {tag}")
+  return jax.tree.map(lambda x: x[0], out) if single else out

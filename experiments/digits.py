@@ -233,11 +233,6 @@ def run(config, workdir: str) -> dict:
   test = (jnp.asarray(ds.test_x), jnp.asarray(ds.test_y), jax.nn.one_hot(task_of_class[ds.test_y], num_tasks))
   alphas = grid.simplex(num_tasks, config.spacing)
   evaluate = lambda theta, batch: accuracies(theta, batch, ds.num_classes)
-  # Chunks on disk are only reused for the same data, posteriors, grid and budgets.
-  salt = checkpoint.config_fingerprint({k: v for k, v in config.to_dict().items()
-                                        if k not in ("recommend_k", "run_recommended", "workdir_posteriors",
-                                                     "methods", "task_names")})
-
   with _timed(costs, "posteriors_s"):
     posts = build_posteriors(config, ds, task_data, key, costs)
 
@@ -245,8 +240,7 @@ def run(config, workdir: str) -> dict:
   for method in config.methods:
     with _timed(costs, f"preview_{method}_s"):
       previews[method] = bmerge.preview(merge_fn(method, config), posts[method], alphas, evaluate, test,
-                                        chunk_size=config.chunk_size, workdir=workdir, tag=f"preview_{method}",
-                                        salt=salt)
+                                        chunk_size=config.chunk_size, workdir=workdir, tag=f"preview_{method}")
 
   n_train = ds.train_x.shape[0]
   batch = logistic.multitask_batch(task_data, ds.num_classes)
@@ -255,7 +249,7 @@ def run(config, workdir: str) -> dict:
   with _timed(costs, "exact_s"):
     exact_all = exact.joint_train(task_losses, jnp.zeros(p), alphas, _gd(config), config.gd.num_steps, batch,
                                   eval_fn=evaluate, eval_batch=test, chunk_size=config.chunk_size, workdir=workdir,
-                                  tag="exact", salt=salt)
+                                  tag="exact")
   costs["exact_per_alpha_s"] = costs["exact_s"] / len(alphas)
   exact_acc = exact_all[:, 0]
 

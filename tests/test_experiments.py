@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -33,9 +34,16 @@ def _mtimes(folder):
           for d, _, files in os.walk(folder) for f in files if f.endswith((".npz", ".json")) or "ocdbt" in d}
 
 
-def _chunks(folder):
-  return np.concatenate([np.load(os.path.join(folder, f))["arr_0"] for f in sorted(os.listdir(folder))
-                         if f.endswith(".npz")])
+def _chunks(folder, alphas):
+  """The first result array saved under `folder` (any run key), in the row order of `alphas`."""
+  rows, outs = [], []
+  for path in sorted(pathlib.Path(folder).rglob("rows-*.npz")):
+    with np.load(path) as f:
+      rows.append(f["alphas"])
+      outs.append(f["out_0"])
+  rows, outs = np.concatenate(rows), np.concatenate(outs)
+  idx = [int(np.flatnonzero(np.all(np.isclose(rows, a, atol=1e-6), axis=1))[0]) for a in alphas]
+  return outs[idx]
 
 
 def _check_digits_run(config, workdir, result):
@@ -52,11 +60,11 @@ def _check_digits_run(config, workdir, result):
 
   # At the vertices the merged model of every rule built on the task MAPs is that MAP, and the MAP is the joint
   # training at that vertex (same optimizer, budget and init): preview == exact there, for every accuracy.
-  exact = _chunks(os.path.join(workdir, "exact"))
+  exact = _chunks(os.path.join(workdir, "exact"), alphas)
   assert exact.shape == (len(alphas), 4)  # overall accuracy and one per task
   vertices = [int(np.flatnonzero(np.all(np.isclose(alphas, v), axis=1))[0]) for v in np.eye(3)]
   for method in set(config.methods) & {"simple", "laplace_diag", "laplace_full"}:
-    prev = _chunks(os.path.join(workdir, f"preview_{method}"))
+    prev = _chunks(os.path.join(workdir, f"preview_{method}"), alphas)
     np.testing.assert_allclose(prev[vertices], exact[vertices], atol=1e-6)
   # The overall accuracy is the class-count-weighted mean of the per-task accuracies.
   counts = np.asarray(m["test_examples_per_task"])
@@ -77,7 +85,7 @@ def test_digits_small_end_to_end_and_resume(tmp_path):
   # Joint training at the recommended alphas reproduces the exact baseline there; the regret follows from it.
   rec = result["recommendation"]
   alphas = grid.simplex(3, config.spacing)
-  exact = _chunks(os.path.join(workdir, "exact"))[:, 0]
+  exact = _chunks(os.path.join(workdir, "exact"), alphas)[:, 0]
   idx = [int(np.flatnonzero(np.all(np.isclose(alphas, a), axis=1))[0]) for a in rec["alphas"]]
   np.testing.assert_allclose(rec["joint_accuracy"], exact[idx], atol=1e-6)
   assert rec["regret"] == pytest.approx(exact.max() - max(rec["joint_accuracy"]))

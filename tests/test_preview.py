@@ -2,6 +2,7 @@
 
 import functools
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -55,15 +56,35 @@ def test_preview_with_mixture_rule():
   np.testing.assert_allclose(got["score"], want["score"], atol=1e-5)
 
 
-def test_preview_bad_input_fails_before_compiling():
+def test_preview_bad_input_fails_before_compiling(tmp_path):
   q = _posteriors()
   with pytest.raises(ValueError, match=r"row \d+ sums to 0.9.*pass `prior=`"):
     pv.preview(merge.hessian_weighted, q, 0.9 * grid.simplex(3, 0.5), _eval, _batch(), progress=False)
+  # The error names the row of the user's grid that is wrong, not row 0 of the row checked.
+  alphas = grid.simplex(3, 0.25)
+  alphas[9] *= 0.8
+  with pytest.raises(ValueError, match=r"`alphas` row 9 sums to 0.8"):
+    pv.preview(merge.hessian_weighted, q, alphas, _eval, _batch(), progress=False)
   bad = bmerge.DiagGaussian(q.mean, {**q.precision, "b": -np.ones((3, 3), np.float32)})
   with pytest.raises(ValueError, match=r"`posteriors.precision\['b'\]` must be > 0"):
     pv.preview(merge.hessian_weighted, bad, grid.simplex(3, 0.5), _eval, _batch(), progress=False)
-  with pytest.raises(ValueError, match=r"`alphas` must be a \[G, T\] grid"):
-    pv.preview(merge.hessian_weighted, q, np.ones(3) / 3, _eval, _batch(), progress=False)
+  with pytest.raises(ValueError, match=r"`alphas` must be a \[G, T\] grid or one \[T\] vector"):
+    pv.preview(merge.hessian_weighted, q, np.ones((1, 1, 3)) / 3, _eval, _batch(), progress=False)
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  with pytest.raises(ValueError, match=r"`workdir` = .*afile' is a file, not a directory"):
+    pv.preview(merge.hessian_weighted, q, grid.simplex(3, 0.5), _eval, _batch(), workdir=str(afile), progress=False)
+  with pytest.raises(ValueError, match=r"`workdir` = .*afile' is a file"):
+    exact.joint_train(lambda p, b: jnp.stack([p["x"].sum()] * 3), {"x": jnp.zeros(2)}, grid.simplex(3, 0.5),
+                      optax.sgd(0.1), 1, None, workdir=str(afile), progress=False)
+
+
+def test_preview_takes_one_alpha_vector():
+  q, batch = _posteriors(), _batch()
+  one = pv.preview(merge.hessian_weighted, q, np.array([0.2, 0.3, 0.5]), _eval, batch, progress=False)
+  grid_ = pv.preview(merge.hessian_weighted, q, np.array([[0.2, 0.3, 0.5]]), _eval, batch, progress=False)
+  assert one["score"].shape == (3,)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[0]), one, grid_)
 
 
 class _Crash(Exception):
@@ -75,14 +96,18 @@ def _crash_after(monkeypatch, n):
   real = pv._save_chunk
   calls = []
 
-  def save(path, tree):
+  def save(path, rows, tree):
     if len(calls) >= n:
       raise _Crash(path)
     calls.append(path)
-    real(path, tree)
+    real(path, rows, tree)
 
   monkeypatch.setattr(pv, "_save_chunk", save)
   return calls
+
+
+def _chunk_files(workdir):
+  return sorted(p for p in pathlib.Path(workdir).rglob("rows-*.npz"))
 
 
 def test_preview_resumes_without_recomputing(tmp_path, monkeypatch):
@@ -92,8 +117,7 @@ def test_preview_resumes_without_recomputing(tmp_path, monkeypatch):
   _crash_after(monkeypatch, 3)
   with pytest.raises(_Crash):
     pv.preview(merge.hessian_weighted, q, alphas, _eval, batch, chunk_size=32, workdir=workdir, progress=False)
-  folder = tmp_path / "preview"
-  done = sorted(folder.glob("chunk_*.npz"))
+  done = _chunk_files(workdir)
   assert len(done) == 3
   mtimes = {p: p.stat().st_mtime_ns for p in done}
   monkeypatch.undo()
@@ -103,15 +127,85 @@ def test_preview_resumes_without_recomputing(tmp_path, monkeypatch):
   assert len(saved) == 5  # only the missing chunks were computed
   assert all(p.stat().st_mtime_ns == m for p, m in mtimes.items())
   jax.tree.map(np.testing.assert_array_equal, resumed, full)
-  # A third run loads everything and computes nothing.
+  # A third run loads everything and computes nothing, whatever the chunk size.
   saved.clear()
-  again = pv.preview(merge.hessian_weighted, q, alphas, _eval, batch, chunk_size=32, workdir=workdir, progress=False)
+  again = pv.preview(merge.hessian_weighted, q, alphas, _eval, batch, chunk_size=7, workdir=workdir, progress=False)
   assert saved == []
   jax.tree.map(np.testing.assert_array_equal, again, full)
-  # Another grid in the same folder is refused rather than mixed.
-  with pytest.raises(ValueError, match="holds chunks of a different run"):
-    pv.preview(merge.hessian_weighted, q, grid.simplex(3, 0.1), _eval, batch, chunk_size=32, workdir=workdir,
-               progress=False)
+  # A finer grid reuses the rows it shares with the finished one and computes only the new ones.
+  fine = grid.simplex(3, 0.025)
+  shared = np.isin(pv._row_keys(fine.astype(np.float32)), pv._row_keys(alphas.astype(np.float32)))
+  assert shared.sum() == len(alphas)
+  out = pv.preview(merge.hessian_weighted, q, fine, _eval, batch, chunk_size=64, workdir=workdir, progress=False)
+  assert len(saved) == -(-int((~shared).sum()) // 64)
+  want = pv.preview(merge.hessian_weighted, q, fine, _eval, batch, chunk_size=64, progress=False)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), out, want)
+
+
+def _hessian_fresh(q, alphas, batch, **kw):
+  return pv.preview(merge.hessian_weighted, q, alphas, _eval, batch, progress=False, **kw)
+
+
+@pytest.mark.parametrize("change", ["posteriors", "rule", "batch", "partial_arg", "one_leaf_entry", "eval_fn"])
+def test_resume_never_returns_results_of_other_inputs(tmp_path, change):
+  """Each reproduction of the stale-resume bug: the second call must equal a run in an empty workdir."""
+  q, batch, alphas, workdir = _posteriors(0), _batch(), grid.simplex(3, 0.25), str(tmp_path)
+  rule, ev = merge.hessian_weighted, _eval
+  if change == "partial_arg":
+    mix = bmerge.Mixture(jax.tree.map(lambda x: np.stack([x, 1.1 * x], 1), q), np.zeros((3, 2), np.float32))
+    q, rule = mix, functools.partial(merge.mixture_weighted, num_iters=1)
+  pv.preview(rule, q, alphas, ev, batch, workdir=workdir, progress=False)
+  q2, rule2, batch2, ev2 = q, rule, batch, ev
+  if change == "posteriors":  # another learner's posteriors, same rule and default tag
+    q2 = _posteriors(5)
+  elif change == "rule":  # simple averaging of the means: another rule, default tag
+    q2, rule2 = q.mean, merge.simple_average
+  elif change == "batch":
+    batch2 = _batch(7)
+  elif change == "partial_arg":
+    rule2 = functools.partial(merge.mixture_weighted, num_iters=4)
+  elif change == "one_leaf_entry":
+    w = np.array(q.mean["w"])
+    w[1, 2, 0] += 0.5
+    q2 = q._replace(mean={**q.mean, "w": w})
+  elif change == "eval_fn":
+    ev2 = lambda p, b: {"acc": _eval(p, b)["acc"], "score": 2.0 * _eval(p, b)["score"]}
+  got = pv.preview(rule2, q2, alphas, ev2, batch2, workdir=workdir, progress=False)
+  want = pv.preview(rule2, q2, alphas, ev2, batch2, workdir=str(tmp_path / "empty"), progress=False)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  first = pv.preview(rule, q, alphas, ev, batch, progress=False)
+  assert not np.allclose(got["score"], first["score"])  # the change does change the results
+
+
+def test_chunked_map_keys_its_folder_by_the_inputs_and_names_what_changed(tmp_path, caplog, monkeypatch):
+  calls = _crash_after(monkeypatch, 10**9)  # counts the chunks computed (each is saved once)
+  fn = lambda a: a.sum(axis=1)
+
+  alphas = grid.simplex(3, 0.5)
+  kw = dict(chunk_size=4, workdir=str(tmp_path), tag="m", progress=False)
+  out = pv.chunked_map(fn, alphas, inputs={"data": np.arange(3), "scale": 1.0}, **kw)
+  assert len(calls) == 2
+  pv.chunked_map(fn, alphas, inputs={"data": np.arange(3), "scale": 1.0}, **kw)
+  assert len(calls) == 2  # same inputs: loaded
+  with caplog.at_level("WARNING"):
+    again = pv.chunked_map(fn, alphas, inputs={"data": np.arange(3) + 1, "scale": 1.0}, **kw)
+  assert len(calls) == 4  # changed inputs: computed again, into another folder
+  assert "changed: data" in caplog.text and "scale" not in caplog.text.split("changed:")[1].split(")")[0]
+  folders = sorted(p.name for p in (tmp_path / "m").iterdir())
+  assert len(folders) == 2
+  np.testing.assert_array_equal(out, again)
+  with pytest.raises(ValueError, match="`tag` must be a non-empty name"):
+    pv.chunked_map(fn, alphas, inputs={}, chunk_size=4, workdir=str(tmp_path), tag="../x", progress=False)
+
+
+def test_default_tags_differ_per_rule(tmp_path):
+  q, batch, alphas = _posteriors(), _batch(), grid.simplex(3, 0.5)
+  pv.preview(merge.hessian_weighted, q, alphas, _eval, batch, workdir=str(tmp_path), progress=False)
+  pv.preview(merge.simple_average, q.mean, alphas, _eval, batch, workdir=str(tmp_path), progress=False)
+  pv.preview(functools.partial(merge.task_arithmetic, jax.tree.map(lambda x: x[0], q.mean)), q.mean, alphas, _eval,
+             batch, workdir=str(tmp_path), progress=False)
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "preview_hessian_weighted", "preview_simple_average", "preview_task_arithmetic"]
 
 
 def _quadratic_tasks():
@@ -151,6 +245,39 @@ def test_joint_train_with_eval_and_resume(tmp_path, monkeypatch):
                               workdir=str(tmp_path), **kw)
   assert len(saved) == 3  # 66 alphas in 5 chunks of 16: 2 were on disk, 3 computed
   np.testing.assert_array_equal(resumed, full)
+  # Another chunk size reuses every finished row.
+  saved.clear()
+  again = exact.joint_train(task_losses, {"x": jnp.zeros(5)}, alphas, optax.adam(0.1), 30, jnp.float32(1.0),
+                            workdir=str(tmp_path), **{**kw, "chunk_size": 5})
+  assert saved == []
+  np.testing.assert_array_equal(again, full)
+  # Another learning rate, init or data: a fresh computation equal to a run without a workdir.
+  for opt, init, target in [(optax.adam(0.05), jnp.zeros(5), centres[0]), (optax.adam(0.1), jnp.ones(5), centres[0]),
+                            (optax.adam(0.1), jnp.zeros(5), centres[1])]:
+    kw2 = {**kw, "eval_batch": target}
+    got = exact.joint_train(task_losses, {"x": init}, alphas, opt, 30, jnp.float32(1.0), workdir=str(tmp_path), **kw2)
+    want = exact.joint_train(task_losses, {"x": init}, alphas, opt, 30, jnp.float32(1.0), **kw2)
+    np.testing.assert_array_equal(got, want)
+    assert not np.allclose(got, full)
+
+
+def test_joint_train_stepwise_minibatches_equal_a_hand_loop():
+  centres, _ = _quadratic_tasks()
+  steps = jnp.asarray(np.random.default_rng(3).uniform(0.5, 2.0, size=(7,)), jnp.float32)  # a per-step data scale
+
+  def task_losses(params, scale):
+    return 0.5 * scale * jnp.sum((params["x"][None] - centres) ** 2, axis=1)
+
+  alphas = grid.simplex(3, 0.5)
+  got = exact.joint_train(task_losses, {"x": jnp.zeros(5)}, alphas, optax.sgd(0.3), None, steps, stepwise=True,
+                          progress=False)
+  for g, a in enumerate(alphas):
+    x = np.zeros(5)
+    for s in np.asarray(steps):
+      x = x - 0.3 * s * np.sum(a[:, None] * (x[None] - np.asarray(centres)), axis=0)
+    np.testing.assert_allclose(got["x"][g], x, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match=r"`num_steps` = 3 but `batch` holds 7 steps"):
+    exact.joint_train(task_losses, {"x": jnp.zeros(5)}, alphas, optax.sgd(0.3), 3, steps, stepwise=True)
 
 
 def test_joint_train_checks_task_count():
