@@ -29,6 +29,9 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+__all__ = ["BALANCED", "CIFAR10_TASKS", "Dataset", "IMBALANCED", "MNIST5K_RESOURCE", "NAMES", "OVERLAP", "avg_pool",
+           "load", "minibatches", "split_by_classes", "split_fraction", "task_membership"]
+
 NAMES = ("digits", "mnist5k", "mnist", "cifar10")
 _TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10"}
 
@@ -326,3 +329,14 @@ def minibatches(seed: int, arrays: Sequence[np.ndarray], batch_size: int, *, num
     for start in range(0, stop, batch_size):
       idx = order[start:start + batch_size]
       yield tuple(a[idx] for a in arrays)
+
+
+def load_sentiment(domains=None, **kwargs) -> dict:
+  """Binary sentiment tasks in four domains (movies, amazon, tweets, nyt): {domain: Dataset of texts and labels}.
+
+  Human-rated snippets of Hutto & Gilbert (ICWSM 2014) from the vadersentiment 3.3.2 sdist, fetched into a data cache
+  on first use; the rule, the counts and the arguments are in `bmerge._sentiment.load`.
+  """
+  from bmerge import _sentiment  # pylint: disable=g-import-not-at-top  (it imports Dataset from here)
+
+  return _sentiment.load(domains, **kwargs)

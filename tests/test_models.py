@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.signal
 
 from bmerge.models import Model, cnn, logistic, mlp
 
@@ -95,3 +96,35 @@ def test_cnn_shapes_and_batch_independence(input_shape, image_shape):
   assert out.shape == (3, 10)
   # No batch statistics: each example's logits depend on that example only.
   np.testing.assert_allclose(apply(params, x[1:2]), out[1:2], rtol=1e-5, atol=1e-6)
+
+
+def cnn_reference(params, x):
+  """The CNN's forward pass in float64 with scipy: 'same' 3x3 cross-correlations, 2x2 mean pooling of whole patches."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  num_stages = sum(k.startswith("Conv_") for k in p)
+  for s in range(num_stages):
+    kernel, bias = p[f"Conv_{s}"]["kernel"], p[f"Conv_{s}"]["bias"]  # [3, 3, C_in, C_out], [C_out]
+    out = np.zeros(x.shape[:3] + (kernel.shape[-1],))
+    for n in range(x.shape[0]):
+      for o in range(kernel.shape[-1]):
+        out[n, :, :, o] = bias[o] + sum(scipy.signal.correlate2d(x[n, :, :, c], kernel[:, :, c, o], mode="same")
+                                        for c in range(x.shape[-1]))
+    x = np.maximum(out, 0.0)
+    h, w = x.shape[1] // 2, x.shape[2] // 2
+    if h and w:  # a trailing odd row or column is dropped
+      x = np.stack([np.stack([x[:, 2 * i:2 * i + 2, 2 * j:2 * j + 2].mean(axis=(1, 2)) for j in range(w)], axis=1)
+                    for i in range(h)], axis=1)
+  return x.mean(axis=(1, 2)) @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"]
+
+
+def test_cnn_forward_equals_a_scipy_reference(x64):
+  model = cnn.make(features=(3, 5), num_classes=4)
+  rng = np.random.default_rng(0)
+  params = jax.jit(model.init, static_argnums=1)(jax.random.key(0), (7, 7, 2))
+  params = jax.tree.map(lambda a: a + 0.3 * rng.normal(size=a.shape), params)  # non-zero biases too
+  x = rng.uniform(size=(3, 7, 7, 2))  # 7 -> 3 -> 1: odd sizes drop their last row and column when pooled
+  expect = cnn_reference(params, x)
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(apply(params, x), expect, rtol=1e-10, atol=1e-12)
+  p32 = jax.tree.map(lambda a: a.astype(np.float32), params)
+  np.testing.assert_allclose(apply(p32, x.astype(np.float32)), expect, rtol=1e-5, atol=1e-5)

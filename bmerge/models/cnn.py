@@ -14,6 +14,8 @@ import jax.numpy as jnp
 
 from bmerge.models import Model
 
+__all__ = ["CNN", "make"]
+
 
 class CNN(nn.Module):
   """x [B, H, W, C] (or [B, H, W], or digits [B, 64] reshaped by `make`) -> logits [B, num_classes]."""

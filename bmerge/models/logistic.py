@@ -24,6 +24,9 @@ import numpy as np
 
 from bmerge.models import Model
 
+__all__ = ["MultitaskBatch", "accuracy", "apply", "cross_entropy", "flatten", "hessian", "init", "logits", "make",
+           "mean_ce", "multitask_batch", "multitask_losses", "num_params", "task_loss_fn", "unflatten"]
+
 PyTree = Any
 
 

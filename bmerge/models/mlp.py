@@ -10,6 +10,8 @@ import jax.numpy as jnp
 
 from bmerge.models import Model
 
+__all__ = ["MLP", "make", "num_params"]
+
 
 class MLP(nn.Module):
   """x [B, ...] -> logits [B, num_classes]; inputs are flattened per example."""
