@@ -6,6 +6,9 @@ MLP, the CNN and the ResNet), so they go straight into the optimizers, `bmerge.c
 
 `resnet.make` returns a `ResNetModel` with the same `init` / `apply` plus `statistics` / `apply_with` for its
 BatchNorm statistics (how they are handled when models are merged is described in `bmerge.models.resnet`).
+
+`bert` is a Flax NNX BERT loaded from Hugging Face safetensors, with LoRA; `bert.split(model)` gives its pair:
+the trainable LoRA + head dict and `apply(trainable, batch) -> logits`.
 """
 
 from typing import Any, Callable, NamedTuple
@@ -18,9 +21,10 @@ class Model(NamedTuple):
   apply: Callable[..., Any]  # (params, x [B, ...]) -> logits [B, C]
 
 
+from bmerge.models import bert  # noqa: E402
 from bmerge.models import cnn  # noqa: E402  (the modules import Model from here)
 from bmerge.models import logistic  # noqa: E402
 from bmerge.models import mlp  # noqa: E402
 from bmerge.models import resnet  # noqa: E402
 
-__all__ = ["Model", "cnn", "logistic", "mlp", "resnet"]
+__all__ = ["Model", "bert", "cnn", "logistic", "mlp", "resnet"]
