@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import pathlib
+import sys
 from typing import Any, Callable, Mapping
 
 import jax
@@ -78,17 +79,34 @@ def _leaf_spec(x: Any, where: str) -> tuple[dict, np.ndarray | jax.Array]:
     kind, arr = "python", np.asarray(x)
   else:
     raise TypeError(f"{where} is a {type(x).__module__}.{type(x).__qualname__}; expected an array, a numpy or Python "
-                    "scalar, or a dict / list / tuple / NamedTuple / None of those (for an NNX State pass "
-                    "`nnx.to_pure_dict(state)`, and `nnx.replace_by_pure_dict` after restoring).")
+                    "scalar, or a dict / list / tuple / NamedTuple / NNX State / None of those.")
   if arr.dtype == object:
     raise TypeError(f"{where} is an object array; expected a numeric array.")
   return {"kind": kind, "dtype": jnp.dtype(arr.dtype).name, "shape": list(arr.shape)}, arr
+
+
+def _nnx():
+  """flax.nnx if the user's program imported it (an NNX state can only come from there), else None."""
+  return sys.modules.get("flax.nnx")
 
 
 def _encode(tree: Any, where: str, specs: list, leaves: list) -> dict:
   """Appends the leaves of `tree` to `leaves` (their specs to `specs`) and returns the JSON structure of `tree`."""
   if tree is None:
     return {"none": True}
+  nnx = _nnx()
+  if nnx is not None and isinstance(tree, nnx.State):
+    # raw_mapping keeps nested levels as they are (plain dicts inside an nnx.split state), so the tree structure
+    # restored is the one saved.
+    items = [[str(k), _encode(v, f"{where}[{k!r}]", specs, leaves)] for k, v in tree.raw_mapping.items()]
+    return {"nnx_state": items}
+  if nnx is not None and isinstance(tree, nnx.Variable):
+    if isinstance(tree, nnx.RngState):
+      raise TypeError(f"{where} is an NNX RNG variable; save only the parameters: `graphdef, params, rest = "
+                      "nnx.split(model, nnx.Param, ...)`.")
+    cls = type(tree)
+    return {"nnx_variable": f"{cls.__module__}:{cls.__qualname__}", "metadata": _json_metadata(tree),
+            "value": _encode(tree.get_value(), f"{where}.value", specs, leaves)}
   if type(tree) is dict:  # pylint: disable=unidiomatic-typecheck
     items = []
     for key, value in tree.items():
@@ -110,14 +128,28 @@ def _encode(tree: Any, where: str, specs: list, leaves: list) -> dict:
   return {"leaf": spec["index"]}
 
 
-def _import_namedtuple(qualified: str, where: str) -> type:
+def _json_metadata(variable) -> dict:
+  meta = variable.get_metadata()
+  try:
+    json.dumps(meta)
+  except (TypeError, ValueError):
+    meta = {k: v for k, v in meta.items() if isinstance(v, (bool, int, float, str, type(None)))}
+  return meta
+
+
+def _import_qualified(qualified: str, where: str) -> Any:
   module_name, _, qualname = qualified.partition(":")
   try:
     obj = importlib.import_module(module_name)
     for part in qualname.split("."):
       obj = getattr(obj, part)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f"{where}: cannot import the NamedTuple type {qualified!r} the checkpoint was saved with.") from e
+    raise ValueError(f"{where}: cannot import the type {qualified!r} the checkpoint was saved with.") from e
+  return obj
+
+
+def _import_namedtuple(qualified: str, where: str) -> type:
+  obj = _import_qualified(qualified, where)
   if not (isinstance(obj, type) and issubclass(obj, tuple) and hasattr(obj, "_fields")):
     raise ValueError(f"{where}: {qualified!r} is not a NamedTuple type.")
   return obj
@@ -134,6 +166,12 @@ def _decode(node: dict, leaves: list, where: str) -> Any:
     return [_decode(v, leaves, where) for v in node["list"]]
   if "tuple" in node:
     return tuple(_decode(v, leaves, where) for v in node["tuple"])
+  if "nnx_state" in node:
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+    return nnx.State({k: _decode(v, leaves, where) for k, v in node["nnx_state"]}, _copy=False)
+  if "nnx_variable" in node:
+    cls = _import_qualified(node["nnx_variable"], where)
+    return cls(_decode(node["value"], leaves, where), **node.get("metadata", {}))
   if "namedtuple" in node:
     cls = _import_namedtuple(node["namedtuple"], where)
     return cls(**{f: _decode(v, leaves, where) for f, v in node["fields"]})

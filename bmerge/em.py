@@ -230,17 +230,30 @@ def find_modes(mixtures: Mixture, alphas, num_iters: int = 10, *, prior=None, in
     `EMResult(params, objective, step_size)`: merged params with a leading G axis, F(theta^(i)) for every iteration
     (non-decreasing: EM), and the size of the last step (max |change| per alpha) as the convergence measure.
   """
+  restore = None
+  if isinstance(mixtures, Mixture) and isinstance(mixtures.components, (DiagGaussian, IsoGaussian)):
+    # Only floating leaves are merged; others (step counters, keys) must agree and are passed through.
+    comps = mixtures.components
+    floating, restore = _tree.split_floating(comps.mean, 2, "mixtures.components.mean")
+    if floating is not comps.mean:
+      comps = post.as_diag(comps)
+      comps = DiagGaussian(floating, _tree.like_floating(comps.precision, floating, "mixtures.components.precision"))
+      mixtures = mixtures._replace(components=comps)
+      if isinstance(prior, (IsoGaussian, DiagGaussian)):
+        prior = post.as_diag(prior)
+        prior = DiagGaussian(*(_tree.like_floating(x, floating, f"prior.{n}") for x, n in zip(prior, prior._fields)))
+      if init is not None:
+        init = _tree.like_floating(init, floating, "init")
   t, k = _check_mixture_stack(mixtures)
-  if not isinstance(num_iters, int) or num_iters < 0:
-    raise ValueError(f"`num_iters` must be a non-negative integer, got {num_iters!r}.")
+  num_iters = _checks.positive_int(num_iters, "num_iters", allow_zero=True)
   alphas, single = _checks.alphas(alphas, t)
   comps = mixtures.components
   full = isinstance(comps, FullGaussian)
-  if not isinstance(block_size, int) or block_size < 1:
-    raise ValueError(f"`block_size` must be a positive integer, got {block_size!r}.")
+  _checks.positive_int(block_size, "block_size")
   if full:
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-      raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
+    _checks.positive_int(chunk_size, "chunk_size")
+    dtype = _tree.compute_dtype(comps.mean)
+    comps = FullGaussian(jnp.asarray(comps.mean, dtype), jnp.asarray(comps.precision, dtype))
   else:
     comps = post.as_diag(comps)
   if prior is None:
@@ -262,8 +275,12 @@ def find_modes(mixtures: Mixture, alphas, num_iters: int = 10, *, prior=None, in
   res = EMResult(*_sharding.run_on_grid(fn, alphas, False, comps.mean, comps.precision, mixtures.log_weights, m0, h0,
                                         rows=init))
   res = res._replace(objective=res.objective.T)
+  if full:
+    res = res._replace(params=res.params.astype(jnp.result_type(mixtures.components.mean)))
   if single:
     res = EMResult(jax.tree.map(lambda x: x[0], res.params), res.objective[:, 0], res.step_size[0])
+  if restore is not None:
+    res = res._replace(params=restore(res.params, () if single else (alphas.shape[0],)))
   return res
 
 

@@ -39,6 +39,11 @@ def _num_tasks(tree: PyTree, name: str) -> int:
   return shape[0]
 
 
+def _lead(alphas, single: bool) -> tuple:
+  """The leading axes of a merged result: (G,) for a grid, () for one alpha vector."""
+  return () if single else (alphas.shape[0],)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Simple averaging and task arithmetic: one GEMM each.
 
@@ -62,7 +67,7 @@ def _weighted_sum(alphas, rows):
 def _affine_core(alphas, stacked, base):
   """base * (1 - sum alpha) + sum_t alpha_t stacked_t, computed as base + alphas @ (stacked - base)."""
   flat, unflatten = _tree.flatten(stacked, 1)
-  ref = jnp.mean(flat, axis=0) if base is None else _tree.flatten(base, 0)[0]
+  ref = jnp.mean(flat, axis=0) if base is None else _tree.flatten(base, 0, flat.dtype)[0]
   alphas = alphas.astype(flat.dtype)
   out = _weighted_sum(alphas, flat - ref)
   if base is None:  # Simple averaging: the prior N(0, I) contributes gamma * 0, so only ref * sum(alpha) remains.
@@ -84,15 +89,25 @@ def simple_average(means: Union[PyTree, IsoGaussian, DiagGaussian], alphas) -> P
     alphas: [G, T] task weights (or one [T] vector), non-negative.
 
   Returns:
-    The merged params pytree with a leading G axis (no G axis for a [T] input).
+    The merged params pytree with a leading G axis (no G axis for a [T] input), each leaf in its own dtype (merged
+    in float32 or wider; non-floating leaves, equal across tasks, are passed through).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge import merge
+    >>> means = {"w": jnp.array([[0.0, 2.0], [4.0, 6.0]])}          # T = 2 models of two parameters
+    >>> merge.simple_average(means, jnp.array([0.25, 0.75]))["w"].tolist()
+    [3.0, 5.0]
   """
   if isinstance(means, (IsoGaussian, DiagGaussian)):
     means = means.mean
   t = _num_tasks(means, "means")
   _checks.leading(means, (t,), name="means", what="T stacked task models")
-  _checks.finite(means, name="means")
   alphas, single = _checks.alphas(alphas, t)
-  return _sharding.run_on_grid(lambda a, m: _affine_core(a, m, None), alphas, single, means)
+  floating, restore = _tree.split_floating(means, 1, "means")
+  _checks.finite(floating, name="means")
+  out = _sharding.run_on_grid(lambda a, m: _affine_core(a, m, None), alphas, single, floating)
+  return restore(out, _lead(alphas, single))
 
 
 def task_arithmetic(base: PyTree, finetuned: PyTree, alphas) -> PyTree:
@@ -106,15 +121,21 @@ def task_arithmetic(base: PyTree, finetuned: PyTree, alphas) -> PyTree:
     alphas: [G, T] (or [T]) non-negative task weights (the scaling factors; they need not sum to 1).
 
   Returns:
-    The merged params pytree with a leading G axis.
+    The merged params pytree with a leading G axis, each leaf in its own dtype (non-floating leaves, equal across
+    the finetuned models, are passed through).
+
+  On the simplex (rows summing to 1) task arithmetic equals simple averaging exactly: the base cancels.
   """
   t = _num_tasks(finetuned, "finetuned")
   _checks.leading(finetuned, (t,), name="finetuned", what="T stacked task models")
   _checks.same_structure(finetuned, base, name_a="finetuned", name_b="base", lead_a=1)
-  _checks.finite(finetuned, name="finetuned")
-  _checks.finite(base, name="base")
   alphas, single = _checks.alphas(alphas, t)
-  return _sharding.run_on_grid(lambda a, m, b: _affine_core(a, m, b), alphas, single, finetuned, base)
+  floating, restore = _tree.split_floating(finetuned, 1, "finetuned")
+  base = _tree.like_floating(base, floating, "base")
+  _checks.finite(floating, name="finetuned")
+  _checks.finite(base, name="base")
+  out = _sharding.run_on_grid(lambda a, m, b: _affine_core(a, m, b), alphas, single, floating, base)
+  return restore(out, _lead(alphas, single))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,19 +145,22 @@ def task_arithmetic(base: PyTree, finetuned: PyTree, alphas) -> PyTree:
 @jax.jit
 def _diag_core(alphas, means, precisions, prior_mean, prior_precision):
   m, unflatten = _tree.flatten(means, 1)  # [T, P]
-  h, _ = _tree.flatten(precisions, 1)
-  h = h.astype(m.dtype)
+  h, _ = _tree.flatten(precisions, 1, m.dtype)
   alphas = alphas.astype(m.dtype)
-  ref = jnp.mean(m, axis=0)
-  # Numerator sum_t a_t h_t (theta_t - ref) and denominator sum_t a_t h_t: [G, T] x [T, P] products.
-  num = _weighted_sum(alphas, h * (m - ref))
-  den = _weighted_sum(alphas, h)
-  if prior_mean is not None:
-    m0, _ = _tree.flatten(prior_mean, 0)
-    h0, _ = _tree.flatten(prior_precision, 0)
-    gamma = (1.0 - jnp.sum(alphas, axis=1))[:, None]
-    num = num + gamma * (h0 * (m0 - ref))
-    den = den + gamma * h0
+  if prior_mean is None:
+    ref = jnp.mean(m, axis=0)
+    # Numerator sum_t a_t h_t (theta_t - ref) and denominator sum_t a_t h_t: [G, T] x [T, P] products.
+    num = _weighted_sum(alphas, h * (m - ref))
+    den = _weighted_sum(alphas, h)
+  else:
+    # Centred on the prior mean theta_0 the prior's share of the numerator vanishes, and the denominator
+    # sum_t a_t h_t + gamma h_0 is written as h_0 + sum_t a_t (h_t - h_0). Large weights then cannot cancel: with Daheim
+    # et al.'s global scale (alphas = s, gamma = 1 - s T << 0) and h_t = a_t F_t + h_0 the direct form loses the Fisher
+    # under s T h_0 in float32, while h_t - h_0 is exact for h_t near h_0.
+    ref, _ = _tree.flatten(prior_mean, 0, m.dtype)
+    h0, _ = _tree.flatten(prior_precision, 0, m.dtype)
+    num = _weighted_sum(alphas, h * (m - ref))
+    den = h0 + _weighted_sum(alphas, h - h0)
   return unflatten(ref + num / den), jnp.min(den)
 
 
@@ -184,16 +208,49 @@ def hessian_weighted(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian],
       Cholesky factorisations gains little on the CPU, so the default is small).
 
   Returns:
-    The merged params pytree with a leading G axis (a [P] vector per alpha for `FullGaussian`).
+    The merged params pytree with a leading G axis (a [P] vector per alpha for `FullGaussian`). Computed in float32
+    (float64 for float64 params under `jax_enable_x64`) and returned in each leaf's own dtype; non-floating leaves
+    (step counters, PRNG keys) must be equal across tasks and are passed through, never averaged.
 
   Raises:
     ValueError: if a merged precision is not positive (possible only with a prior and sum(alpha) > 1).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import bmerge
+    >>> q = bmerge.stack([bmerge.DiagGaussian({"w": jnp.array([0.0])}, {"w": jnp.array([1.0])}),
+    ...                   bmerge.DiagGaussian({"w": jnp.array([1.0])}, {"w": jnp.array([3.0])})])
+    >>> bmerge.merge.hessian_weighted(q, jnp.array([[0.5, 0.5]]))["w"].tolist()   # (0.5*0 + 0.5*3*1) / (0.5 + 1.5)
+    [[0.75]]
+
+  Daheim et al. (2024) merge finetuned models theta_t with Fishers F_t (scaled by dataset-size factors a_t), a prior
+  precision H_0 at the pretrained theta_0 and one global scale s:
+  theta_0 + s sum_t (a_t F_t + H_0)(theta_t - theta_0) / (s sum_t a_t F_t + H_0). That is this rule with
+  `posteriors = stack([DiagGaussian(theta_t, a_t F_t + H_0)])`, `alphas = [s] * T` and `prior = DiagGaussian(theta_0,
+  H_0)`; the prior's weight gamma = 1 - s T is then large and negative, and the denominator is computed as
+  H_0 + sum_t alpha_t (h_t - H_0) so that float32 keeps the Fisher under it.
+
+  References:
+    Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+    Bayesian Model-Merging. 2024 (Eq. 10).
+    Daheim, Möllenhoff, Ponti, Gurevych, Khan. Model Merging by Uncertainty-Based Gradient Matching. ICLR 2024.
   """
   if isinstance(posteriors, Mixture):
     raise TypeError("`posteriors` is a Mixture; use `bmerge.merge.mixture_weighted` for mixture posteriors.")
   if not isinstance(posteriors, (DiagGaussian, IsoGaussian, FullGaussian)):
     raise TypeError(f"`posteriors` must be stacked DiagGaussian, IsoGaussian or FullGaussian posteriors, "
                     f"got {type(posteriors).__name__}.")
+  restore, set_aside = None, False
+  if not isinstance(posteriors, FullGaussian):
+    _num_tasks(posteriors.mean, "posteriors.mean")
+    floating, restore = _tree.split_floating(posteriors.mean, 1, "posteriors.mean")
+    set_aside = floating is not posteriors.mean  # some leaves are not floating point
+    if isinstance(posteriors, DiagGaussian):
+      _checks.same_structure(posteriors.precision, posteriors.mean, name_a="posteriors.precision",
+                             name_b="posteriors.mean")
+    precision = posteriors.precision if isinstance(posteriors, IsoGaussian) else _tree.like_floating(
+        posteriors.precision, floating, "posteriors.precision")
+    posteriors = type(posteriors)(floating, precision)
   t = _check_gaussian_stack(posteriors, "posteriors")
   alphas, single = _checks.alphas(alphas, t)
   if prior is None:
@@ -201,23 +258,31 @@ def hessian_weighted(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian],
                             "regulariser p0) to merge with weights that do not sum to 1.")
     m0 = h0 = None
   else:
+    if set_aside and isinstance(prior, (IsoGaussian, DiagGaussian)):  # the prior's floating leaves only
+      prior = post.as_diag(prior)
+      prior = DiagGaussian(_tree.like_floating(prior.mean, posteriors.mean, "prior.mean"),
+                           _tree.like_floating(prior.precision, posteriors.mean, "prior.precision"))
     m0, h0 = _checks.prior_as(prior, posteriors)
   if isinstance(posteriors, FullGaussian):
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-      raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
-    out, ok = _sharding.run_on_grid(lambda a, m, h, pm, ph: _fullcov.hessian_weighted(a, m, h, pm, ph, chunk_size), alphas, False,
-                           posteriors.mean, posteriors.precision, m0, h0)
+    _checks.positive_int(chunk_size, "chunk_size")
+    dtype = _tree.compute_dtype(posteriors.mean)
+    cast = lambda x: None if x is None else jnp.asarray(x, dtype)
+    out, ok = _sharding.run_on_grid(
+        lambda a, m, h, pm, ph: _fullcov.hessian_weighted(a, m, h, pm, ph, chunk_size), alphas, False,
+        cast(posteriors.mean), cast(posteriors.precision), cast(m0), cast(h0))
     if _checks.is_concrete(ok) and not bool(ok):
       raise ValueError("The merged precision sum_t alpha_t H_t + gamma H_0 is not positive definite for some alpha; "
                        "with a prior, keep sum(alpha) <= 1 or use a prior that keeps it positive definite.")
+    out = out.astype(jnp.result_type(posteriors.mean))
     return out[0] if single else out
   diag = post.as_diag(posteriors)
   out, min_den = _sharding.run_on_grid(lambda a, m, h, pm, ph: _diag_core(a, m, h, pm, ph), alphas, False,
-                              diag.mean, diag.precision, m0, h0)
+                                       diag.mean, diag.precision, m0, h0)
   if _checks.is_concrete(min_den) and not float(min_den) > 0:
     raise ValueError(f"The merged precision sum_t alpha_t h_t + gamma h_0 reaches {float(min_den):.4g} <= 0 for some "
                      "alpha; with a prior, keep sum(alpha) <= 1 or its precision small enough.")
-  return jax.tree.map(lambda x: x[0], out) if single else out
+  out = jax.tree.map(lambda x: x[0], out) if single else out
+  return restore(out, _lead(alphas, single))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -231,6 +296,11 @@ def mixture_weighted(mixtures: Mixture, alphas, num_iters: int = 10, **kwargs) -
   convergence measures. See it for the arguments.
   """
   return em.find_modes(mixtures, alphas, num_iters=num_iters, **kwargs).params
+
+
+def _widen(tree):
+  """Every floating leaf in float32 or wider (the dtype merging runs in)."""
+  return jax.tree.map(lambda x: jnp.asarray(x, _tree.compute_dtype(x)), tree)
 
 
 @partial(jax.jit, static_argnames="kind")
@@ -264,8 +334,10 @@ def exponential_family(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian
     if type(prior) is not type(posteriors) and not (
         isinstance(prior, (IsoGaussian, DiagGaussian)) and isinstance(posteriors, (IsoGaussian, DiagGaussian))):
       raise TypeError(f"`prior` must be a {type(posteriors).__name__} like the posteriors, got {type(prior).__name__}.")
-    prior_lam = post.natural_params(prior)
+    prior_lam = post.natural_params(_widen(prior))
   kind = DiagGaussian if isinstance(posteriors, IsoGaussian) else type(posteriors)
+  # Natural parameters and their aggregation in float32 or wider; the mode comes back in the inputs' dtypes.
+  like = posteriors.a if isinstance(posteriors, Beta) else posteriors.mean
   out = _sharding.run_on_grid(lambda a, lam, lam0: _expfam_core(a, lam, lam0, kind), alphas, single,
-                     post.natural_params(posteriors), prior_lam)
-  return out
+                              post.natural_params(_widen(posteriors)), prior_lam)
+  return jax.tree.map(lambda o, x: o.astype(jnp.result_type(x)), out, like)

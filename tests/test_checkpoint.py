@@ -96,11 +96,14 @@ def test_leaves_of_every_kind_and_zero_size_round_trip(tmp_path):
   _assert_identical(restored.mean["seq"][1][0], mean["seq"][1][0])
 
 
-def test_nnx_state_goes_through_its_pure_dict(tmp_path):
+def test_nnx_state_is_saved_as_is_and_its_pure_dict_too(tmp_path):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   _, state = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
-  with pytest.raises(TypeError, match="to_pure_dict"):
-    checkpoint.save_posterior(tmp_path / "bad", DiagGaussian(state, state))
+  checkpoint.save_posterior(tmp_path / "state", DiagGaussian(state, state))
+  restored, _ = checkpoint.restore_posterior(tmp_path / "state")
+  assert isinstance(restored.mean, nnx.State) and isinstance(restored.mean["kernel"], nnx.Param)
+  assert jax.tree.structure(restored) == jax.tree.structure(DiagGaussian(state, state))
+  jax.tree.map(np.testing.assert_array_equal, restored.mean, state)
   pure = nnx.to_pure_dict(state)
   checkpoint.save_posterior(tmp_path / "ok", DiagGaussian(pure, pure))
   restored, _ = checkpoint.restore_posterior(tmp_path / "ok")
