@@ -141,6 +141,28 @@ def _jsonable(value, name: str):
     raise ValueError(f"`{name}` must hold only JSON values (str, numbers, lists, dicts): {e}") from None
 
 
+def _paper(paper) -> Optional[dict]:
+  if paper is None:
+    return None
+  if not isinstance(paper, Mapping) or not isinstance(paper.get("methods", {}), Mapping) or not all(
+      isinstance(v, Mapping) for v in paper.get("methods", {}).values()):
+    raise ValueError("`paper` must be a dict like {'source': str, 'methods': {name: {'label': str, 'mse': float, ...}},"
+                     f" 'exact_best': float}}, got {paper!r:.200}.")
+  return _jsonable(dict(paper), "paper")
+
+
+def _paper_ordering(paper: Mapping, methods: Mapping) -> Optional[dict]:
+  """The paper's ordering of the MSEs (largest first) over the entries it reports, by its "mse" values or, where it
+  gives none, its "mse_rank" (1 = smallest), and whether our MSEs fall in the same order."""
+  listed = {n: p for n, p in paper.get("methods", {}).items() if methods.get(n, {}).get("mse") is not None}
+  for key in ("mse", "mse_rank"):
+    if len(listed) >= 2 and all(p.get(key) is not None for p in listed.values()):
+      theirs = sorted(listed, key=lambda n: -listed[n][key])
+      ours = sorted(listed, key=lambda n: -methods[n]["mse"])
+      return {"paper": theirs, "ours": ours, "holds": theirs == ours}
+  return None
+
+
 def _best(values: np.ndarray, maximize: bool) -> int:
   return int(np.argmax(values) if maximize else np.argmin(values))
 
@@ -182,7 +204,7 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   results: "best_alpha" and "best_preview" on the grid); "exact_best" and "exact_best_alpha"; "entries": name ->
   "description" (and, when the exact grid is coarser, "grid_best_alpha", "grid_best_preview", "grid_exact_at_best");
   "pareto": name -> recall, IGD, IGD+, hypervolumes and front sizes; "costs": stage -> seconds, with
-  "preview <name>" measured here; "paper"; "recommendation": the `top_k` alphas of the `recommend` entry; "figures";
+  "preview <name>" measured here; "paper" and "paper_ordering" ({"paper", "ours", "holds"}); "recommendation": the `top_k` alphas of the `recommend` entry; "figures";
   "notes"; and the keys of `details`.
 
   Args:
@@ -206,7 +228,9 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
       "exact" (the exact baseline over `exact_alphas`) and "posteriors <entry name>" give the speed-up lines.
     paper: optional numbers reported by a paper, printed next to ours:
       {"source": "Table 1, MNIST imbalanced", "methods": {name: {"label": "Simple", "mse": 0.2067,
-      "best_preview": 76.8, "exact_at_best": 90.0}}, "exact_best": 90.4} (values shown as given).
+      "best_preview": 76.8, "exact_at_best": 90.0}}, "exact_best": 90.4} (values shown as given). Where the paper
+      shows only the order of the errors, give "mse_rank" (1 = smallest) instead of "mse". Whether our MSEs fall in
+      the paper's order goes into the summary as "paper_ordering".
     title: the report's title.
     notes: markdown appended to the report under "Notes".
     details: more JSON values stored in the summary (their keys must be new).
@@ -251,7 +275,7 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   if recommend not in [e.name for e in entries]:
     raise ValueError(f"`recommend` must name an entry, got {recommend!r}.")
   stage_costs = _costs(costs)
-  paper = _jsonable(dict(paper), "paper") if paper is not None else None
+  paper = _paper(paper)
   details = _jsonable(dict(details), "details") if details is not None else {}
   folder = pathlib.Path(_checks.workdir(folder, "folder")) if folder is not None else None
 
@@ -327,6 +351,9 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   summary["costs"] = stage_costs
   if paper is not None:
     summary["paper"] = paper
+    ordering = _paper_ordering(paper, summary["methods"])
+    if ordering is not None:
+      summary["paper_ordering"] = ordering
   if notes:
     summary["notes"] = str(notes)
   clash = sorted(set(details) & set(summary))

@@ -226,22 +226,19 @@ def _paper_section(summary, fmt) -> list[str]:
       continue
     m = methods[name]
     ours_mse = f"{m['mse']:.4g}" if m.get("mse") is not None else "n/a"
-    paper_mse = f"{p['mse']:.4g}" if p.get("mse") is not None else ""
+    paper_mse = f"{p['mse']:.4g}" if p.get("mse") is not None else (
+        f"rank {p['mse_rank']}" if p.get("mse_rank") is not None else "")
     paper_best = (f"{p['best_preview']} ({p['exact_at_best']})" if p.get("best_preview") is not None else "")
     lines.append(f"| {name} | {p.get('label', name)} | {ours_mse} | {paper_mse} | "
                  f"{fmt(m['best_preview'])} ({fmt(m.get('exact_at_best'))}) | {paper_best} |")
   if paper.get("exact_best") is not None and summary.get("exact_best") is not None:
     lines.append(f"| exact | best multitask | | | {fmt(summary['exact_best'])} | {paper['exact_best']} |")
   lines.append("")
-  ranked = [n for n, p in paper.get("methods", {}).items()
-            if p.get("mse") is not None and methods.get(n, {}).get("mse") is not None]
-  if len(ranked) >= 2:
-    theirs = sorted(ranked, key=lambda n: -paper["methods"][n]["mse"])
-    ours = sorted(ranked, key=lambda n: -methods[n]["mse"])
-    holds = theirs == ours
-    ours_text = ", ".join(f"{n} {methods[n]['mse']:.4g}" for n in ours)
-    lines += [f"The paper's ordering of MSEs ({' > '.join(theirs)}) **{'holds' if holds else 'does not hold'}** here "
-              f"({ours_text}).", ""]
+  order = summary.get("paper_ordering")
+  if order:
+    ours_text = ", ".join(f"{n} {methods[n]['mse']:.4g}" for n in order["ours"])
+    lines += [f"The paper's ordering of the MSEs ({' > '.join(order['paper'])}) "
+              f"**{'holds' if order['holds'] else 'does not hold'}** here ({ours_text}).", ""]
   return lines
 
 
@@ -286,7 +283,8 @@ def _cost_section(summary) -> list[str]:
     for n, s in previews.items():
       built = costs.get(f"posteriors {n}")
       total = f"; with its posteriors ({built:.1f} s) {built + s:.1f} s in all" if built is not None else ""
-      speed = f", {per_exact / (s / g):.0f}x faster per alpha" if s > 0 else ""
+      ratio = per_exact / (s / g) if s > 0 else float("inf")
+      speed = f", {ratio:.3g}x faster per alpha" if ratio >= 1 else f", {1 / ratio:.3g}x slower per alpha"
       lines.append(f"- {n}: {s / g:.3g} s per alpha ({s:.1f} s for {g} alphas{speed}){total}.")
     lines.append("")
   return lines

@@ -7,8 +7,11 @@ approximate the Gibbs distributions q_t ∝ exp(-inverse_temperature * loss_t): 
 merge) and a mixture of full Gaussians by mixture VI (mixture-weighted merge, EM); simple averaging of the task
 minimisers is the baseline. The exact map minimises sum_t alpha_t loss_t for every alpha of the grid.
 
+The problem is `bmerge.models.toy2d`; the experiment (`experiments/toy2d.py`) fits the posteriors and hands the
+comparison to `bmerge.compare` (metric: the multitask loss sum_t alpha_t loss_t, overall='weighted').
+
 Run: python -m experiments.preview --config=configs/toy2d.py --workdir=runs/toy2d
-The `:small` variant (tests) runs in a few seconds: --config=configs/toy2d.py:small
+The `:small` variant (tests) runs in about a minute: --config=configs/toy2d.py:small
 """
 
 import ml_collections

@@ -1,8 +1,10 @@
-"""End to end: the 2-D toy of Fig. 2 (experiments/toy2d.py) on its small config.
+"""End to end: the 2-D toy of Fig. 2 (experiments/toy2d.py, bmerge.models.toy2d) on its small config.
 
-One run (module fixture) is checked for what must be true of it: the metrics schema, the exact map's first-order
-condition, the merges at the simplex vertices and at the surrogates' modes, the figures; a second run in the same
-workdir must restore the posteriors instead of training them again.
+One run (module fixture) is checked for what must be true of it: the metrics against the saved arrays, the exact
+map's first-order condition, the merges at the simplex vertices and at the surrogates' modes, the posteriors against
+2-D quadrature of exp(-beta loss_t) (VON: the Gaussian variational fixed point and the moments; the mixture: its
+KL divergence to the target), the figures; a second run in the same workdir must restore the posteriors instead of
+training them again.
 """
 
 import json
@@ -13,7 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from numpy.polynomial.hermite_e import hermegauss
+
 import bmerge
+from bmerge.models import toy2d as toy
 from bmerge.optim import mog as mog_lib
 from bmerge.optim import von as von_lib
 from configs import toy2d as toy_config
@@ -65,7 +70,7 @@ def _surrogate_derivatives(stacked, alphas, thetas):
   """Gradient [G, 2] and Hessian [G, 2, 2] of -sum_t alpha_t log q_t at thetas [G, 2] (stacked q over T tasks)."""
 
   def surrogate(alpha, theta):
-    return -jnp.sum(alpha * jax.vmap(lambda q: toy2d.log_density(q, theta))(stacked))
+    return -jnp.sum(alpha * jax.vmap(lambda q: toy.log_density(q, theta))(stacked))
 
   return jax.vmap(jax.grad(surrogate, argnums=1))(alphas, thetas), jax.vmap(jax.hessian(surrogate, argnums=1))(
       alphas, thetas)
@@ -77,7 +82,7 @@ def _scale(posterior):
   return max(1.0, float(jnp.max(jnp.abs(prec))))
 
 
-def test_metrics_json_has_the_summarize_schema_and_costs(small):
+def test_metrics_json_matches_the_saved_arrays(small):
   config, workdir, result, _ = small
   with open(os.path.join(workdir, "metrics.json")) as f:
     saved = json.load(f)
@@ -87,12 +92,15 @@ def test_metrics_json_has_the_summarize_schema_and_costs(small):
     assert METHOD_KEYS <= set(m)
     assert len(m["best_alpha"]) == 3 and m["mse"] >= 0.0
   num = len(bmerge.grid.simplex(3, config.spacing))
-  assert saved["num_alphas"] == num
+  assert saved["num_alphas"] == saved["num_exact_alphas"] == num and not saved["maximize"]
   assert len(saved["exact_best_alpha"]) == 3
-  stages = {"minimisers_s", "von_s", "mog_s", "preview_simple_s", "preview_von_s", "preview_mog_s", "exact_s",
-            "figures_s"}
+  stages = {"posteriors simple", "posteriors von", "posteriors mog", "preview simple", "preview von", "preview mog",
+            "exact", "figures of the plane"}
   assert stages <= set(saved["costs"]) and all(v >= 0.0 for v in saved["costs"].values())
-  assert isinstance(saved["paper_ordering_holds"], bool)
+  order = saved["paper_ordering"]
+  assert order["paper"] == ["simple", "von", "mog"]
+  assert order["holds"] == (saved["methods"]["simple"]["mse"] > saved["methods"]["von"]["mse"] >
+                            saved["methods"]["mog"]["mse"])
   # The exact surface is the minimum over theta, so no preview lies below it; the MSE is the mean squared excess.
   arr = result["arrays"]
   for m in ("simple", "von", "mog"):
@@ -101,6 +109,11 @@ def test_metrics_json_has_the_summarize_schema_and_costs(small):
     np.testing.assert_allclose(saved["methods"][m]["mse"], np.mean(excess ** 2), rtol=1e-6)
     d = np.linalg.norm(arr[f"{m}_theta"] - arr["exact_theta"], axis=1)
     np.testing.assert_allclose(saved["distance"][m]["mean"], np.mean(d), rtol=1e-5)
+    # The preview's losses are those of the merged thetas (computed apart from bmerge.compare's preview).
+    theta = jnp.asarray(arr[f"{m}_theta"])
+    losses = np.asarray(jax.vmap(toy.task_losses, in_axes=(0, None, None))(theta, toy2d.make_tasks(config),
+                                                                            config.l2))
+    np.testing.assert_allclose(arr[f"{m}_loss"], np.sum(arr["alphas"] * losses, axis=1), rtol=1e-5)
 
 
 def test_exact_map_satisfies_the_first_order_condition(small):
@@ -151,14 +164,15 @@ def test_merged_models_minimise_their_surrogates(small):
 def test_figures_and_report_are_written(small):
   _, workdir, result, _ = small
   names = {os.path.basename(p) for p in result["figures"]}
-  assert {"contours.png", "distance.png", "solutions.png", "surrogates.png"} <= names
+  assert {"contours.png", "pairs.png", "histograms.png", "pareto.png", "distance.png", "solutions.png",
+          "surrogates.png"} <= names
   for path in result["figures"]:
     with open(path, "rb") as f:
       data = f.read()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, path
   assert result["report"] == os.path.join(str(workdir), "report.md")
   text = open(result["report"]).read()
-  assert all(f"| {m} |" in text for m in ("simple", "von", "mog"))
+  assert all(f"| {m} | {toy2d.DESCRIBE[m]} |" in text for m in ("simple", "von", "mog"))
   assert ("**holds**" in text) != ("**does not hold**" in text)
 
 
@@ -170,3 +184,93 @@ def test_second_run_restores_the_posteriors(small):
   for m in ("simple", "von", "mog"):
     np.testing.assert_array_equal(again["arrays"][f"{m}_theta"], result["arrays"][f"{m}_theta"])
   assert again["metrics"]["methods"] == result["metrics"]["methods"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The posteriors against 2-D quadrature of the target p_t(theta) ∝ exp(-beta loss_t(theta)), all in float64.
+
+
+def _task_arrays(config):
+  return tuple(np.asarray(x, np.float64) for x in toy2d.make_tasks(config))
+
+
+def _scaled_loss_derivatives(theta, a, b, config):
+  """beta * (gradient [M, 2], Hessian [M, 2, 2]) of loss_t at theta [M, 2], in closed form:
+  softmax(z)^T a + l2 theta and a^T (diag(s) - s s^T) a + l2 I, with z = a theta + b, s = softmax(z)."""
+  z = theta @ a.T + b
+  s = np.exp(z - z.max(axis=1, keepdims=True))
+  s /= s.sum(axis=1, keepdims=True)
+  mean_a = s @ a
+  hess = np.einsum("mi,ij,ik->mjk", s, a, a) - np.einsum("mj,mk->mjk", mean_a, mean_a) + config.l2 * np.eye(2)
+  return config.inverse_temperature * (mean_a + config.l2 * theta), config.inverse_temperature * hess
+
+
+def test_von_is_the_gaussian_variational_fixed_point(small):
+  """Full-Gaussian VI of p_t stops where E_q[grad beta loss_t] = 0 and S = E_q[hess beta loss_t] (Khan & Rue 2023);
+  the expectations by 40 x 40 Gauss-Hermite quadrature under q = N(m, S^-1). The Laplace start misses this by
+  0.5-1.6 standard deviations in the mean and 35-180 % in the precision; the fit reaches it up to its Monte-Carlo
+  noise (measured 0.03 and 6 %)."""
+  config, _, result, _ = small
+  a, b = _task_arrays(config)
+  nodes, weights = hermegauss(40)
+  eps = np.stack(np.meshgrid(nodes, nodes), -1).reshape(-1, 2)
+  w = np.outer(weights, weights).ravel() / weights.sum() ** 2
+  von = result["posteriors"]["von"]
+  for t in range(a.shape[0]):
+    mean, prec = np.asarray(von.mean[t], np.float64), np.asarray(von.precision[t], np.float64)
+    chol_cov = np.linalg.cholesky(np.linalg.inv(prec))
+    grad, hess = _scaled_loss_derivatives(mean + eps @ chol_cov.T, a[t], b[t], config)
+    e_grad, e_hess = w @ grad, np.einsum("m,mjk->jk", w, hess)
+    assert np.linalg.norm(chol_cov.T @ e_grad) < 0.08, t  # the mean's error in posterior standard deviations
+    chol = np.linalg.cholesky(prec)
+    whitened = np.linalg.solve(chol, np.linalg.solve(chol, e_hess).T)  # S^-1/2 E[hess] S^-T/2, I at the fixed point
+    assert np.linalg.norm(whitened - np.eye(2), 2) < 0.15, t
+
+
+def _target_on_a_box(config, a, b, centre, half, n=601):
+  """Points [n^2, 2] of a box, its cell area and log p_t there (p_t normalised by the same Riemann sum)."""
+  xs, ys = (np.linspace(c - h, c + h, n) for c, h in zip(centre, half))
+  points = np.stack(np.meshgrid(xs, ys), -1).reshape(-1, 2)
+  z = points @ a.T + b
+  loss = z.max(1) + np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + 0.5 * config.l2 * np.sum(points ** 2, 1)
+  log_w = -config.inverse_temperature * (loss - loss.min())
+  area = (xs[1] - xs[0]) * (ys[1] - ys[0])
+  edge = np.exp(log_w.reshape(n, n))
+  assert max(edge[[0, -1]].max(), edge[:, [0, -1]].max()) < 1e-8  # the box holds the whole mass
+  return points, area, log_w - np.log(np.sum(np.exp(log_w)) * area)
+
+
+def _log_q(posterior, t, points):
+  one = jax.tree.map(lambda x: x[t], posterior)
+  return np.asarray(toy.log_density(one, jnp.asarray(points, jnp.float32)), np.float64)
+
+
+def test_posteriors_against_quadrature_of_the_target(small):
+  """On a box of +-15 VON standard deviations (the target's tails are exponential): the VON mean lies within 0.15
+  standard deviations of p_t's mean and its covariance under-estimates p_t's (eigenvalues of the whitened ratio in
+  [0.5, 1]: KL(q || p) is mode-seeking; measured 0.61-0.93); the mixture, which minimises the same KL over a family
+  holding the Gaussians, is closer to p_t than VON (measured KL 0.02 vs 0.09-0.14, total variation 0.07 vs 0.15-0.19)."""
+  config, _, result, _ = small
+  a, b = _task_arrays(config)
+  von, mog = result["posteriors"]["von"], result["posteriors"]["mog"]
+  for t in range(a.shape[0]):
+    mean_q = np.asarray(von.mean[t], np.float64)
+    cov_q = np.linalg.inv(np.asarray(von.precision[t], np.float64))
+    points, area, log_p = _target_on_a_box(config, a[t], b[t], mean_q, 15 * np.sqrt(np.diag(cov_q)))
+    p = np.exp(log_p)
+    mean_p = area * p @ points
+    d = points - mean_p
+    cov_p = area * np.einsum("m,mj,mk->jk", p, d, d)
+    chol_p = np.linalg.cholesky(cov_p)
+    assert np.linalg.norm(np.linalg.solve(chol_p, mean_q - mean_p)) < 0.15, t
+    ratio = np.linalg.eigvalsh(np.linalg.solve(chol_p, np.linalg.solve(chol_p, cov_q).T))
+    assert np.all((ratio > 0.5) & (ratio <= 1.0)), (t, ratio)
+    kl, tv = {}, {}
+    for name, q in (("von", von), ("mog", mog)):
+      log_q = _log_q(q, t, points)
+      q_dens = np.exp(log_q)
+      assert area * q_dens.sum() == pytest.approx(1.0, abs=1e-4)  # the density integrates to one on the box
+      kl[name] = area * np.sum(q_dens * (log_q - log_p))
+      tv[name] = 0.5 * area * np.sum(np.abs(q_dens - p))
+    assert 0.0 <= kl["mog"] < 0.05 and kl["mog"] < 0.5 * kl["von"], (t, kl)
+    assert tv["mog"] < 0.1 and tv["mog"] < tv["von"], (t, tv)
