@@ -78,24 +78,10 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
 
 
 def _random_hf(seed: int, config: bert.Config = TINY) -> dict:
-  rng = np.random.default_rng(seed)
-  h, f = config.hidden_size, config.intermediate_size
-  w = lambda *shape: (0.3 * rng.normal(size=shape)).astype(np.float32)
-  out = {"embeddings.word_embeddings.weight": w(config.vocab_size, h),
-         "embeddings.position_embeddings.weight": w(config.max_position_embeddings, h),
-         "embeddings.token_type_embeddings.weight": w(config.type_vocab_size, h),
-         "embeddings.LayerNorm.weight": 1 + w(h), "embeddings.LayerNorm.bias": w(h),
-         "embeddings.position_ids": np.arange(config.max_position_embeddings)[None],  # a buffer, skipped
-         "pooler.dense.weight": w(h, h), "pooler.dense.bias": w(h)}  # BERT's CLS pooler, unused
-  for i in range(config.num_layers):
-    p = f"encoder.layer.{i}."
-    for name, (n_out, n_in) in {"attention.self.query": (h, h), "attention.self.key": (h, h),
-                                "attention.self.value": (h, h), "attention.output.dense": (h, h),
-                                "intermediate.dense": (f, h), "output.dense": (h, f)}.items():
-      out[p + name + ".weight"], out[p + name + ".bias"] = w(n_out, n_in), w(n_out)
-    for name in ("attention.output.LayerNorm", "output.LayerNorm"):
-      out[p + name + ".weight"], out[p + name + ".bias"] = 1 + w(h), w(h)
-  return out
+  """Random HF-named weights plus what a real checkpoint also holds and the loader must skip."""
+  extra = {"embeddings.position_ids": np.arange(config.max_position_embeddings)[None],  # a buffer
+           "pooler.dense.weight": np.ones((config.hidden_size,) * 2, np.float32)}  # BERT's CLS pooler, unused
+  return dict(bert.random_hf_weights(config, seed), **extra)
 
 
 def _write_folder(path, tensors: dict, config: bert.Config = TINY):
@@ -133,7 +119,8 @@ def _numpy_bert(hf: dict, config: bert.Config, ids: np.ndarray, mask: np.ndarray
   return h
 
 
-def _tokens(seed: int, n: int = 5, length: int = 7, vocab: int = TINY.vocab_size) -> bert.Tokens:
+def _tokens(seed: int, n: int = 4, length: int = 6, vocab: int = TINY.vocab_size) -> bert.Tokens:
+  """[n, length] random ids, row 0 unpadded; one shape everywhere, so eager ops compile once for the module."""
   rng = np.random.default_rng(seed)
   lengths = rng.integers(2, length + 1, size=n)
   lengths[0] = length
@@ -180,8 +167,9 @@ def test_load_errors_name_the_tensor(tmp_path):
 # LoRA, the split, the cache.
 
 
-def _classifier(seed: int = 0, num_classes: int = 3) -> bert.Classifier:
-  return bert.Classifier(bert.Bert(TINY, rngs=nnx.Rngs(seed)), num_classes, rngs=nnx.Rngs(seed + 1))
+def _classifier(seed: int = 0, num_classes: int = 3, config: bert.Config = TINY) -> bert.Classifier:
+  encoder = bert.from_hf_weights(config, bert.random_hf_weights(config, seed))  # no initialisers to compile
+  return bert.Classifier(encoder, num_classes, rngs=nnx.Rngs(seed + 1))
 
 
 def _randomise_b(model: bert.Classifier, seed: int) -> None:
@@ -274,20 +262,19 @@ def test_merged_adapters_average_a_and_b_not_ba():
   np.testing.assert_allclose(merged[key + "lora_a"][1], (a[0] + a[1]) / 2, atol=1e-6)
   ab = np.asarray(merged[key + "lora_a"][1], np.float64) @ np.asarray(merged[key + "lora_b"][1], np.float64)
   assert not np.allclose(ab, (a[0] @ b[0] + a[1] @ b[1]) / 2, atol=1e-2)  # the docstring's caveat
-  logits = jax.vmap(apply, in_axes=(0, None))(merged, _tokens(1))
+  logits = jax.jit(jax.vmap(lambda f, t, b: f(t, b), in_axes=(None, 0, None)))(apply, merged, _tokens(1))
   np.testing.assert_allclose(logits[0], apply(tasks[0], _tokens(1)), atol=1e-5)
 
 
 def test_cached_bottom_layers_give_the_full_forward_pass():
-  config = TINY._replace(num_layers=3)
-  model = bert.Classifier(bert.Bert(config, rngs=nnx.Rngs(0)), 2, rngs=nnx.Rngs(1))
+  model = _classifier(num_classes=2, config=TINY._replace(num_layers=3))
   bert.add_lora(model, 2, rngs=nnx.Rngs(2), layers=(-1,), targets=("value", "output"))
   _randomise_b(model, 2)
   assert bert.frozen_layers(model) == 2 and bert.frozen_layers(_classifier()) == TINY.num_layers
-  tokens = _tokens(5, n=7)
+  tokens = _tokens(5)
   full_apply, trainable = bert.split(model)
-  cache = bert.hidden_states(model, tokens, 2, batch_size=3)  # 7 rows in chunks of 3: a padded last chunk
-  assert cache.hidden.shape == (7, 7, 32) and cache.hidden.dtype == np.float32
+  cache = bert.hidden_states(model, tokens, 2, batch_size=3)  # 4 rows in chunks of 3: a padded last chunk
+  assert cache.hidden.shape == (4, 6, 32) and cache.hidden.dtype == np.float32
   top_apply, top_trainable = bert.split(model, start_layer=2)
   chex.assert_trees_all_equal(top_trainable, trainable)
   np.testing.assert_allclose(top_apply(trainable, cache), full_apply(trainable, tokens), atol=2e-6)

@@ -22,7 +22,7 @@ P = interop.PEFT_PREFIX
 
 
 def _classifier(seed: int = 0) -> bert.Classifier:
-  return bert.Classifier(bert.Bert(TINY, rngs=nnx.Rngs(seed)), 3, rngs=nnx.Rngs(seed + 1))
+  return bert.Classifier(bert.from_hf_weights(TINY, bert.random_hf_weights(TINY, seed)), 3, rngs=nnx.Rngs(seed + 1))
 
 
 def _tokens(seed: int = 0, n: int = 4, length: int = 6) -> bert.Tokens:
@@ -60,8 +60,9 @@ def test_peft_import_transposes_and_scales_like_pytorch(tmp_path):
                                          interop.LoRAModule(1, "output", 4, 4.0)]
   trainable = interop.import_adapter(tmp_path / "a", model)
   name = "encoder.layer.1.output.dense"
-  np.testing.assert_array_equal(trainable["encoder.layers.1.output.lora.lora_a"], tensors[P + name + ".lora_A.weight"].T)
-  np.testing.assert_array_equal(trainable["encoder.layers.1.output.lora.lora_b"], tensors[P + name + ".lora_B.weight"].T)
+  for m in "ab":  # lora_a = A^T [in, r], lora_b = B^T [r, out]
+    np.testing.assert_array_equal(trainable[f"encoder.layers.1.output.lora.lora_{m}"],
+                                  tensors[P + name + f".lora_{m.upper()}.weight"].T)
   np.testing.assert_array_equal(trainable["head.kernel"], tensors[P + "classifier.weight"].T)
   # The imported layer computes PyTorch's W x + b + (lora_alpha / r) B A x.
   bert.merge_trainable(model, trainable)
@@ -134,7 +135,8 @@ def test_adapter_export_then_import_gives_the_same_arrays(tmp_path):
   config = json.loads((tmp_path / "out" / interop.ADAPTER_CONFIG).read_text())
   assert config["r"] == 3 and config["lora_alpha"] == 6.0 and config["peft_type"] == "LORA"
   # PEFT's module matching: exactly the adapted modules, not the attention output that the suffix 'output.dense' hits.
-  names = ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query", "encoder.layer.1.output.dense"]
+  names = ["encoder.layer.0.attention.self.query", "encoder.layer.1.attention.self.query",
+           "encoder.layer.1.output.dense"]
   assert all(re.fullmatch(config["target_modules"], n) for n in names)
   assert not re.fullmatch(config["target_modules"], "encoder.layer.1.attention.output.dense")
   stored = load_file(str(tmp_path / "out" / interop.ADAPTER_WEIGHTS))
