@@ -805,13 +805,15 @@ def _chunked(fn, batch, batch_size: int) -> np.ndarray:
   if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
     raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
   n = len(batch.attention_mask)
+  if n == 0:
+    raise ValueError("the data set is empty; expected at least one text.")
   outs = []
   for start in range(0, n, batch_size):
     chunk = jax.tree.map(lambda a: np.asarray(a)[start:start + batch_size], batch)
     pad = batch_size - len(chunk.attention_mask) if n > batch_size else 0
     chunk = jax.tree.map(lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), chunk)
     outs.append(np.asarray(fn(chunk))[:batch_size - pad])
-  return np.concatenate(outs) if outs else np.zeros((0,), np.float32)
+  return np.concatenate(outs)
 
 
 def hidden_states(model: Union[Bert, Classifier], tokens: Tokens, num_layers: int, *, batch_size: int = 64) -> Hidden:
