@@ -39,6 +39,13 @@ import numpy as np
 
 from bmerge.posteriors import DiagGaussian
 
+__all__ = [
+    "VARIANTS",
+    "diagonal_fisher",
+    "sample_label",
+    "sum_squared_gradients",
+]
+
 PyTree = Any
 VARIANTS = ("empirical", "true")
 
@@ -211,7 +218,17 @@ def diagonal_fisher(key: Optional[jax.Array], logits_fn: Callable[[PyTree, Any],
     `DiagGaussian(mean=params, precision=h)`, h shaped like `params`.
 
   Example:
-    >>> q = diagonal_fisher(None, logistic.logits, params, (x, y), prior_precision=1.0)
+    For a linear softmax classifier the per-example gradient of the bias is softmax(logits) - onehot(y), so at
+    zero weights (uniform predictions over C = 2 classes) each example adds 0.25 to both bias entries:
+
+    >>> import jax.numpy as jnp
+    >>> from bmerge.curvature import diagonal_fisher
+    >>> logits_fn = lambda p, x: x @ p["w"] + p["b"]
+    >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 1, 0])
+    >>> q = diagonal_fisher(None, logits_fn, params, (x, y), prior_precision=1.0)
+    >>> q.precision["b"].tolist()                                 # 4 * 0.25 + 1
+    [2.0, 2.0]
 
   References:
     Daheim, Möllenhoff, Ponti, Gurevych, Khan. Model merging by uncertainty-based gradient matching. ICLR 2024.

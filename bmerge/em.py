@@ -36,6 +36,12 @@ from bmerge import _sharding
 from bmerge import posteriors as post
 from bmerge.posteriors import DiagGaussian, FullGaussian, IsoGaussian, Mixture
 
+__all__ = [
+    "EMResult",
+    "find_mode_reference",
+    "find_modes",
+]
+
 PyTree = Any
 _LOG_2PI = math.log(2.0 * math.pi)
 

@@ -18,6 +18,10 @@ import optax
 from bmerge import _checks
 from bmerge.grid_eval import chunked_map, compute_dtype
 
+__all__ = [
+    "joint_train",
+]
+
 PyTree = Any
 
 

@@ -26,6 +26,12 @@ from bmerge import _checks
 from bmerge import _fingerprint
 from bmerge import _sharding
 
+__all__ = [
+    "chunked_map",
+    "compute_dtype",
+    "preview",
+]
+
 PyTree = Any
 
 

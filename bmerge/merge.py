@@ -26,6 +26,14 @@ from bmerge import em
 from bmerge import posteriors as post
 from bmerge.posteriors import Beta, DiagGaussian, FullGaussian, IsoGaussian, Mixture
 
+__all__ = [
+    "exponential_family",
+    "hessian_weighted",
+    "mixture_weighted",
+    "simple_average",
+    "task_arithmetic",
+]
+
 PyTree = Any
 
 

@@ -18,6 +18,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+__all__ = [
+    "Beta",
+    "BetaNatural",
+    "DiagGaussian",
+    "FullGaussian",
+    "GaussianNatural",
+    "IsoGaussian",
+    "Mixture",
+    "Posterior",
+    "aggregate",
+    "as_diag",
+    "from_natural",
+    "mode",
+    "natural_params",
+    "stack",
+    "unstack",
+]
+
 PyTree = Any
 
 

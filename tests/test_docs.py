@@ -1,0 +1,71 @@
+"""Every docstring example of every bmerge module and every Python code block of the README runs and gives what it says."""
+
+import doctest
+import importlib
+import os
+import pathlib
+import pkgutil
+import re
+
+import pytest
+
+import bmerge
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODULES = sorted(m.name for m in pkgutil.walk_packages(bmerge.__path__, "bmerge.") if not m.name.endswith("__main__"))
+
+
+def test_every_module_is_importable_and_public_ones_declare_all():
+  missing = []
+  for name in MODULES:
+    module = importlib.import_module(name)
+    public = not any(part.startswith("_") for part in name.split("."))
+    if public and not hasattr(module, "__all__"):
+      missing.append(name)
+    for attr in getattr(module, "__all__", ()):
+      assert hasattr(module, attr), f"{name}.__all__ names {attr!r}, which {name} does not define"
+  assert missing == [], f"public modules without __all__: {missing}"
+
+
+def test_top_level_namespace():
+  for name in ("optim", "fit", "merge", "em", "grid", "preview", "stack", "DiagGaussian"):
+    assert hasattr(bmerge, name), f"bmerge.{name} is missing"
+    assert name in bmerge.__all__
+  # A submodule is never shadowed by a function of the same name.
+  import types  # pylint: disable=g-import-not-at-top
+  for name in MODULES:
+    parent, _, child = name.rpartition(".")
+    obj = getattr(importlib.import_module(parent), child, None)
+    assert obj is None or isinstance(obj, types.ModuleType), f"{parent}.{child} is a {type(obj).__name__}, not the module"
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # examples that write files write them here
+  module = importlib.import_module(name)
+  finder = doctest.DocTestFinder(exclude_empty=True)
+  runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  tests = [t for t in finder.find(module, name) if t.examples]
+  for test in tests:
+    runner.run(test)
+  result = runner.summarize(verbose=False)
+  assert result.failed == 0, f"{result.failed} of {result.attempted} docstring examples failed in {name}"
+
+
+def _readme_blocks():
+  text = (ROOT / "README.md").read_text()
+  return [m.group(1) for m in re.finditer(r"```python\n(.*?)```", text, flags=re.S)]
+
+
+def test_readme_has_python_blocks():
+  assert len(_readme_blocks()) >= 2
+
+
+@pytest.mark.parametrize("index", range(len(_readme_blocks())))
+def test_readme_code_block_runs(index, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv("PYTHONHASHSEED", "0")
+  code = _readme_blocks()[index]
+  namespace = {"__name__": f"readme_block_{index}"}
+  exec(compile(code, f"README.md block {index}", "exec"), namespace)  # pylint: disable=exec-used
+  assert os.getcwd() == str(tmp_path)
