@@ -198,7 +198,7 @@ def ternary_contours(alphas, surfaces: Mapping[str, Any], path, *, task_names: O
     >>> from bmerge import grid, plot
     >>> alphas = grid.simplex(3, 0.1)
     >>> exact = 0.9 - ((alphas - 1 / 3) ** 2).sum(1)
-    >>> plot.ternary_contours(alphas, {"exact": exact, "simple": exact - alphas[:, 0] / 10}, "/tmp/fig.png").name
+    >>> plot.ternary_contours(alphas, {"exact": exact, "simple": exact - alphas[:, 0] / 10}, "fig.png").name
     'fig.png'
   """
   alphas = _simplex_alphas(alphas)
@@ -279,7 +279,7 @@ def two_task_curves(alpha1, curves: Mapping[str, Any], path, *, task_names: Opti
     >>> from bmerge import plot
     >>> a1 = np.linspace(0, 1, 11)
     >>> plot.two_task_curves(a1, {"exact": 0.9 - (a1 - 0.4) ** 2, "simple": (a1[::2], 0.8 - a1[::2] ** 2 / 4)},
-    ...                      "/tmp/curves.png").name
+    ...                      "curves.png").name
     'curves.png'
   """
   alpha1 = _unit_interval(alpha1, "alpha1")
@@ -353,7 +353,7 @@ def pair_curves(alphas, curves: Mapping[str, Any], path, *, task_names: Optional
     >>> from bmerge import grid, plot
     >>> alphas = grid.simplex(3, 0.25)
     >>> per_task = 0.5 + 0.4 * np.sqrt(alphas)             # each task's accuracy grows with its weight
-    >>> plot.pair_curves(alphas, {"exact": per_task, "simple": per_task - 0.05}, "/tmp/pairs.png").name
+    >>> plot.pair_curves(alphas, {"exact": per_task, "simple": per_task - 0.05}, "pairs.png").name
     'pairs.png'
   """
   alphas = _simplex_grid(alphas, "alphas")
@@ -417,7 +417,7 @@ def scaling_curves(alphas, curves: Mapping[str, Any], path, *, directions=None,
     >>> lambdas = np.linspace(0, 1, 11)
     >>> alphas = grid.scaled(np.ones(3), lambdas)          # the usual task-arithmetic sweep
     >>> acc = 0.6 + 0.3 * lambdas - 0.25 * lambdas ** 2
-    >>> plot.scaling_curves(alphas, {"task arithmetic": acc}, "/tmp/scaling.png", directions=np.ones(3)).name
+    >>> plot.scaling_curves(alphas, {"task arithmetic": acc}, "scaling.png", directions=np.ones(3)).name
     'scaling.png'
   """
   alphas = _nonnegative_grid(alphas, "alphas")
@@ -465,7 +465,7 @@ def histograms(surfaces: Mapping[str, object], path, *, bins: int = 10,
     >>> import numpy as np
     >>> from bmerge import plot
     >>> plot.histograms({"exact": np.linspace(0.8, 0.9, 50), "simple": np.linspace(0.6, 0.9, 20)},
-    ...                 "/tmp/hist.png").name
+    ...                 "hist.png").name
     'hist.png'
   """
   surfaces = {name: v for name, (_, v) in _surfaces(surfaces, None, "").items()}
@@ -517,7 +517,7 @@ def pareto_fronts(exact, previews: Mapping[str, Any], path, *, task_names: Optio
     >>> from bmerge import grid, plot
     >>> a = grid.simplex(2, 0.1)
     >>> exact = 0.5 + 0.4 * np.sqrt(a)
-    >>> plot.pareto_fronts(exact, {"simple": 0.5 + 0.4 * a}, "/tmp/pareto.png").name
+    >>> plot.pareto_fronts(exact, {"simple": 0.5 + 0.4 * a}, "pareto.png").name
     'pareto.png'
   """
   exact = _checks.matrix(exact, "exact", what="[G, T]")
@@ -608,7 +608,7 @@ def solutions_2d(path, task_losses: Callable[[np.ndarray], Any], minimisers, exa
     >>> centres = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, 2.0]])
     >>> losses = lambda p: 0.5 * ((p[:, None, :] - centres[None]) ** 2).sum(-1)
     >>> alphas = grid.simplex(3, 0.25)
-    >>> plot.solutions_2d("/tmp/plane.png", losses, centres, alphas @ centres, {"simple": alphas @ centres}).name
+    >>> plot.solutions_2d("plane.png", losses, centres, alphas @ centres, {"simple": alphas @ centres}).name
     'plane.png'
   """
   minimisers = _plane_points(minimisers, "minimisers")
@@ -680,7 +680,7 @@ def surrogates_2d(path, surfaces: Mapping[str, Callable[[np.ndarray], Any]], alp
     >>> centres = np.array([[0.0, 0.0], [2.0, 0.0], [1.0, 2.0]])
     >>> losses = lambda p: 0.5 * ((p[:, None, :] - centres[None]) ** 2).sum(-1)
     >>> a = np.array([[1 / 3, 1 / 3, 1 / 3]])
-    >>> plot.surrogates_2d("/tmp/surr.png", {"exact": losses, "simple": losses}, a, a @ centres,
+    >>> plot.surrogates_2d("surr.png", {"exact": losses, "simple": losses}, a, a @ centres,
     ...                    {"simple": a @ centres}).name
     'surr.png'
   """

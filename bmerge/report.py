@@ -63,7 +63,7 @@ def figures(folder, alphas, previews: Mapping[str, Any], *, exact=None, exact_al
     >>> import numpy as np
     >>> from bmerge import grid, report
     >>> a = grid.simplex(3, 0.25)
-    >>> [p.name for p in report.figures("/tmp/report_doc", a, {"simple": a[:, 0]}, exact=a[:, 0] + 0.1)]
+    >>> [p.name for p in report.figures("report_doc", a, {"simple": a[:, 0]}, exact=a[:, 0] + 0.1)]
     ['contours.png', 'pairs.png', 'histograms.png']
   """
   folder = pathlib.Path(_checks.workdir(folder, "folder"))

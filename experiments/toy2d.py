@@ -24,11 +24,9 @@ import numpy as np
 import optax
 
 import bmerge
-from bmerge import checkpoint, exact, grid, merge, plot
+from bmerge import checkpoint, exact, fit, grid, merge, plot
 from bmerge.comparison import Entry
 from bmerge.models import toy2d
-from bmerge.optim import mog as mog_lib
-from bmerge.optim import von as von_lib
 
 METHODS = ("simple", "von", "mog")
 DESCRIBE = {"simple": "task minimisers -> simple averaging (Eq. 2)",
@@ -51,19 +49,13 @@ def _exact_optimizer(config):
   return optax.sgd(config.exact.learning_rate, momentum=config.exact.momentum or None)
 
 
-def _laplace_start(key, c, mean, hess):
-  """K component means around the minimiser, init_scale Laplace standard deviations away, with its precision."""
-  eps = jax.random.normal(key, (c.num_components, mean.shape[0]))
-  init_means = mean + c.init_scale * jax.scipy.linalg.solve_triangular(jnp.linalg.cholesky(hess).T, eps.T).T
-  return init_means, jnp.broadcast_to(hess, (c.num_components,) + hess.shape)
-
-
 def build_posteriors(config, tasks, cache: str, costs: dict) -> dict:
   """method -> stacked posterior over the T tasks, each through `checkpoint.cached_posterior`.
 
   The task minimisers come from the exact solver at the simplex vertices (same optimizer, budget and start as the
-  exact map, so simple averaging is exact at the vertices); VON and the mixture start at the Laplace approximation
-  of exp(-beta loss_t) there, and one compiled program fits all T tasks (vmap over the task data).
+  exact map, so simple averaging is exact at the vertices); VON and the mixture (`bmerge.fit.von` / `bmerge.fit.mog`)
+  start at the Laplace approximation of exp(-beta loss_t) there, and one compiled program fits all T tasks (vmap
+  over the task data).
   """
   num_tasks, beta = tasks.a.shape[0], config.inverse_temperature
   k_von, k_mog = jax.random.split(jax.random.fold_in(jax.random.key(config.seed), 1))
@@ -82,22 +74,21 @@ def build_posteriors(config, tasks, cache: str, costs: dict) -> dict:
   v, m = config.von, config.mog
 
   def von_one(k, a_t, b_t, mean, h):
-    return von_lib.fit(k, gibbs(a_t, b_t), mean, h, v.num_steps, rho=v.rho, num_samples=v.num_samples,
-                       estimator=v.estimator, antithetic=v.num_samples % 2 == 0)
+    return fit.von(k, gibbs(a_t, b_t), mean, num_steps=v.num_steps, rho=v.rho, num_samples=v.num_samples,
+                   estimator=v.estimator, init_precision=h, antithetic=v.num_samples % 2 == 0)
 
   def mog_one(k, a_t, b_t, mean, h):
-    k_init, k_fit = jax.random.split(k)
-    return mog_lib.fit(k_fit, gibbs(a_t, b_t), *_laplace_start(k_init, m, mean, h), m.num_steps, beta=m.beta,
-                       beta_w=m.beta_w, num_samples=m.num_samples, estimator=m.estimator,
-                       antithetic=m.num_samples % 2 == 0)
+    return fit.mog(k, gibbs(a_t, b_t), mean, num_components=m.num_components, num_steps=m.num_steps,
+                   init_scale=m.init_scale, beta=m.beta, beta_w=m.beta_w, num_samples=m.num_samples,
+                   estimator=m.estimator, init_precision=h, antithetic=m.num_samples % 2 == 0)
 
   out = {"simple": minimisers}
-  for name, one, key, lib in (("von", von_one, k_von, von_lib), ("mog", mog_one, k_mog, mog_lib)):
+  for name, one, key in (("von", von_one, k_von), ("mog", mog_one, k_mog)):
     t0 = time.perf_counter()
     out[name] = checkpoint.cached_posterior(
         cache, name, _subset(config, "exact", "inverse_temperature", name),
-        lambda one=one, key=key, lib=lib: lib.posterior(
-            jax.jit(jax.vmap(one))(jax.random.split(key, num_tasks), tasks.a, tasks.b, mins, hess)))
+        lambda one=one, key=key: jax.jit(jax.vmap(one))(jax.random.split(key, num_tasks), tasks.a, tasks.b, mins,
+                                                        hess))
     costs[f"posteriors {name}"] = time.perf_counter() - t0
   return out
 
