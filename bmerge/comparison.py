@@ -204,8 +204,8 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   results: "best_alpha" and "best_preview" on the grid); "exact_best" and "exact_best_alpha"; "entries": name ->
   "description" (and, when the exact grid is coarser, "grid_best_alpha", "grid_best_preview", "grid_exact_at_best");
   "pareto": name -> recall, IGD, IGD+, hypervolumes and front sizes; "costs": stage -> seconds, with
-  "preview <name>" measured here; "paper" and "paper_ordering" ({"paper", "ours", "holds"}); "recommendation": the `top_k` alphas of the `recommend` entry; "figures";
-  "notes"; and the keys of `details`.
+  "preview <name>" measured here; "paper" and "paper_ordering" ({"paper", "ours", "holds"}); "recommendation": the
+  `top_k` alphas of the `recommend` entry; "figures"; "notes"; and the keys of `details`.
 
   Args:
     entries: `bmerge.comparison.Entry(name, posteriors, rule, description)` items (or plain tuples), e.g.

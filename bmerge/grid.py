@@ -23,7 +23,7 @@ import numpy as np
 
 from bmerge import _checks
 
-__all__ = ["Scaling", "dirichlet", "line", "refine", "scaled", "scaling", "simplex"]
+__all__ = ["Scaling", "dirichlet", "line", "pair_edges", "refine", "scaled", "scaling", "simplex"]
 
 
 def _divisions(spacing: float, name: str = "spacing") -> int:
@@ -69,6 +69,38 @@ def line(spacing: float) -> np.ndarray:
   n = _divisions(spacing)
   a = np.arange(n + 1) / float(n)
   return np.stack([a, 1.0 - a], axis=1)
+
+
+def pair_edges(alphas, *, atol: float = 1e-9) -> dict[tuple[int, int], np.ndarray]:
+  """The two-task lines inside a grid: for every pair of tasks i < j, the rows where only tasks i and j have weight.
+
+  On a simplex grid these are the edges of the simplex (alpha_i + alpha_j = 1), so a T-task preview also gives the
+  two-task curves of every pair (paper Fig. 5) without merging again; a vertex belongs to the T - 1 edges that meet
+  there.
+
+  Args:
+    alphas: [G, T] non-negative task weights, T >= 2.
+    atol: weights at most this large count as zero.
+
+  Returns:
+    (i, j) -> int64 row indices, sorted by increasing alpha_i (then by row).
+
+  Example:
+    >>> from bmerge import grid
+    >>> a = grid.simplex(3, 0.5)      # (1,0,0) (.5,.5,0) (.5,0,.5) (0,1,0) (0,.5,.5) (0,0,1)
+    >>> {pair: rows.tolist() for pair, rows in grid.pair_edges(a).items()}
+    {(0, 1): [3, 1, 0], (0, 2): [5, 2, 0], (1, 2): [5, 4, 3]}
+  """
+  a = _nonnegative(alphas, "alphas", "[G, T]")
+  if a.shape[1] < 2:
+    raise ValueError(f"`alphas` must have T >= 2 task weights per row, got shape {a.shape}.")
+  nonzero = a > atol
+  out = {}
+  for i, j in itertools.combinations(range(a.shape[1]), 2):
+    others = np.delete(nonzero, [i, j], axis=1)
+    rows = np.flatnonzero(~np.any(others, axis=1) & np.any(nonzero[:, [i, j]], axis=1))
+    out[(i, j)] = rows[np.argsort(a[rows, i], kind="stable")].astype(np.int64)
+  return out
 
 
 def dirichlet(key: jax.Array, num_tasks: int, num_points: int, concentration: float = 1.0) -> jax.Array:

@@ -94,7 +94,8 @@ def _surfaces(surfaces: Mapping[str, Any], grid: Optional[np.ndarray], grid_name
     own = grid
     if isinstance(values, tuple) and check_grid is not None:
       if len(values) != 2:
-        raise ValueError(f"`{label}` must be values on `{grid_name}` or a pair (grid, values), got {len(values)} items.")
+        raise ValueError(f"`{label}` must be values on `{grid_name}` or a pair (grid, values), got {len(values)} "
+                         "items.")
       own, values = check_grid(values[0], f"{label}[0]"), values[1]
       label += "[1]"
     size, size_of = (None, "") if own is None else (own.shape[0], f"its grid" if own is not grid else f"`{grid_name}`")
@@ -362,12 +363,12 @@ def pair_curves(alphas, curves: Mapping[str, Any], path, *, task_names: Optional
   names = _names(task_names, t)
   maximize = _checks.flag(maximize, "maximize")
   pairs = list(itertools.combinations(range(t), 2))
+  edges = {name: grid_lib.pair_edges(a) for name, (a, _) in curves.items()}
   fig, axes = _panels(len(pairs), dpi, sharey=True)
   for ax, (i, j) in zip(axes, pairs):
     edge = {}
     for name, (a, v) in curves.items():
-      others = np.delete(a, [i, j], axis=1)
-      rows = np.flatnonzero(np.all(np.abs(others) <= 1e-9, axis=1))
+      rows = edges[name][(i, j)]
       if rows.size:
         y = v[rows] if v.ndim == 1 else 0.5 * (v[rows, i] + v[rows, j])
         edge[name] = (a[rows, i], y)

@@ -247,11 +247,12 @@ def _pareto_section(summary) -> list[str]:
   if not pareto:
     return []
   names = summary.get("task_names")
+  tasks = f" ({', '.join(names)})" if names else ""
   lines = ["## Per-task metrics: Pareto fronts", "",
-           "Each alpha gives one metric per task" + (f" ({', '.join(names)})" if names else "") + ". The exact front is "
-           "the set of alphas whose joint-training metrics no other alpha beats in every task; a preview's front is "
-           "the same for its own predictions. Judged on the exact metrics: recall is the share of the exact front's "
-           "alphas the preview's front also holds; IGD the mean distance from the exact front to the nearest alpha of "
+           f"Each alpha gives one metric per task{tasks}. The exact front is the set of alphas whose joint-training "
+           "metrics no other alpha beats in every task; a preview's front is the same for its own predictions. "
+           "Judged on the exact metrics: recall is the share of the exact front's alphas the preview's front also "
+           "holds; IGD the mean distance from the exact front to the nearest alpha of "
            "the preview's front; IGD+ the same counting only shortfalls (Pareto compliant; 0 is perfect); HV the "
            "hypervolume of the exact metrics at the preview front's alphas, as a share of the exact front's.", "",
            "| method | recall | IGD | IGD+ | HV share | preview front size | exact front size |",

@@ -249,7 +249,8 @@ def test_posteriors_against_quadrature_of_the_target(small):
   """On a box of +-15 VON standard deviations (the target's tails are exponential): the VON mean lies within 0.15
   standard deviations of p_t's mean and its covariance under-estimates p_t's (eigenvalues of the whitened ratio in
   [0.5, 1]: KL(q || p) is mode-seeking; measured 0.61-0.93); the mixture, which minimises the same KL over a family
-  holding the Gaussians, is closer to p_t than VON (measured KL 0.02 vs 0.09-0.14, total variation 0.07 vs 0.15-0.19)."""
+  holding the Gaussians, is closer to p_t than VON (measured KL 0.02 vs 0.09-0.14, total variation 0.07 vs
+  0.15-0.19)."""
   config, _, result, _ = small
   a, b = _task_arrays(config)
   von, mog = result["posteriors"]["von"], result["posteriors"]["mog"]
