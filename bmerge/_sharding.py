@@ -1,8 +1,12 @@
-"""Sharding the grid axis across devices with JAX's own sharding (Mesh + NamedSharding).
+"""Sharding the grid axis (and, for big models, the parameters) across devices with JAX's own sharding.
 
-With one device these are no-ops. With several, the [G, T] grid is padded to a multiple of the device count (with
+With one device these are no-ops. With several, the [G, T] grid is padded to a multiple of the grid axis size (with
 copies of its first row, a valid alpha) and split along G; every other input is replicated, and XLA's sharding
 propagation splits the whole merge along G. The caller slices the padding off the result.
+
+A model too big for one device uses a 2-D mesh with axes ("grid", "model"): the alphas split along "grid" and every
+parameter array along "model" (`shard_params`), so each device holds 1 / |model| of every posterior; XLA inserts the
+collectives the evaluation needs. `bmerge.preview(..., mesh=mesh)` does this.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 GRID_AXIS = "grid"
+MODEL_AXIS = "model"
 
 
 def grid_mesh(devices: Optional[list] = None) -> Optional[Mesh]:
@@ -25,12 +30,50 @@ def grid_mesh(devices: Optional[list] = None) -> Optional[Mesh]:
   return Mesh(np.asarray(devices), (GRID_AXIS,))
 
 
+def grid_size(mesh: Optional[Mesh]) -> int:
+  """How many ways the grid axis is split (1 without a mesh)."""
+  return 1 if mesh is None else int(mesh.shape[GRID_AXIS])
+
+
+def check_mesh(mesh: Any, name: str = "mesh") -> Mesh:
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"`{name}` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+  if GRID_AXIS not in mesh.axis_names or not set(mesh.axis_names) <= {GRID_AXIS, MODEL_AXIS}:
+    raise ValueError(f"`{name}` must have the axis {GRID_AXIS!r} (the alphas) and optionally {MODEL_AXIS!r} (the "
+                     f"parameters); got axes {mesh.axis_names}.")
+  return mesh
+
+
+def shard_params(tree: Any, mesh: Optional[Mesh]) -> Any:
+  """Places every leaf of `tree` split along the mesh's "model" axis (replicated over "grid").
+
+  Each array is split along its largest axis after the first (the first is the task or component axis) whose size
+  the "model" axis divides; arrays with no such axis are replicated. Any choice gives the same results; this one
+  spreads the big matrices of a network.
+  """
+  if mesh is None or MODEL_AXIS not in mesh.axis_names:
+    return replicate(tree, mesh)
+  n = int(mesh.shape[MODEL_AXIS])
+
+  def place(x):
+    if not _is_concrete(x):
+      return x
+    shape = np.shape(x)
+    axes = [i for i in range(1, len(shape)) if shape[i] % n == 0 and shape[i] >= n]
+    spec = [None] * len(shape)
+    if axes:
+      spec[max(axes, key=lambda i: shape[i])] = MODEL_AXIS
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+
+  return jax.tree.map(place, tree)
+
+
 def shard_rows(x: Any, mesh: Optional[Mesh]) -> tuple[Any, int]:
-  """Pads axis 0 of `x` to a multiple of the mesh size and places it split along that axis; returns (x, G)."""
+  """Pads axis 0 of `x` to a multiple of the grid axis size and places it split along that axis; returns (x, G)."""
   g = x.shape[0]
   if mesh is None or not _is_concrete(x):
     return x, g
-  n = mesh.size
+  n = grid_size(mesh)
   pad = (-g) % n
   if pad:
     x = jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[:1], pad, axis=0)], axis=0)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from bmerge import _checks
@@ -94,7 +95,7 @@ def _run_folder(workdir: str, tag: str, parts: dict[str, str]) -> str:
 
 def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 64, workdir: Optional[str] = None,
                 tag: str = "map", inputs: Optional[Mapping[str, Any]] = None, progress: bool = True,
-                description: str = "") -> PyTree:
+                description: str = "", mesh: Optional[Mesh] = None) -> PyTree:
   """Applies `fn(alphas_chunk [C, T]) -> pytree with leading C axis` over `alphas` [G, T] chunk by chunk.
 
   The last chunk is padded (with its first row) to `chunk_size` so every call has one shape: one trace in all. With
@@ -116,6 +117,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
     inputs: named inputs that determine `fn`'s results; default `{"fn": fn}` (its code and captured values).
     progress: show a tqdm progress bar.
     description: label of the progress bar.
+    mesh: the devices the chunks are split across along their rows (its "grid" axis); default all devices.
 
   Returns:
     The pytree of numpy arrays with a leading G axis.
@@ -132,8 +134,8 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
     raise ValueError(f"`alphas` must be a [G, T] grid, got shape {alphas.shape}.")
   g = alphas.shape[0]
   _checks.positive_int(chunk_size, "chunk_size")
-  mesh = _sharding.grid_mesh()
-  n_dev = mesh.size if mesh is not None else 1
+  mesh = _sharding.grid_mesh() if mesh is None else _sharding.check_mesh(mesh)
+  n_dev = _sharding.grid_size(mesh)
   chunk_size = -(-chunk_size // n_dev) * n_dev
   chunk_size = min(chunk_size, -(-g // n_dev) * n_dev)
   folder = None
@@ -223,7 +225,8 @@ def compute_dtype() -> jnp.dtype:
 
 def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree, alphas,
             eval_fn: Callable[[PyTree, Any], Any], batch: Any, *, chunk_size: int = 64,
-            workdir: Optional[str] = None, tag: Optional[str] = None, progress: bool = True) -> PyTree:
+            workdir: Optional[str] = None, tag: Optional[str] = None, progress: bool = True,
+            mesh: Optional[Mesh] = None) -> PyTree:
   """The preview: for every alpha, merge the task posteriors and evaluate the merged model (paper Sec. 3, Fig. 1).
 
   Each chunk of alphas is one compiled call that merges (`merge_fn`) and evaluates (`eval_fn`, `vmap`ped over the
@@ -252,6 +255,12 @@ def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree,
     workdir: if given, finished chunks are saved under `<workdir>/<tag>/<key>/` and reused when run again.
     tag: the sub-folder of this preview in `workdir`; default `preview_<rule name>`.
     progress: show a tqdm progress bar.
+    mesh: for a model too big for one device, a `jax.sharding.Mesh` with axes ("grid", "model"): every chunk of
+      alphas is split along "grid" and every posterior array along "model" (its largest axis that the "model" size
+      divides), so each device holds a slice of the model; the results equal those on one device. Default: the
+      alphas split across all devices, the posteriors replicated. On several hosts, call
+      `jax.distributed.initialize()` first on every host and build the mesh from `jax.devices()` (all hosts'
+      devices); every host runs the same program.
 
   Returns:
     The metrics with a leading G axis, as numpy arrays.
@@ -295,7 +304,11 @@ def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree,
   else:
     fused = jax.jit(partial(_fused.__wrapped__, merge_fn, eval_fn))
   tag = _rule_name(merge_fn) if tag is None else tag
+  if mesh is not None:
+    mesh = _sharding.check_mesh(mesh)
+    posteriors = _sharding.shard_params(posteriors, mesh)
+    batch = _sharding.replicate(batch, mesh)
   inputs = {"merge_fn": merge_fn, "posteriors": posteriors, "eval_fn": eval_fn, "batch": batch} if workdir else None
   out = chunked_map(lambda chunk: fused(chunk, posteriors, batch), a, chunk_size=chunk_size, workdir=workdir, tag=tag,
-                    inputs=inputs, progress=progress, description=f"preview {tag}")
+                    inputs=inputs, progress=progress, description=f"preview {tag}", mesh=mesh)
   return jax.tree.map(lambda x: x[0], out) if single else out

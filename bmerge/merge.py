@@ -73,16 +73,24 @@ def _weighted_sum(alphas, rows):
 
 @jax.jit
 def _affine_core(alphas, stacked, base):
-  """base * (1 - sum alpha) + sum_t alpha_t stacked_t, computed as base + alphas @ (stacked - base)."""
-  flat, unflatten = _tree.flatten(stacked, 1)
-  ref = jnp.mean(flat, axis=0) if base is None else _tree.flatten(base, 0, flat.dtype)[0]
-  alphas = alphas.astype(flat.dtype)
-  out = _weighted_sum(alphas, flat - ref)
-  if base is None:  # Simple averaging: the prior N(0, I) contributes gamma * 0, so only ref * sum(alpha) remains.
-    out = out + jnp.sum(alphas, axis=1, keepdims=True) * ref
-  else:
-    out = out + ref
-  return unflatten(out)
+  """base * (1 - sum alpha) + sum_t alpha_t stacked_t, computed leaf by leaf as base + alphas @ (stacked - base).
+
+  Leaf by leaf (no flattening into one [T, P] matrix): the rule is elementwise over parameters, and each merged leaf
+  keeps the layout (and, on a mesh, the sharding) of its inputs.
+  """
+  def one(m, b):
+    dtype = _tree.compute_dtype(m)
+    a = alphas.astype(dtype)
+    rows = m.astype(dtype).reshape(m.shape[0], -1)
+    ref = jnp.mean(rows, axis=0) if b is None else b.astype(dtype).reshape(-1)
+    out = _weighted_sum(a, rows - ref)
+    # Simple averaging: the prior N(0, I) contributes gamma * 0, so only ref * sum(alpha) remains.
+    out = out + (jnp.sum(a, axis=1, keepdims=True) * ref if b is None else ref)
+    return out.reshape((a.shape[0],) + m.shape[1:]).astype(m.dtype)
+
+  if base is None:
+    return jax.tree.map(lambda m: one(m, None), stacked)
+  return jax.tree.map(one, stacked, base)
 
 
 def simple_average(means: Union[PyTree, IsoGaussian, DiagGaussian], alphas) -> PyTree:
@@ -152,24 +160,38 @@ def task_arithmetic(base: PyTree, finetuned: PyTree, alphas) -> PyTree:
 
 @jax.jit
 def _diag_core(alphas, means, precisions, prior_mean, prior_precision):
-  m, unflatten = _tree.flatten(means, 1)  # [T, P]
-  h, _ = _tree.flatten(precisions, 1, m.dtype)
-  alphas = alphas.astype(m.dtype)
+  """Eq. 10 with diagonal precisions, leaf by leaf: per leaf two [G, T] x [T, P_leaf] products."""
+  def one(m, h, m0, h0):
+    out_dtype = m.dtype
+    dtype = _tree.compute_dtype(m)
+    rows = m.astype(dtype).reshape(m.shape[0], -1)
+    h = h.astype(dtype).reshape(rows.shape)
+    a = alphas.astype(dtype)
+    if m0 is None:
+      ref = jnp.mean(rows, axis=0)
+      # Numerator sum_t a_t h_t (theta_t - ref) and denominator sum_t a_t h_t.
+      num = _weighted_sum(a, h * (rows - ref))
+      den = _weighted_sum(a, h)
+    else:
+      # Centred on the prior mean theta_0 the prior's share of the numerator vanishes, and the denominator
+      # sum_t a_t h_t + gamma h_0 is written as h_0 + sum_t a_t (h_t - h_0). Large weights then cannot cancel: with
+      # Daheim et al.'s global scale (alphas = s, gamma = 1 - s T << 0) and h_t = a_t F_t + h_0 the direct form loses
+      # the Fisher under s T h_0 in float32, while h_t - h_0 is exact for h_t near h_0.
+      ref = m0.astype(dtype).reshape(-1)
+      h0 = h0.astype(dtype).reshape(-1)
+      num = _weighted_sum(a, h * (rows - ref))
+      den = h0 + _weighted_sum(a, h - h0)
+    out = (ref + num / den).reshape((a.shape[0],) + m.shape[1:]).astype(out_dtype)
+    return out, jnp.min(den)
+
   if prior_mean is None:
-    ref = jnp.mean(m, axis=0)
-    # Numerator sum_t a_t h_t (theta_t - ref) and denominator sum_t a_t h_t: [G, T] x [T, P] products.
-    num = _weighted_sum(alphas, h * (m - ref))
-    den = _weighted_sum(alphas, h)
+    pairs = jax.tree.map(lambda m, h: one(m, h, None, None), means, precisions)
   else:
-    # Centred on the prior mean theta_0 the prior's share of the numerator vanishes, and the denominator
-    # sum_t a_t h_t + gamma h_0 is written as h_0 + sum_t a_t (h_t - h_0). Large weights then cannot cancel: with Daheim
-    # et al.'s global scale (alphas = s, gamma = 1 - s T << 0) and h_t = a_t F_t + h_0 the direct form loses the Fisher
-    # under s T h_0 in float32, while h_t - h_0 is exact for h_t near h_0.
-    ref, _ = _tree.flatten(prior_mean, 0, m.dtype)
-    h0, _ = _tree.flatten(prior_precision, 0, m.dtype)
-    num = _weighted_sum(alphas, h * (m - ref))
-    den = h0 + _weighted_sum(alphas, h - h0)
-  return unflatten(ref + num / den), jnp.min(den)
+    pairs = jax.tree.map(one, means, precisions, prior_mean, prior_precision)
+  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and not isinstance(x[0], tuple)
+  out = jax.tree.map(lambda pr: pr[0], pairs, is_leaf=is_pair)
+  min_den = jnp.min(jnp.stack([pr[1] for pr in jax.tree.leaves(pairs, is_leaf=is_pair)]))
+  return out, min_den
 
 
 def _check_gaussian_stack(posteriors, name):

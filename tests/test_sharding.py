@@ -73,3 +73,54 @@ def test_grid_sharded_over_four_devices_equals_single_device(tmp_path):
     for i, leaf in enumerate(jax.tree.leaves(tree)):
       tol = 1e-5 if name == "preview" else 1e-6  # the preview sums 10 tanh values per alpha
       np.testing.assert_allclose(sharded[f"{name}_{i}"], leaf, rtol=tol, atol=tol)
+
+
+MODEL_SETUP = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    import bmerge
+    from bmerge import grid, merge
+    rng = np.random.default_rng(1)
+    t = 3
+    # A two-layer network whose weight matrices have axes the "model" mesh axis (size 2) divides.
+    mean = {"w1": rng.normal(size=(t, 6, 8)).astype(np.float32), "b1": rng.normal(size=(t, 8)).astype(np.float32),
+            "w2": rng.normal(size=(t, 8, 4)).astype(np.float32), "b2": rng.normal(size=(t, 3)).astype(np.float32)}
+    prec = jax.tree.map(lambda x: np.exp(rng.normal(size=x.shape)).astype(np.float32), mean)
+    q = bmerge.DiagGaussian(mean, prec)
+    x = rng.normal(size=(10, 6)).astype(np.float32)
+    alphas = grid.simplex(3, 0.1)  # G = 66
+    def evaluate(p, x):
+      hidden = jnp.tanh(x @ p["w1"] + p["b1"])
+      return jnp.mean(hidden @ p["w2"], axis=0)[:3] + p["b2"]
+""")
+
+MODEL_SCRIPT = textwrap.dedent("""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+""") + MODEL_SETUP + textwrap.dedent("""
+    from jax.sharding import Mesh
+    assert jax.device_count() == 4
+    mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("grid", "model"))
+    placed = []
+    real = bmerge.grid_eval._sharding.shard_params
+    def spy(tree, m):
+      out = real(tree, m)
+      placed.extend(str(leaf.sharding.spec) for leaf in jax.tree.leaves(out))
+      return out
+    bmerge.grid_eval._sharding.shard_params = spy
+    out = bmerge.preview(merge.hessian_weighted, q, alphas, evaluate, x, chunk_size=8, mesh=mesh, progress=False)
+    # Every weight matrix is split along "model" (each device holds half of it); b2 (3 entries) is replicated.
+    assert sum("model" in s for s in placed) == 6, placed
+    np.save(os.environ["OUT"], out)
+""")
+
+
+def test_preview_with_params_sharded_across_a_model_axis_equals_one_device(tmp_path):
+  out = tmp_path / "model_sharded.npy"
+  proc = subprocess.run([sys.executable, "-c", MODEL_SCRIPT], env=dict(os.environ, OUT=str(out)),
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  scope = {}
+  exec(MODEL_SETUP, scope)
+  single = scope["bmerge"].preview(scope["merge"].hessian_weighted, scope["q"], scope["alphas"], scope["evaluate"],
+                                   scope["x"], chunk_size=8, progress=False)
+  np.testing.assert_allclose(np.load(out), single, rtol=1e-5, atol=1e-6)
