@@ -7,6 +7,7 @@ from bmerge import data
 from bmerge import em
 from bmerge import exact
 from bmerge import grid
+from bmerge import interop
 from bmerge import merge
 from bmerge import metrics
 from bmerge import models
@@ -38,6 +39,7 @@ __all__ = [
     "em",
     "exact",
     "grid",
+    "interop",
     "merge",
     "metrics",
     "models",

@@ -30,7 +30,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 __all__ = ["BALANCED", "CIFAR10_TASKS", "Dataset", "IMBALANCED", "MNIST5K_RESOURCE", "NAMES", "OVERLAP", "avg_pool",
-           "load", "minibatches", "split_by_classes", "split_fraction", "task_membership"]
+           "load", "load_sentiment", "minibatches", "split_by_classes", "split_fraction", "task_membership"]
 
 NAMES = ("digits", "mnist5k", "mnist", "cifar10")
 _TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10"}
