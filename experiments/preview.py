@@ -5,8 +5,9 @@ r"""The main job: build per-task posteriors, preview every alpha of a grid, comp
   python -m experiments.preview --config=configs/toy2d.py --workdir=runs/toy2d
   python -m experiments.preview --config=configs/digits_imbalanced.py --workdir=runs/d --config.run_recommended=True
 
-The config's `experiment` names the module in `experiments/` whose `run(config, workdir)` does the work. Everything
-finished is saved in the workdir; running the same command again resumes and recomputes nothing already done.
+The config's `experiment` names the module in `experiments/` whose `run(config, workdir)` does the work and returns
+the `bmerge.comparison.Comparison` of its previews against joint training. Everything finished is saved in the
+workdir; running the same command again resumes and recomputes nothing already done.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from experiments import report
+from bmerge import report
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where posteriors, chunks, metrics, figures and the report go.")
@@ -32,15 +33,15 @@ def main(argv):
   config = FLAGS.config
   module = importlib.import_module(f"experiments.{config.experiment}")
   result = module.run(config, FLAGS.workdir)
-  summary = result["metrics"]
+  summary = result.summary
   print()
   print(report.table(summary))
-  rec = result.get("recommendation")
+  rec = summary.get("recommendation")
   if rec:
     print(f"\nrecommended alphas (top {len(rec['alphas'])} of the {rec['from']} preview): {rec['alphas']}")
     if "regret" in rec:
-      print(f"joint training there: {rec['joint_accuracy']}; regret vs best exact alpha: {rec['regret']:.4f}")
-  print(f"\nreport: {os.path.abspath(result['report'])}")
+      print(f"joint training there: {rec['joint']}; regret vs best exact alpha: {rec['regret']:.4f}")
+  print(f"\nreport: {os.path.abspath(result.paths['report'])}")
   print(f"run folder: {os.path.abspath(FLAGS.workdir)}")
 
 
