@@ -33,7 +33,10 @@ def main(argv):
   config = FLAGS.config
   module = importlib.import_module(f"experiments.{config.experiment}")
   result = module.run(config, FLAGS.workdir)
-  summary = result.summary
+  if isinstance(result, dict):  # {"metrics": summary, "report": path, ...}
+    summary, report_path = result["metrics"], result["report"]
+  else:  # a bmerge.comparison.Comparison
+    summary, report_path = result.summary, result.paths["report"]
   print()
   print(report.table(summary))
   rec = summary.get("recommendation")
@@ -41,7 +44,7 @@ def main(argv):
     print(f"\nrecommended alphas (top {len(rec['alphas'])} of the {rec['from']} preview): {rec['alphas']}")
     if "regret" in rec:
       print(f"joint training there: {rec['joint']}; regret vs best exact alpha: {rec['regret']:.4f}")
-  print(f"\nreport: {os.path.abspath(result.paths['report'])}")
+  print(f"\nreport: {os.path.abspath(report_path)}")
   print(f"run folder: {os.path.abspath(FLAGS.workdir)}")
 
 
