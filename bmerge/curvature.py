@@ -1,4 +1,4 @@
-"""Squared-gradient diagonal Fisher over one pass of data (REFERENCE §3, "AdamW-SG").
+"""Squared-gradient diagonal Fisher over one pass of data ("AdamW-SG" of the paper, Sec. 4; Daheim et al. 2024).
 
 After training (e.g. with AdamW) one extra pass turns the trained params theta into a diagonal Gaussian posterior
 

@@ -6,7 +6,7 @@ For mixtures q_t = sum_k pi_tk N(theta_tk, diag(1/h_tk)) and weights alpha, EM o
   theta <- sum_{t,k} r_tk alpha_t h_tk theta_tk / sum_{t,k} r_tk alpha_t h_tk
 
 and never decreases F(theta) = sum_t alpha_t log q_t(theta) (+ gamma log p0 with a prior). For a grid [G, T] every
-step is two GEMMs (REFERENCE §2): with x = theta - ref and d_tk = theta_tk - ref (centred on the mean component,
+step is two GEMMs (App. A.3 written for a grid): with x = theta - ref and d_tk = theta_tk - ref (centred on the mean component,
 so float32 keeps the small differences between finetuned models),
 
   log N_tk(theta_g) = -1/2 [x_g^2, x_g] . [h_tk; -2 h_tk d_tk] - 1/2 d_tk . h_tk d_tk + 1/2 sum log h_tk - P/2 log 2pi

@@ -1,13 +1,23 @@
-"""Merging rules over a grid of task weights (paper §2-3, REFERENCE §2).
+"""Merging rules over a grid of task weights (paper Secs. 2-3, Eqs. 2, 3, 10-12 and App. A.2).
 
 Every rule takes T posteriors stacked along a leading axis and `alphas` of shape [G, T] (a single [T] vector also
 works and returns one model) and returns the merged params pytree with a leading G axis. Each rule is a few matrix
 products of the [G, T] grid with the [T, P] stacked parameters, run in one `jit` (one trace per shape), never a
-Python loop over G. Parameters are centred on the mean of the task models before any product so float32 keeps the
-small task vectors (|theta_t - theta_s| ~ 1e-3 next to |theta| ~ 1).
+Python loop over G. Parameters are centred on the mean of the task models (or on the prior mean) before any product
+so float32 keeps the small task vectors (|theta_t - theta_s| ~ 1e-3 next to |theta| ~ 1).
 
 With `sum_t alpha_t != 1`, gamma = 1 - sum_t alpha_t weights a prior p0: `p_alpha ∝ p0^gamma prod_t q_t^alpha_t`
 (Eqs. 5-8). Rules whose prior is not implied by the rule (Hessian-weighted, mixture) need it passed as `prior`.
+
+Dtypes: every rule computes in float32 (float64 for float64 params under `jax_enable_x64`) and returns each leaf in
+its own dtype (bfloat16 params come back bfloat16); leaves that are not floating point (step counters, PRNG keys) must
+hold the same value in every task and are passed through, never averaged.
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via Bayesian
+  Model-Merging. 2024.
+  Ilharco, Ribeiro, Wortsman, Gururangan, Schmidt, Hajishirzi, Farhadi. Editing Models with Task Arithmetic. ICLR 2023.
+  Daheim, Möllenhoff, Ponti, Gurevych, Khan. Model Merging by Uncertainty-Based Gradient Matching. ICLR 2024.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from bmerge.optim import mog as mog_lib
 from bmerge.optim import von as von_lib
 from experiments import report
 
-# The paper's rows for this experiment (REFERENCE §4, Tables 1-2), keyed by our method names.
+# The paper's rows for this experiment (Tables 1-2), keyed by our method names.
 PAPER = {
     "imbalanced": {"mse": {"simple": 0.2067, "von": 0.1528, "mog": 0.0463},
                    "best": {"simple": (76.8, 90.0), "von": (80.3, 89.4), "mog": (87.2, 90.4)}, "exact_best": 90.4},
