@@ -167,6 +167,56 @@ def _best(values: np.ndarray, maximize: bool) -> int:
   return int(np.argmax(values) if maximize else np.argmin(values))
 
 
+_SUMMARY_KEYS = {"title", "metric", "maximize", "percent", "overall", "num_tasks", "task_names", "num_alphas",
+                 "num_exact_alphas", "on_simplex", "entries", "methods", "exact_best", "exact_best_alpha", "pareto",
+                 "recommendation", "costs", "paper", "paper_ordering", "notes", "figures"}
+
+
+class _Exact(NamedTuple):
+  alphas: np.ndarray  # [G', T] where joint training ran
+  rows: np.ndarray  # [G'] their rows in the preview grid
+  overall: np.ndarray  # [G'] overall metric
+  per_task: Optional[np.ndarray]  # [G', T] or None
+
+
+def _scores(alphas, over: dict, per_task: dict, ex: Optional[_Exact], maximize: bool, entries: dict) -> dict:
+  """"methods" (and "exact_best", "exact_best_alpha", "pareto") of the summary; adds the whole-grid best alphas to
+  `entries` when the exact grid is coarser."""
+  if ex is None:
+    methods = {}
+    for n, v in over.items():
+      b = _best(v, maximize)
+      methods[n] = {"best_alpha": alphas[b].tolist(), "best_preview": float(v[b])}
+    return {"methods": methods}
+  out = metrics.summarize(ex.alphas, {n: v[ex.rows] for n, v in over.items()}, ex.overall, maximize)
+  exact_at = {int(r): i for i, r in enumerate(ex.rows)}
+  if len(exact_at) < alphas.shape[0]:  # a coarser exact grid: also the preview's own best over the whole grid
+    for n, v in over.items():
+      b = _best(v, maximize)
+      entries[n].update(grid_best_alpha=alphas[b].tolist(), grid_best_preview=float(v[b]),
+                        grid_exact_at_best=float(ex.overall[exact_at[b]]) if b in exact_at else None)
+  if ex.per_task is not None and ex.per_task.shape[1] >= 2:
+    out["pareto"] = {}
+    for n, v in per_task.items():
+      if v is not None:
+        fc = metrics.compare_fronts(ex.alphas, v[ex.rows], ex.per_task, maximize)
+        out["pareto"][n] = {
+            "recall": fc.recall, "igd": fc.igd, "igd_plus": fc.igd_plus,
+            "hypervolume_exact": fc.hypervolume_exact, "hypervolume_preview": fc.hypervolume_preview,
+            "exact_front_size": int(fc.exact_front.size), "preview_front_size": int(fc.preview_front.size)}
+  return out
+
+
+def _recommendation(alphas, values: np.ndarray, name: str, ex: Optional[_Exact], maximize: bool, k: int) -> dict:
+  """The top k alphas of one preview, with the exact metric there where joint training ran."""
+  order = np.argsort(-values if maximize else values, kind="stable")[:k]
+  rec = {"from": name, "alphas": alphas[order].tolist(), "preview": values[order].tolist()}
+  if ex is not None:
+    exact_at = {int(r): i for i, r in enumerate(ex.rows)}
+    rec["exact"] = [float(ex.overall[exact_at[int(i)]]) if int(i) in exact_at else None for i in order]
+  return rec
+
+
 def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], Any], batch: Any, alphas, *,
             exact=None, exact_alphas=None, folder=None, workdir=None, overall: str = "first", maximize: bool = True,
             metric: str = "accuracy", percent: bool = False, task_names: Optional[Sequence[str]] = None,
@@ -277,9 +327,11 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   stage_costs = _costs(costs)
   paper = _paper(paper)
   details = _jsonable(dict(details), "details") if details is not None else {}
+  if set(details) & _SUMMARY_KEYS:
+    raise ValueError(f"`details` keys {sorted(set(details) & _SUMMARY_KEYS)} are the summary's own; use other names.")
   folder = pathlib.Path(_checks.workdir(folder, "folder")) if folder is not None else None
 
-  ex_over = ex_task = rows = None
+  ex = None
   if exact is not None:
     ex_raw = _checks.numeric(exact, "exact")
     if ex_raw.ndim not in (1, 2):
@@ -294,8 +346,9 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
     _checks.matrix(ex_raw.reshape(ex_raw.shape[0], -1), "exact", what="[G', M]")  # finite
     if ex_alphas.shape[1] != t:
       raise ValueError(f"`exact_alphas` has {ex_alphas.shape[1]} columns but `alphas` has T = {t}.")
-    rows = _match_rows(alphas, ex_alphas)
-    ex_over, ex_task = _layout(ex_raw, ex_alphas, overall, "exact")
+    ex = _Exact(ex_alphas, _match_rows(alphas, ex_alphas), *_layout(ex_raw, ex_alphas, overall, "exact"))
+  elif exact_alphas is not None:
+    raise ValueError("`exact_alphas` was given without `exact`; pass the exact results computed there.")
 
   for e in entries:  # cheap: traces only, so a wrong eval_fn fails before the first preview runs
     _check_eval(e, eval_fn, batch, alphas, overall)
@@ -309,45 +362,13 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
     over[e.name], per_task[e.name] = _layout(np.asarray(out, np.float64), alphas, overall, f"preview of {e.name!r}")
     _checks.vector(over[e.name], f"preview of {e.name!r}")  # finite
 
-  sums = alphas.sum(axis=1)
   summary: dict[str, Any] = {
       "title": title, "metric": metric, "maximize": maximize, "percent": percent, "overall": overall,
-      "num_tasks": t, "task_names": names, "num_alphas": g,
-      "num_exact_alphas": 0 if rows is None else int(len(rows)),
-      "on_simplex": bool(np.all(np.abs(sums - 1.0) <= 1e-6)),
-  }
-  summary["entries"] = {e.name: {"description": e.description} for e in entries}
-  if rows is None:
-    summary["methods"] = {}
-    for n, v in over.items():
-      b = _best(v, maximize)
-      summary["methods"][n] = {"best_alpha": alphas[b].tolist(), "best_preview": float(v[b])}
-  else:
-    scores = metrics.summarize(ex_alphas, {n: v[rows] for n, v in over.items()}, ex_over, maximize)
-    summary.update(scores)
-    exact_at = {int(r): i for i, r in enumerate(rows)}
-    if len(set(rows.tolist())) < g:  # a coarser exact grid: also the preview's own best over the whole grid
-      for n, v in over.items():
-        b = _best(v, maximize)
-        summary["entries"][n].update(grid_best_alpha=alphas[b].tolist(), grid_best_preview=float(v[b]),
-                                     grid_exact_at_best=float(ex_over[exact_at[b]]) if b in exact_at else None)
-    if ex_task is not None and ex_task.shape[1] >= 2:
-      summary["pareto"] = {}
-      for n, v in per_task.items():
-        if v is None:
-          continue
-        fc = metrics.compare_fronts(ex_alphas, v[rows], ex_task, maximize)
-        summary["pareto"][n] = {
-            "recall": fc.recall, "igd": fc.igd, "igd_plus": fc.igd_plus,
-            "hypervolume_exact": fc.hypervolume_exact, "hypervolume_preview": fc.hypervolume_preview,
-            "exact_front_size": int(fc.exact_front.size), "preview_front_size": int(fc.preview_front.size)}
-
-  order = np.argsort(-over[recommend] if maximize else over[recommend], kind="stable")[:top_k]
-  rec = {"from": recommend, "alphas": alphas[order].tolist(), "preview": over[recommend][order].tolist()}
-  if rows is not None:
-    exact_at = {int(r): i for i, r in enumerate(rows)}
-    rec["exact"] = [float(ex_over[exact_at[int(i)]]) if int(i) in exact_at else None for i in order]
-  summary["recommendation"] = rec
+      "num_tasks": t, "task_names": names, "num_alphas": g, "num_exact_alphas": 0 if ex is None else len(ex.rows),
+      "on_simplex": bool(np.all(np.abs(alphas.sum(axis=1) - 1.0) <= 1e-6)),
+      "entries": {e.name: {"description": e.description} for e in entries}}
+  summary.update(_scores(alphas, over, per_task, ex, maximize, summary["entries"]))
+  summary["recommendation"] = _recommendation(alphas, over[recommend], recommend, ex, maximize, top_k)
   summary["costs"] = stage_costs
   if paper is not None:
     summary["paper"] = paper
@@ -356,18 +377,16 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
       summary["paper_ordering"] = ordering
   if notes:
     summary["notes"] = str(notes)
-  clash = sorted(set(details) & set(summary))
-  if clash:
-    raise ValueError(f"`details` keys {clash} are already in the summary; use other names.")
   summary.update(details)
 
   paths: dict[str, pathlib.Path] = {}
   exact_out = None if exact is None else np.asarray(exact)
   if folder is not None:
-    figs = report.figures(folder, alphas, over, exact=ex_over, exact_alphas=None if rows is None else ex_alphas,
+    figs = report.figures(folder, alphas, over, exact=None if ex is None else ex.overall,
+                          exact_alphas=None if ex is None else ex.alphas,
                           per_task_previews=per_task if all(v is not None for v in per_task.values()) else None,
-                          per_task_exact=ex_task, task_names=names, maximize=maximize, label=metric,
-                          directions=directions)
+                          per_task_exact=None if ex is None else ex.per_task, task_names=names, maximize=maximize,
+                          label=metric, directions=directions)
     figs += [pathlib.Path(f) for f in extra_figures]
     summary["figures"] = [f.name for f in figs]
     paths.update({f.stem: f for f in figs})

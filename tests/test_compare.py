@@ -222,6 +222,10 @@ def test_errors_name_the_argument(tmp_path):
     bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, overall="mean")
   with pytest.raises(ValueError, match="`paper` must hold only JSON"):
     bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, paper={"x": object()})
+  with pytest.raises(ValueError, match="`exact_alphas` was given without `exact`"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact_alphas=alphas)
+  with pytest.raises(ValueError, match=r"`details` keys \['costs'\] are the summary's own"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, details={"costs": 1.0})
   with pytest.raises(ValueError, match="`recommend`"):
     bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, recommend="mog")
   with pytest.raises(ValueError, match="`costs`"):
