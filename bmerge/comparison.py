@@ -219,11 +219,11 @@ def _recommendation(alphas, values: np.ndarray, name: str, ex: Optional[_Exact],
 
 def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], Any], batch: Any, alphas, *,
             exact=None, exact_alphas=None, folder=None, workdir=None, overall: str = "first", maximize: bool = True,
-            metric: str = "accuracy", percent: bool = False, task_names: Optional[Sequence[str]] = None,
-            directions=None, costs: Optional[Mapping[str, float]] = None, paper: Optional[Mapping] = None,
-            title: str = "Preview comparison", notes: str = "", details: Optional[Mapping] = None,
-            extra_figures: Sequence[Any] = (), recommend: Optional[str] = None, top_k: int = 5,
-            chunk_size: int = 64, progress: bool = False) -> Comparison:
+            metric: str = "accuracy", task_metric: Optional[str] = None, percent: bool = False,
+            task_names: Optional[Sequence[str]] = None, directions=None, costs: Optional[Mapping[str, float]] = None,
+            paper: Optional[Mapping] = None, title: str = "Preview comparison", notes: str = "",
+            details: Optional[Mapping] = None, extra_figures: Sequence[Any] = (), recommend: Optional[str] = None,
+            top_k: int = 5, chunk_size: int = 64, progress: bool = False) -> Comparison:
   r"""Previews every entry over one grid, scores each against exact results, and writes a report folder.
 
   For every entry, `bmerge.preview(rule, posteriors, alphas, eval_fn, batch)` (resumable in `workdir`, one folder
@@ -271,6 +271,7 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
     overall: "first" or "weighted" (see above).
     maximize: whether larger metrics are better (accuracy) or smaller (loss).
     metric: the metric's name for tables and axes.
+    task_metric: the per-task metric's name, when it differs (e.g. "task loss" with overall='weighted').
     percent: print the metric as a percentage (accuracies in [0, 1]).
     task_names: the T task names.
     directions: optional [D, T] directions of a scaled grid, for the scaling figure's lambda axis.
@@ -386,7 +387,7 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
                           exact_alphas=None if ex is None else ex.alphas,
                           per_task_previews=per_task if all(v is not None for v in per_task.values()) else None,
                           per_task_exact=None if ex is None else ex.per_task, task_names=names, maximize=maximize,
-                          label=metric, directions=directions)
+                          label=metric, task_label=task_metric, directions=directions)
     figs += [pathlib.Path(f) for f in extra_figures]
     summary["figures"] = [f.name for f in figs]
     paths.update({f.stem: f for f in figs})

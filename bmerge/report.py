@@ -31,7 +31,7 @@ __all__ = ["figures", "markdown", "table", "write"]
 def figures(folder, alphas, previews: Mapping[str, Any], *, exact=None, exact_alphas=None,
             per_task_previews: Optional[Mapping[str, Any]] = None, per_task_exact=None,
             task_names: Optional[Sequence[str]] = None, maximize: bool = True, label: str = "accuracy",
-            directions=None) -> list[pathlib.Path]:
+            task_label: Optional[str] = None, directions=None) -> list[pathlib.Path]:
   """Every figure that fits the grid, as PNGs in `folder`; returns their paths.
 
   * `contours.png`: ternary contours of the exact surface and each preview (T = 3, grid on the simplex);
@@ -54,6 +54,7 @@ def figures(folder, alphas, previews: Mapping[str, Any], *, exact=None, exact_al
     task_names: the T task names.
     maximize: whether larger metrics are better.
     label: the metric's name on the axes.
+    task_label: the per-task metric's name (default `label`).
     directions: optional [D, T] directions of a scaled grid (see `bmerge.grid.scaled`).
 
   Returns:
@@ -88,7 +89,7 @@ def figures(folder, alphas, previews: Mapping[str, Any], *, exact=None, exact_al
       pair_surfaces = dict(per_task_previews)
       if exact is not None:
         pair_surfaces = {"exact": (exact_alphas, per_task_exact), **pair_surfaces}
-      pair_label = f"{label} (mean over the pair)"
+      pair_label = f"{task_label or label} (mean over the pair)"
     else:
       pair_surfaces, pair_label = surfaces, label
     out.append(plot.pair_curves(alphas, pair_surfaces, folder / "pairs.png", task_names=names, maximize=maximize,
@@ -101,7 +102,7 @@ def figures(folder, alphas, previews: Mapping[str, Any], *, exact=None, exact_al
     rows = _rows_of(alphas, exact_alphas)
     chosen = {k: np.asarray(v)[rows] for k, v in per_task_previews.items()}
     out.append(plot.pareto_fronts(per_task_exact, chosen, folder / "pareto.png", task_names=names, maximize=maximize,
-                                  label=label))
+                                  label=task_label or label))
   return out
 
 

@@ -174,8 +174,8 @@ def run(config, workdir: str) -> dict:
   notes += [f"| {m} | {d['mean']:.4f} | {d['max']:.4f} |" for m, d in distance.items()]
   out = bmerge.compare(
       [Entry(m, posts[m], merge_fn(m, config), DESCRIBE[m]) for m in METHODS], losses, tasks, alphas,
-      exact=exact_losses[:g], overall="weighted", maximize=False, metric="multitask loss", task_names=names,
-      costs=costs, title="2-D toy (paper Fig. 2, App. B.1)", notes="\n".join(notes), folder=workdir,
+      exact=exact_losses[:g], overall="weighted", maximize=False, metric="multitask loss", task_metric="task loss",
+      task_names=names, costs=costs, title="2-D toy (paper Fig. 2, App. B.1)", notes="\n".join(notes), folder=workdir,
       workdir=workdir, chunk_size=config.chunk_size, extra_figures=extra,
       paper={"source": "Fig. 2, which shows the errors' ordering only",
              "methods": {"simple": {"label": "Simple", "mse_rank": 3}, "von": {"label": "Full Gaussian", "mse_rank": 2},
