@@ -6,11 +6,13 @@ from bmerge import curvature
 from bmerge import data
 from bmerge import em
 from bmerge import exact
+from bmerge import fit
 from bmerge import grid
 from bmerge import interop
 from bmerge import merge
 from bmerge import metrics
 from bmerge import models
+from bmerge import optim
 from bmerge import plot
 from bmerge import report
 from bmerge.comparison import compare
@@ -38,11 +40,13 @@ __all__ = [
     "data",
     "em",
     "exact",
+    "fit",
     "grid",
     "interop",
     "merge",
     "metrics",
     "models",
+    "optim",
     "plot",
     "preview",
     "report",

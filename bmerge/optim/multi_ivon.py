@@ -3,7 +3,11 @@
 Per task, run IVON from several seeds and keep the posterior N(m, diag(ess (h + delta))^-1) at several stopping
 steps; the K = num_seeds * num_stops diagonal Gaussians, equally weighted, form the task's mixture
 q_t = (1/K) sum_k N(theta_tk, diag(h_tk)^-1) for `bmerge.merge.mixture_weighted` (Eqs. 11-12). The paper uses
-5 seeds x steps {25, 50, ..., 150}: K = 30 per task.
+5 seeds x steps {25, 50, ..., 150}: K = 30 per task. `bmerge.fit.multi_ivon` runs it on a user's loss and batches.
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging. 2024 (Sec. 3.5, Eqs. 11-12, App. B.3).
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from bmerge.posteriors import DiagGaussian
 from bmerge.posteriors import Mixture
 from bmerge.posteriors import stack
 
+__all__ = ["collect", "equal_mixture"]
+
 PyTree = Any
 
 
@@ -25,6 +31,15 @@ def equal_mixture(posteriors: Sequence[DiagGaussian]) -> Mixture:
   """The equally weighted mixture (1/K) sum_k q_k of K `DiagGaussian`s: components stacked on a leading K axis.
 
   log_weights are all -log K (float32). Raises ValueError if `posteriors` is empty or the structures differ.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import bmerge
+    >>> from bmerge.optim import multi_ivon
+    >>> qs = [bmerge.DiagGaussian({"w": jnp.full(2, float(k))}, {"w": jnp.ones(2)}) for k in range(4)]
+    >>> mix = multi_ivon.equal_mixture(qs)
+    >>> mix.components.mean["w"].shape, jnp.exp(mix.log_weights).tolist()
+    ((4, 2), [0.25, 0.25, 0.25, 0.25])
   """
   posteriors = list(posteriors)
   if not posteriors:
@@ -53,7 +68,8 @@ def collect(keys: jax.Array,
     keys: a key array [num_seeds] (e.g. `jax.random.split(jax.random.key(0), 5)`), one run per key.
     init_fn: key -> carry, the training state (e.g. params and the IVON optimizer state).
     step_fn: (key, carry, step) -> carry, one training step; `step` is the int32 index of the step.
-    posterior_fn: carry -> `DiagGaussian`, e.g. `lambda c: ivon.posterior(c.params, c.opt_state, ess, wd)`.
+    posterior_fn: carry -> `DiagGaussian`, e.g. `lambda c: bmerge.optim.ivon_posterior(c.params, c.opt_state, ess,
+      wd)`.
     stop_steps: strictly increasing positive step counts, e.g. `range(25, 151, 25)`.
 
   Returns:
