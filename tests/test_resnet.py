@@ -161,6 +161,11 @@ def test_each_merged_model_is_evaluated_with_its_own_recomputed_statistics(tiny)
   batch = (jnp.asarray(calibration_x, jnp.float32), jnp.asarray(x, jnp.float32))
   out = bmerge.preview(merge.hessian_weighted, posteriors, alphas, eval_fn, batch, chunk_size=4, progress=False)
   assert out.shape == (5, 5, 3)
+  # Batching the convolutions over models instead of mapping over them gives the same numbers.
+  batched = resnet.make_eval_fn(model, lambda logits: logits, map_over_models=False)
+  params = merge.hessian_weighted(posteriors, alphas[3:])
+  np.testing.assert_allclose(jax.jit(jax.vmap(batched, in_axes=(0, None)))(params, batch), out[3:], rtol=1e-4,
+                             atol=1e-4)
   # A one-hot alpha is that task's model, statistics included: evaluated alone, by the same rule.
   for t in range(3):
     np.testing.assert_allclose(out[t], jax.jit(eval_fn)(means[t], batch), rtol=1e-5, atol=1e-5)
@@ -177,6 +182,19 @@ def test_each_merged_model_is_evaluated_with_its_own_recomputed_statistics(tiny)
     # Statistics of another model (task 1's) give other logits: the policy is what the test pins down.
     _, task1_stats = resnet_np(means[0], calibration_x)
     assert np.abs(resnet_np(merged, x, stats=task1_stats)[0] - expect).max() > 1e-2
+
+
+def test_vmap_of_a_one_model_at_a_time_function_is_a_map_with_the_same_values():
+  fn = lambda a, b: {"s": jnp.sin(a["w"]) @ b, "t": jnp.sum(b) * a["v"]}
+  mapped = resnet._one_model_at_a_time(fn)
+  rng = np.random.default_rng(0)
+  a = {"w": jnp.asarray(rng.normal(size=(4, 2, 3))), "v": jnp.asarray(rng.normal(size=(4,)))}
+  b = jnp.asarray(rng.normal(size=(4, 3)))
+  for in_axes, args in [((0, None), (a, b[0])), ((None, 0), (jax.tree.map(lambda x: x[0], a), b)), ((0, 0), (a, b))]:
+    expect = jax.vmap(fn, in_axes=in_axes)(*args)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), jax.vmap(mapped, in_axes=in_axes)(*args),
+                 expect)
+    assert "scan" in str(jax.make_jaxpr(jax.vmap(mapped, in_axes=in_axes))(*args))  # lax.map, not a batched body
 
 
 def test_accuracies_count_a_shared_class_in_both_of_its_tasks():

@@ -198,7 +198,36 @@ def _calibrated_eval(model: ResNetModel, metric_fn: Callable[..., Any], params: 
   return metric_fn(model.apply_with(params, stats, x), *targets)
 
 
-def make_eval_fn(model: ResNetModel, metric_fn: Callable[..., Any]) -> Callable[[PyTree, tuple], Any]:
+def _one_model_at_a_time(fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`fn` whose `jax.vmap` runs `lax.map` over the mapped arguments (one call per model) instead of batching them.
+
+  Why: batching convolutions over a leading axis of *kernels* (merged models) becomes grouped convolutions, which
+  XLA runs far slower per model on CPU than one model after the other.
+  """
+  mapped_fn = jax.custom_batching.custom_vmap(fn)
+
+  @mapped_fn.def_vmap
+  def _rule(axis_size, in_batched, *args):
+    del axis_size
+    leaves, treedef = jax.tree.flatten(list(args))
+    flags = jax.tree.leaves(list(in_batched))
+
+    def one(mapped):
+      it = iter(mapped)
+      return fn(*jax.tree.unflatten(treedef, [next(it) if b else x for x, b in zip(leaves, flags)]))
+
+    out = jax.lax.map(one, [x for x, b in zip(leaves, flags) if b])
+    return out, jax.tree.map(lambda _: True, out)
+
+  return mapped_fn
+
+
+def _mapped_eval(model: ResNetModel, metric_fn: Callable[..., Any], params: PyTree, batch: tuple) -> Any:
+  return _one_model_at_a_time(functools.partial(_calibrated_eval, model, metric_fn))(params, batch)
+
+
+def make_eval_fn(model: ResNetModel, metric_fn: Callable[..., Any], *,
+                 map_over_models: bool = True) -> Callable[[PyTree, tuple], Any]:
   """`eval_fn(params, batch)` for `bmerge.preview`: statistics from a calibration batch, then `metric_fn`.
 
   With `batch = (calibration_x, x, *targets)`, returns `metric_fn(model.apply_with(params, s, x), *targets)` where
@@ -208,6 +237,10 @@ def make_eval_fn(model: ResNetModel, metric_fn: Callable[..., Any]) -> Callable[
   Args:
     model: a `ResNetModel`.
     metric_fn: `metric_fn(logits [N, C], *targets) -> metric`, e.g. `accuracies` with targets (y, membership).
+    map_over_models: under `jax.vmap` (as `bmerge.preview` applies it to a chunk of merged models) evaluate the
+      models one after the other with `lax.map`, inside the same compiled call. On CPU this is about 4x faster per
+      model than batching the convolutions over models (ResNet-20 at width 0.5 on 14x14 inputs, 8 models: 219 ms
+      against 842 ms per model). Pass False where batching over models pays (accelerators, large chunks).
 
   Returns:
     A `functools.partial` (hashable; its bound arguments identify the model and the metric).
@@ -224,7 +257,7 @@ def make_eval_fn(model: ResNetModel, metric_fn: Callable[..., Any]) -> Callable[
     raise TypeError(f"`model` must be a ResNetModel (from `make`), got {type(model).__name__}.")
   if not callable(metric_fn):
     raise TypeError("`metric_fn` must be callable: metric_fn(logits, *targets).")
-  return functools.partial(_calibrated_eval, model, metric_fn)
+  return functools.partial(_mapped_eval if map_over_models else _calibrated_eval, model, metric_fn)
 
 
 def accuracies(logits: jax.Array, y: jax.Array, membership: jax.Array) -> jax.Array:
