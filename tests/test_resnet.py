@@ -150,6 +150,19 @@ def test_forward_statistics_and_evaluation_mode_equal_a_float64_numpy_reference(
   np.testing.assert_allclose(own, train, rtol=1e-10, atol=1e-10)
 
 
+def test_training_losses_use_the_batch_statistics_of_the_whole_batch(tiny, x64):
+  model, params, x, _ = tiny
+  y = np.array([0, 1, 2, 1, 0])
+  membership = np.array([[1, 0], [0, 1], [1, 1], [0, 1], [1, 0]], np.float64)  # example 2 is in both tasks
+  logits, _ = resnet_np(params, x)  # one pass over all 5 examples: statistics of the whole batch
+  ce = -(logits - np.log(np.exp(logits).sum(axis=1, keepdims=True)))[np.arange(5), y]
+  p = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+  losses = jax.jit(lambda p, b: (resnet.mean_cross_entropy(model, p, b[:2]), resnet.task_cross_entropies(model, p, b)))
+  mean, per_task = losses(p, (x, y, membership))
+  np.testing.assert_allclose(mean, ce.mean(), rtol=1e-10)
+  np.testing.assert_allclose(per_task, [ce[[0, 2, 4]].mean(), ce[[1, 2, 3]].mean()], rtol=1e-10)
+
+
 def test_each_merged_model_is_evaluated_with_its_own_recomputed_statistics(tiny):
   model, base, x, calibration_x = tiny
   rng = np.random.default_rng(5)

@@ -50,8 +50,10 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
 
-__all__ = ["BasicBlock", "ResNet", "ResNetModel", "accuracies", "make", "make_eval_fn", "num_params", "widths_for"]
+__all__ = ["BasicBlock", "ResNet", "ResNetModel", "accuracies", "make", "make_eval_fn", "mean_cross_entropy",
+           "num_params", "task_cross_entropies", "widths_for"]
 
 PyTree = Any
 
@@ -258,6 +260,30 @@ def make_eval_fn(model: ResNetModel, metric_fn: Callable[..., Any], *,
   if not callable(metric_fn):
     raise TypeError("`metric_fn` must be callable: metric_fn(logits, *targets).")
   return functools.partial(_mapped_eval if map_over_models else _calibrated_eval, model, metric_fn)
+
+
+def mean_cross_entropy(model: ResNetModel, params: PyTree, batch: tuple) -> jax.Array:
+  """Training loss of a minibatch batch = (x [B, ...], y [B]): mean -log softmax(apply(params, x))[y] (batch BN).
+
+  Bind the model for `bmerge.fit`: `functools.partial(mean_cross_entropy, model)` is a `loss_fn(params, batch)`.
+  """
+  x, y = batch
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y))
+
+
+def task_cross_entropies(model: ResNetModel, params: PyTree, batch: tuple) -> jax.Array:
+  """[T] per-task mean cross-entropies of one multitask minibatch batch = (x [B, ...], y [B], membership [B, T]).
+
+  loss_t = sum_i m_it CE_i / sum_i m_it, from one training-mode pass over the whole batch, so BatchNorm normalises
+  with the statistics of all tasks' examples together, as multitask training on mixed minibatches does; an example
+  of a class shared by two tasks counts in both (`bmerge.data.task_membership`). With sum(alpha) = 1,
+  alpha . task_cross_entropies is the weighted multitask loss (paper Eq. 1): bind the model,
+  `functools.partial(task_cross_entropies, model)`, for `bmerge.exact.joint_train`.
+  """
+  x, y, membership = batch
+  ce = optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y)  # [B]
+  membership = membership.astype(ce.dtype)
+  return (ce @ membership) / jnp.maximum(jnp.sum(membership, axis=0), 1.0)
 
 
 def accuracies(logits: jax.Array, y: jax.Array, membership: jax.Array) -> jax.Array:
