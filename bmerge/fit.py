@@ -106,19 +106,32 @@ def _batches(batches: Any, num_steps: Optional[int]) -> _Batches:
   return _Batches(batches, None, n)
 
 
-def _run(step_fn: Callable, carry: Any, key: jax.Array, data: _Batches) -> Any:
-  """`carry = step_fn(keys[i], carry, batch_i)[0]` for every step, keys = `jax.random.split(key, num_steps)`."""
+def _run(step: Callable, static: Any, hp: Any, carry: Any, key: jax.Array, data: _Batches) -> Any:
+  """`carry = step(static, hp, keys[i], carry, batch_i)[0]` for every step, keys = `jax.random.split(key, n)`.
+
+  `step` is a module-level function and `static` hashable (the user's loss function, discrete settings), numbers go
+  in the pytree `hp`: the compiled loop is reused by every call with the same loss function (e.g. one per task).
+  """
   if data.stacked is not None:
-    return _learner.scan_steps(step_fn, carry, key, data.num_steps, data.stacked)
+    return _scan(step, static, hp, carry, key, data.stacked)
   keys = jax.random.split(key, data.num_steps)
-  step = jax.jit(step_fn)
   done = 0
   for i, batch in enumerate(itertools.islice(data.stream, data.num_steps)):
-    carry, _ = step(keys[i], carry, batch)
+    carry, _ = _jitted_step(step, static, hp, keys[i], carry, batch)
     done = i + 1
   if done < data.num_steps:
     raise ValueError(f"`batches` ran out after {done} batches; expected `num_steps` = {data.num_steps}.")
   return carry
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _scan(step, static, hp, carry, key, batches):
+  num_steps = jax.tree.leaves(batches)[0].shape[0]
+  return _learner.scan_steps(partial(step, static, hp), carry, key, num_steps, batches)
+
+
+_jitted_step = jax.jit(lambda step, static, hp, key, carry, batch: step(static, hp, key, carry, batch),
+                       static_argnums=(0, 1))
 
 
 def _stacked(data: _Batches, num_steps: int) -> PyTree:
@@ -163,37 +176,55 @@ def default_beta2(num_steps: int, warm_start: bool = False) -> float:
   return float(min(0.99999, max(0.9, 1.0 - c / num_steps)))
 
 
-class _IVONSetup(NamedTuple):
-  tx: optax.GradientTransformationExtraArgs
-  state: optim.IVONState
-  step: Callable  # (key, (params, state), batch) -> ((params, state), mean loss)
+class _IVONStatic(NamedTuple):
+  """What a compiled IVON step depends on besides numbers (hashable: jit's static argument)."""
+
+  loss_fn: Callable
+  schedule: Optional[Callable]  # the learning rate when it is an optax schedule, else None (a number, in `hp`)
+  rescale_lr: bool
+  debias: bool
+  hess_approx: str
+  mc_samples: int
+
+
+def _ivon_tx(static: _IVONStatic, hp: dict) -> optax.GradientTransformationExtraArgs:
+  lr = hp["learning_rate"] if static.schedule is None else static.schedule
+  return optim.ivon(lr, hp["ess"], hp["hess_init"], hp["beta1"], hp["beta2"], hp["weight_decay"], hp["clip_radius"],
+                    static.rescale_lr, static.debias, static.hess_approx)
+
+
+def _ivon_step(static: _IVONStatic, hp: dict, key, carry, batch):
+  """One IVON step on `batch`: S posterior samples, their gradients, the update. Returns ((params, state), loss)."""
+  params, state = carry
+  ess, wd = hp["ess"], hp["weight_decay"]
+  value_and_grad = jax.value_and_grad(static.loss_fn)
+  if static.mc_samples == 1:  # no Monte-Carlo axis: a plain gradient, cheaper than a vmap over one sample
+    sample, noise = optim.ivon_sample(key, state, params, ess, wd)
+    loss, grads = value_and_grad(sample, batch)
+  else:
+    samples, noise = optim.ivon_sample(key, state, params, ess, wd, static.mc_samples)
+    losses, grads = jax.vmap(value_and_grad, in_axes=(0, None))(samples, batch)
+    loss = jnp.mean(losses)
+  updates, state = _ivon_tx(static, hp).update(grads, state, params, noise=noise)
+  return (optax.apply_updates(params, updates), state), loss
 
 
 def _ivon_setup(loss_fn, params, *, ess, learning_rate, num_steps, mc_samples, hess_init, beta1, beta2, weight_decay,
-                clip_radius, rescale_lr, debias, hess_approx, init_posterior) -> _IVONSetup:
+                clip_radius, rescale_lr, debias, hess_approx, init_posterior):
+  """Validates the arguments once and returns (static, hp, the initial IVONState)."""
   _learner.check_loss_fn(loss_fn, "(params, batch) -> scalar minibatch-mean loss")
   mc_samples = _learner.check_count(mc_samples, "mc_samples")
   beta2 = default_beta2(num_steps, init_posterior is not None) if beta2 is None else beta2
   tx = optim.ivon(learning_rate, ess, hess_init, beta1, beta2, weight_decay, clip_radius, rescale_lr, debias,
-                  hess_approx)
+                  hess_approx)  # checks every hyperparameter, naming it
   state = tx.init(params)
   if init_posterior is not None:
     state = state._replace(hess=_pretrained_hess(init_posterior, params, state.hess, ess, weight_decay))
-  value_and_grad = jax.value_and_grad(loss_fn)
-
-  def step(key, carry, batch):
-    params, state = carry
-    if mc_samples == 1:  # no Monte-Carlo axis: a plain gradient, cheaper than a vmap over one sample
-      sample, noise = optim.ivon_sample(key, state, params, ess, weight_decay)
-      loss, grads = value_and_grad(sample, batch)
-    else:
-      samples, noise = optim.ivon_sample(key, state, params, ess, weight_decay, mc_samples)
-      losses, grads = jax.vmap(value_and_grad, in_axes=(0, None))(samples, batch)
-      loss = jnp.mean(losses)
-    updates, state = tx.update(grads, state, params, noise=noise)
-    return (optax.apply_updates(params, updates), state), loss
-
-  return _IVONSetup(tx, state, step)
+  schedule = learning_rate if callable(learning_rate) else None
+  static = _IVONStatic(loss_fn, schedule, bool(rescale_lr), bool(debias), hess_approx, mc_samples)
+  hp = dict(learning_rate=0.0 if schedule else learning_rate, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
+            weight_decay=weight_decay, clip_radius=clip_radius)
+  return static, jax.tree.map(jnp.asarray, hp), state
 
 
 def _pretrained_hess(init_posterior, params, hess, ess, weight_decay):
@@ -282,11 +313,11 @@ def ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: Py
     (Sec. 3.5, Eq. 10; App. B.3 for finetuning from the pretrained posterior).
   """
   data = _batches(batches, num_steps)
-  setup = _ivon_setup(loss_fn, params, ess=ess, learning_rate=learning_rate, num_steps=data.num_steps,
-                      mc_samples=mc_samples, hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                      clip_radius=clip_radius, rescale_lr=rescale_lr, debias=debias, hess_approx=hess_approx,
-                      init_posterior=init_posterior)
-  params, state = _run(setup.step, (params, setup.state), key, data)
+  static, hp, state = _ivon_setup(loss_fn, params, ess=ess, learning_rate=learning_rate, num_steps=data.num_steps,
+                                  mc_samples=mc_samples, hess_init=hess_init, beta1=beta1, beta2=beta2,
+                                  weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
+                                  debias=debias, hess_approx=hess_approx, init_posterior=init_posterior)
+  params, state = _run(_ivon_step, static, hp, (params, state), key, data)
   return optim.ivon_posterior(params, state, ess, weight_decay)
 
 
@@ -337,19 +368,19 @@ def multi_ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], para
     raise ValueError("`stop_steps` is empty; expected strictly increasing positive integers.")
   last = max(stops)
   stacked = _stacked(_batches(batches, last if _is_stream(batches) else None), last)
-  setup = _ivon_setup(loss_fn, params, ess=ess, learning_rate=learning_rate, num_steps=last, mc_samples=mc_samples,
-                      hess_init=hess_init, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                      clip_radius=clip_radius, rescale_lr=rescale_lr, debias=debias, hess_approx=hess_approx,
-                      init_posterior=init_posterior)
+  static, hp, state0 = _ivon_setup(loss_fn, params, ess=ess, learning_rate=learning_rate, num_steps=last,
+                                   mc_samples=mc_samples, hess_init=hess_init, beta1=beta1, beta2=beta2,
+                                   weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
+                                   debias=debias, hess_approx=hess_approx, init_posterior=init_posterior)
 
   def init_fn(k_init):
     order = jax.random.permutation(k_init, last) if shuffle else jnp.arange(last)
-    return params, setup.state, order
+    return params, state0, order
 
   def step_fn(k, carry, i):
     params, state, order = carry
     batch = jax.tree.map(lambda b: b[order[i]], stacked)
-    return setup.step(k, (params, state), batch)[0] + (order,)
+    return _ivon_step(static, hp, k, (params, state), batch)[0] + (order,)
 
   return _multi_ivon.collect(jax.random.split(key, num_seeds), init_fn, step_fn,
                              lambda carry: optim.ivon_posterior(carry[0], carry[1], ess, weight_decay), stops)
@@ -406,6 +437,19 @@ def _fisher(key, logits_fn, params, data, mask, variant, chunk_size, scale, prio
   sums = curvature.sum_squared_gradients(_MaskedCategorical(logits_fn, variant), params,
                                          (inputs, (labels, jnp.asarray(mask), keys)), chunk_size=chunk_size)
   return jax.tree.map(lambda s: (scale * s + prior).astype(s.dtype), sums)
+
+
+def _adamw_tx(static, hp):
+  lr = hp["learning_rate"] if static[1] is None else static[1]
+  return optax.adamw(lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"])
+
+
+def _adamw_step(static, hp, key, carry, batch):
+  del key  # AdamW is deterministic
+  params, state = carry
+  loss, grads = jax.value_and_grad(static[0])(params, batch)
+  updates, state = _adamw_tx(static, hp).update(grads, state, params)
+  return (optax.apply_updates(params, updates), state), loss
 
 
 def adamw_sg(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches: Any, *,
@@ -485,17 +529,12 @@ def adamw_sg(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params
     raise ValueError(f"`fisher_data` must be a pair (inputs, labels) with a leading example axis, got "
                      f"{type(fisher_data).__name__}.")
   data = _batches(batches, num_steps)
-  tx = optax.adamw(learning_rate, b1, b2, eps, weight_decay=weight_decay)
-  grad_fn = jax.grad(loss_fn)
-
-  def step(key, carry, batch):
-    del key
-    params, state = carry
-    updates, state = tx.update(grad_fn(params, batch), state, params)
-    return (optax.apply_updates(params, updates), state), None
-
+  schedule = learning_rate if callable(learning_rate) else None
+  static = (loss_fn, schedule)
+  hp = jax.tree.map(jnp.asarray, dict(learning_rate=0.0 if schedule else learning_rate, b1=b1, b2=b2, eps=eps,
+                                      weight_decay=weight_decay))
   k_fisher, k_train = jax.random.split(key)
-  params, _ = _run(step, (params, tx.init(params)), k_train, data)
+  params, _ = _run(_adamw_step, static, hp, (params, _adamw_tx(static, hp).init(params)), k_train, data)
   n_fisher = jax.tree.leaves(fisher_data[0])[0].shape[0]
   n_counted = n_fisher if fisher_mask is None else jnp.sum(jnp.asarray(fisher_mask, jnp.float32))
   n = n_counted if num_examples is None else num_examples

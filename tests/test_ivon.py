@@ -85,7 +85,7 @@ def test_reference_settings_differ_in_what_they_test():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. Closed forms.
+# 2. Closed forms and the hand formula.
 
 
 def _quadratic():
@@ -141,22 +141,37 @@ def test_random_sampling_estimates_the_curvature_without_bias():
   chex.assert_trees_all_close(params, jax.tree.map(lambda a, c: a * c / (a + wd), a, c), atol=0.05)
 
 
+def _hand_step(hp, params, hess, mom, count, grads, noise):
+  """One IVON update written out in float64 numpy from the paper's equations (Shen et al. 2024, Alg. 1), leaf by leaf.
+
+  grads and noise carry the Monte-Carlo axis first; returns (updates, hess, momentum) as dicts.
+  """
+  lr, ess, h0, b1, b2, wd = (hp[k] for k in ("lr", "ess", "h0", "b1", "b2", "wd"))
+  clip = hp.get("clip", np.inf)
+  out = ({}, {}, {})
+  for k in params:
+    g, n = np.asarray(grads[k], np.float64), np.asarray(noise[k], np.float64)
+    p, h, m = (np.asarray(a[k], np.float64) for a in (params, hess, mom))
+    m = b1 * m + (1 - b1) * g.mean(0)
+    h_hat = ess * (h + wd) * (n * g).mean(0)
+    h_new = b2 * h + (1 - b2) * h_hat + 0.5 * (1 - b2) ** 2 * (h - h_hat) ** 2 / (h + wd)
+    step = np.clip((m / (1 - b1 ** (count + 1)) + wd * p) / (h_new + wd), -clip, clip)
+    out[0][k], out[1][k], out[2][k] = -lr * (h0 + wd) * step, h_new, m
+  return out
+
+
 def test_update_by_hand_one_step():
-  # Every term of REFERENCE §3 written out for one scalar-per-leaf step, S = 2.
-  lr, ess, h0, b1, b2, wd = 0.3, 7.0, 0.8, 0.9, 0.95, 0.05
-  tx = ivon(lr, ess, h0, b1, b2, wd)
+  hp = dict(lr=0.3, ess=7.0, h0=0.8, b1=0.9, b2=0.95, wd=0.05)
+  tx = ivon(hp["lr"], hp["ess"], hp["h0"], hp["b1"], hp["b2"], hp["wd"])
   params = {"x": jnp.array([0.7, -1.2])}
   noise = {"x": jnp.array([[0.1, -0.3], [-0.2, 0.05]])}
   grads = {"x": jnp.array([[1.0, 2.0], [-0.5, 0.4]])}
-  updates, state = tx.update(grads, tx.init(params), params, noise=noise)
-  g_bar, nu = grads["x"].mean(0), (noise["x"] * grads["x"]).mean(0)
-  mom = (1 - b1) * g_bar
-  h_hat = ess * (h0 + wd) * nu
-  h = b2 * h0 + (1 - b2) * h_hat + 0.5 * (1 - b2) ** 2 * (h0 - h_hat) ** 2 / (h0 + wd)
-  step = (mom / (1 - b1) + wd * params["x"]) / (h + wd)
-  np.testing.assert_allclose(state.momentum["x"], mom, rtol=1e-6)
-  np.testing.assert_allclose(state.hess["x"], h, rtol=1e-6)
-  np.testing.assert_allclose(updates["x"], -lr * (h0 + wd) * step, rtol=1e-6)
+  state = tx.init(params)
+  updates, state = tx.update(grads, state, params, noise=noise)
+  u, h, m = _hand_step(hp, params, {"x": np.full(2, 0.8)}, {"x": np.zeros(2)}, 0, grads, noise)
+  np.testing.assert_allclose(state.momentum["x"], m["x"], rtol=1e-6)
+  np.testing.assert_allclose(state.hess["x"], h["x"], rtol=1e-6)
+  np.testing.assert_allclose(updates["x"], u["x"], rtol=1e-6)
 
 
 def test_grads_without_mc_axis_mean_one_sample():
@@ -270,22 +285,43 @@ def test_state_dtype_is_stable_under_lax_cond(dtype):
     assert state.hess["w"].dtype == jnp.promote_types(dtype, jnp.float32)
 
 
-def test_inject_hyperparams_matches_plain():
+def _hand_trajectory(hp, params, loss, keys, num_samples=2):
+  """Params, updates and states of IVON steps by the hand formula, with the noise `ivon_sample` draws for each key."""
+  hess = jax.tree.map(lambda p: np.full(p.shape, hp["h0"]), params)
+  mom = jax.tree.map(lambda p: np.zeros(p.shape), params)
+  state = IVONState(jnp.zeros([], jnp.int32), mom, hess)
+  out = []
+  for t, key in enumerate(keys):
+    state = IVONState(jnp.asarray(t, jnp.int32), jax.tree.map(jnp.asarray, state.momentum),
+                      jax.tree.map(jnp.asarray, state.hess))
+    samples, noise = ivon_sample(key, state, jax.tree.map(jnp.float32, params), hp["ess"], hp["wd"], num_samples)
+    grads = jax.vmap(jax.grad(loss))(samples)
+    updates, hess, mom = _hand_step(hp, params, state.hess, state.momentum, t, grads, noise)
+    params = {k: np.asarray(params[k], np.float64) + updates[k] for k in params}
+    state = IVONState(t + 1, mom, hess)
+    out.append((params, updates, state))
+  return out
+
+
+def test_inject_hyperparams_matches_the_hand_formula():
   params, loss = _problem()
-  kwargs = dict(learning_rate=0.1, ess=10.0, hess_init=0.5, beta2=0.99, clip_radius=0.5)
-  tx = ivon(**kwargs)
-  tx_inj = optax.inject_hyperparams(ivon)(**kwargs)
-  step, step_inj = jax.jit(_ivon_step(tx, loss)), jax.jit(_ivon_step(tx_inj, loss))
-  p1, s1, p2, s2 = params, tx.init(params), params, tx_inj.init(params)
-  for key in jax.random.split(jax.random.key(2), 3):
-    p1, s1 = step(key, p1, s1)
-    p2, s2 = step_inj(key, p2, s2)
-  chex.assert_trees_all_close(p1, p2, rtol=1e-6)
-  chex.assert_trees_all_close(s1, s2.inner_state, rtol=1e-6)
-  # A changed injected learning rate takes effect (as inject_hyperparams promises).
-  s2.hyperparams["learning_rate"] = jnp.asarray(0.0)
-  p3, _ = step_inj(jax.random.key(3), p2, s2)
-  chex.assert_trees_all_close(p3, p2)
+  hp = dict(lr=0.1, ess=10.0, h0=0.5, b1=0.9, b2=0.99, wd=1e-4, clip=0.5)
+  tx_inj = optax.inject_hyperparams(ivon)(learning_rate=0.1, ess=10.0, hess_init=0.5, beta2=0.99, clip_radius=0.5)
+  step_inj = jax.jit(_ivon_step(tx_inj, loss))
+  keys = jax.random.split(jax.random.key(2), 3)
+  p, s = params, tx_inj.init(params)
+  for key, (p_hand, u_hand, s_hand) in zip(keys, _hand_trajectory(hp, params, loss, keys)):
+    p_new, s = step_inj(key, p, s)
+    chex.assert_trees_all_close(jax.tree.map(lambda a, b: a - b, p_new, p), u_hand, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(s.inner_state.hess, s_hand.hess, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(s.inner_state.momentum, s_hand.momentum, rtol=1e-4, atol=1e-7)
+    assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(u_hand)) > 1e-2  # a real step, not all zeros
+    p = p_new
+  # A changed injected learning rate takes effect (as inject_hyperparams promises): no move, h still updates.
+  s.hyperparams["learning_rate"] = jnp.asarray(0.0)
+  p3, s3 = step_inj(jax.random.key(3), p, s)
+  chex.assert_trees_all_close(p3, p)
+  assert not np.allclose(s3.inner_state.hess["w"], s.inner_state.hess["w"])
 
 
 def test_learning_rate_schedule_uses_the_step_count():
@@ -317,10 +353,16 @@ def test_multisteps_with_one_noise_equals_the_averaged_gradient():
     updates, state = update(g, state, params, noise=noise)
     if i < 2:
       chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
-  mean_grad = jax.tree.map(lambda *g: sum(g) / 3, *grads)
-  ref_updates, ref_state = tx.update(mean_grad, tx.init(params), params, noise=noise)
-  chex.assert_trees_all_close(updates, ref_updates, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(find_ivon_state(state), ref_state, rtol=1e-5, atol=1e-7)
+  # Oracle: one IVON step by the hand formula on the averaged gradient (S = 1, the shared noise).
+  mean_grad = jax.tree.map(lambda *g: sum(g)[None] / 3, *grads)
+  hp = dict(lr=0.1, ess=10.0, h0=1.0, b1=0.9, b2=0.99, wd=1e-4)
+  u, h, m = _hand_step(hp, params, jax.tree.map(jnp.ones_like, params), jax.tree.map(jnp.zeros_like, params), 0,
+                       mean_grad, jax.tree.map(lambda n: n[None], noise))
+  chex.assert_trees_all_close(updates, u, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(find_ivon_state(state).hess, h, rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(find_ivon_state(state).momentum, m, rtol=1e-5, atol=1e-7)
+  assert int(find_ivon_state(state).count) == 1
+  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(updates)) > 1e-2  # a real step, not all zeros
 
 
 def test_chain_passes_noise_and_find_state_digs_it_out():
