@@ -179,7 +179,7 @@ def make(num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 3) -
   Example:
     >>> model = make(num_classes=10, width=0.25)
     >>> params = model.init(jax.random.key(0), (8, 8, 1))
-    >>> num_params(params), model.apply(params, jnp.ones((2, 8, 8, 1))).shape
+    >>> num_params(params), jax.eval_shape(model.apply, params, jnp.ones((2, 8, 8, 1))).shape
     (17254, (2, 10))
   """
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
@@ -248,11 +248,11 @@ def make_eval_fn(model: ResNetModel, metric_fn: Callable[..., Any], *,
     A `functools.partial` (hashable; its bound arguments identify the model and the metric).
 
   Example:
-    >>> model = make(width=0.25)
+    >>> model = make(width=0.25, blocks_per_stage=1)  # ResNet-8, to keep the example fast
     >>> params = model.init(jax.random.key(0), (8, 8, 1))
     >>> x, y = jnp.ones((4, 8, 8, 1)), jnp.array([0, 1, 2, 3])
     >>> eval_fn = make_eval_fn(model, accuracies)
-    >>> eval_fn(params, (x, x, y, jax.nn.one_hot(y % 2, 2))).shape  # overall accuracy, then one per task
+    >>> jax.jit(eval_fn)(params, (x, x, y, jax.nn.one_hot(y % 2, 2))).shape  # overall accuracy, then one per task
     (3,)
   """
   if not isinstance(model, ResNetModel):
