@@ -210,6 +210,23 @@ def test_adamw_sg_is_adamw_then_the_squared_gradient_fisher(variant):
   chex.assert_trees_all_close(q3, q, rtol=1e-5, atol=1e-6)
 
 
+def test_adamw_sg_vmaps_over_tasks_padded_to_one_length():
+  # The digits pattern: padded tasks, a mask per task, one compiled call; equals each task alone on its own data.
+  (x1, y1), (x2, y2) = _classification(0, n=120), _classification(1, n=80)
+  xs, ys = jnp.stack([x1, jnp.pad(x2, ((0, 40), (0, 0)))]), jnp.stack([y1, jnp.pad(y2, (0, 40))])
+  masks = jnp.stack([jnp.ones(120), jnp.concatenate([jnp.ones(80), jnp.zeros(40)])])
+  batches = jnp.stack([_index_batches(2, 120, 20, 16), _index_batches(3, 80, 20, 16)])
+
+  def one(x, y, mask, b):
+    return fit.adamw_sg(jax.random.key(0), _ce_loss(x, y), CLS0, b, learning_rate=0.05, weight_decay=1e-2,
+                        fisher_data=(x, y), logits_fn=_linear_logits, fisher_mask=mask)
+
+  both = jax.jit(jax.vmap(one))(xs, ys, masks, batches)
+  single = fit.adamw_sg(jax.random.key(0), _ce_loss(x2, y2), CLS0, batches[1], learning_rate=0.05, weight_decay=1e-2,
+                        fisher_data=(x2, y2), logits_fn=_linear_logits)
+  chex.assert_trees_all_close(jax.tree.map(lambda a: a[1], both), single, rtol=1e-5, atol=1e-6)
+
+
 def test_adamw_sg_validates_its_fisher_arguments():
   x, y = _classification(0)
   batches = _index_batches(1, 120, 3, 16)

@@ -365,7 +365,7 @@ def test_multisteps_with_one_noise_equals_the_averaged_gradient():
   assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(updates)) > 1e-2  # a real step, not all zeros
 
 
-def test_chain_passes_noise_and_find_state_digs_it_out():
+def test_chain_passes_noise_and_find_ivon_state_digs_it_out():
   params, loss = _problem()
   tx = ivon(0.1, 10.0)
   chained = optax.chain(optax.identity(), tx, optax.scale(0.5))
@@ -480,7 +480,7 @@ def test_two_host_devices_shard_map_and_sharded_jit():
 # 6. Sampling, posterior and predictive helpers.
 
 
-def test_sample_params_noise_has_the_posterior_scale():
+def test_ivon_sample_noise_has_the_posterior_scale():
   params = {"a": jnp.zeros(3), "b": jnp.ones((2, 2))}
   tx = ivon(0.1, 25.0, hess_init=0.5)
   state = tx.init(params)

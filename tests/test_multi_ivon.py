@@ -117,7 +117,7 @@ def test_multi_ivon_mixtures_go_straight_into_the_merge_rules():
   chex.assert_tree_shape_prefix(merged, (4,))
 
   # Oracle for every alpha: the EM fixed point theta = sum r a h theta_k / sum r a h, with r_tk the responsibilities
-  # of theta under each task's mixture, in float64 numpy (REFERENCE §2, Eq. 12).
+  # of theta under each task's mixture, in float64 numpy (paper Eq. 12, Algorithm 1).
   means = np.stack([[_flat(jax.tree.map(lambda x, k=k: x[k], m.components.mean)) for k in range(6)]
                     for m in mixtures])  # [T, K, P]
   precs = np.stack([[_flat(jax.tree.map(lambda x, k=k: x[k], m.components.precision)) for k in range(6)]
