@@ -260,8 +260,11 @@ def ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: Py
     \text{IVON}(m, h; g_{1..S}, n_{1..S})
 
   Defaults for short runs: `beta2=None` takes `default_beta2(num_steps)` = 1 - 5 / num_steps (within [0.9,
-  0.99999]), so the exported h is a Hessian estimate, not `hess_init` (the reference 0.99999 needs ~1e5 steps; a
-  600-step finetune with it exports h within 1 % of `hess_init`).
+  0.99999]), so the exported h is a Hessian estimate, not `hess_init` (the reference 0.99999 needs ~1e5 steps: after
+  600 steps h has moved 0.6 % of the way from `hess_init` to the estimates). Measured on a digits MLP finetuned for
+  600 steps: with 0.99999 every exported h was 0.994 hess_init and the Hessian-weighted preview equalled simple
+  averaging; with the default h fell to 0.005-0.02 hess_init and the preview's error against weighted multitask
+  finetuning dropped below simple averaging's (MSE 0.027 against 0.030).
 
   Finetuning from a pretrained IVON posterior (the paper's CIFAR-10 finetuning, App. B.3): pass it as
   `init_posterior` and its mean as `params`. The run starts from its mean and its Hessian,

@@ -130,7 +130,8 @@ def test_gauss_newton_helper_is_the_logistic_hessian(x64):
   theta = np.array([0.4, 0.1, -0.7])
   np.testing.assert_allclose(ggn(theta), jax.hessian(loss)(theta), rtol=1e-10)
   # A multi-output form ([N, O] outputs, [N, O, O] Hessians) gives the same matrix.
-  ggn2 = von.gauss_newton(lambda t: (x @ t)[:, None], lambda z: (jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z)))[..., None],
+  ggn2 = von.gauss_newton(lambda t: (x @ t)[:, None],
+                          lambda z: (jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z)))[..., None],
                           regularizer_hessian=np.eye(3))
   np.testing.assert_allclose(ggn2(theta), ggn(theta), rtol=1e-12)
 
