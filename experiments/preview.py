@@ -42,8 +42,9 @@ def main(argv):
   rec = summary.get("recommendation")
   if rec:
     print(f"\nrecommended alphas (top {len(rec['alphas'])} of the {rec['from']} preview): {rec['alphas']}")
-    if "regret" in rec:
-      print(f"joint training there: {rec['joint']}; regret vs best exact alpha: {rec['regret']:.4f}")
+  joint = summary.get("recommended_joint")
+  if joint:
+    print(f"joint training there: {joint['joint_accuracy']}; regret vs the best exact alpha: {joint['regret']:.4f}")
   print(f"\nreport: {os.path.abspath(report_path)}")
   print(f"run folder: {os.path.abspath(FLAGS.workdir)}")
 
