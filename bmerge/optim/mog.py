@@ -333,14 +333,22 @@ def fit(key: jax.Array, loss_fn: Callable, init_mean: jax.Array, init_precision:
   Returns:
     The final `MoGState`; `posterior(state)` is the `Mixture` to merge.
   """
+  state, beta, beta_w, num_steps = _fit_inputs(
+      loss_fn, beta, beta_w, num_samples, antithetic, estimator, gauss_newton_fn, ESTIMATORS, num_steps,
+      lambda: _init(init_mean, init_precision, init_log_weights, "init_"))
+  return _fit_full(key, state, beta, beta_w, num_steps, loss_fn, num_samples, estimator, gauss_newton_fn, antithetic,
+                   control_variate)
+
+
+def _fit_inputs(loss_fn, beta, beta_w, num_samples, antithetic, estimator, gauss_newton_fn, allowed, num_steps, init):
+  """Checks a fit's arguments once; returns (initial state, beta, beta_w in the state's dtype, num_steps)."""
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _learner.check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
+  _learner.check_estimator(estimator, gauss_newton_fn, allowed)
   num_steps = _learner.check_count(num_steps, "num_steps", minimum=0)
-  state = _init(init_mean, init_precision, init_log_weights, "init_")
-  dtype = state.mean.dtype
+  state = init()
+  dtype = state.log_weights.dtype
   beta_w = 0.01 * beta if beta_w is None else beta_w
-  return _fit_full(key, state, jnp.asarray(beta, dtype), jnp.asarray(beta_w, dtype), num_steps, loss_fn, num_samples,
-                   estimator, gauss_newton_fn, antithetic, control_variate)
+  return state, jnp.asarray(beta, dtype), jnp.asarray(beta_w, dtype), num_steps
 
 
 @partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9, 10))
@@ -464,14 +472,10 @@ def fit_diag(key: jax.Array, loss_fn: Callable, init_mean: PyTree, init_precisio
              init_log_weights: Optional[jax.Array] = None, antithetic: bool = False,
              control_variate: bool = False) -> DiagMoGState:
   """`step_diag` `num_steps` times in one `lax.scan` (keys `jax.random.split(key, num_steps)`)."""
-  _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
-  _learner.check_estimator(estimator, None, DIAG_ESTIMATORS)
-  num_steps = _learner.check_count(num_steps, "num_steps", minimum=0)
-  state = _init_diag(init_mean, init_precision, init_log_weights, "init_")
-  dtype = state.log_weights.dtype
-  beta_w = 0.01 * beta if beta_w is None else beta_w
-  return _fit_diag(key, state, jnp.asarray(beta, dtype), jnp.asarray(beta_w, dtype), num_steps, loss_fn,
-                   num_samples, estimator, antithetic, control_variate)
+  state, beta, beta_w, num_steps = _fit_inputs(
+      loss_fn, beta, beta_w, num_samples, antithetic, estimator, None, DIAG_ESTIMATORS, num_steps,
+      lambda: _init_diag(init_mean, init_precision, init_log_weights, "init_"))
+  return _fit_diag(key, state, beta, beta_w, num_steps, loss_fn, num_samples, estimator, antithetic, control_variate)
 
 
 @partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
