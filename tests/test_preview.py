@@ -276,6 +276,10 @@ def test_joint_train_stepwise_minibatches_equal_a_hand_loop():
     for s in np.asarray(steps):
       x = x - 0.3 * s * np.sum(a[:, None] * (x[None] - np.asarray(centres)), axis=0)
     np.testing.assert_allclose(got["x"][g], x, rtol=1e-5, atol=1e-6)
+  # The Python step loop gives the same results.
+  loop = exact.joint_train(task_losses, {"x": jnp.zeros(5)}, alphas, optax.sgd(0.3), None, steps, stepwise=True,
+                           progress=False, step_loop="python", chunk_size=4)
+  np.testing.assert_allclose(loop["x"], got["x"], rtol=1e-6, atol=1e-7)
   with pytest.raises(ValueError, match=r"`num_steps` = 3 but `batch` holds 7 steps"):
     exact.joint_train(task_losses, {"x": jnp.zeros(5)}, alphas, optax.sgd(0.3), 3, steps, stepwise=True)
 
