@@ -17,7 +17,7 @@ Each driver runs a whole training loop and exports what the merge rules consume 
     may hold example indices into data the `loss_fn` closes over), or
   * a stream of batches: a `list`, an iterator or generator, or any other iterable that is not a pytree of arrays
     (a `tf.data` / grain / PyTorch loader): a jitted step in a Python loop. `num_steps` caps it (and is required
-    when the stream has no length).
+    when the stream has no length). A tuple or dict is always read as one pytree with a steps axis.
 
 Step i draws its randomness from the i-th key of `jax.random.split(key, num_steps)` in both forms, so the same
 batches give the same posterior either way.
