@@ -787,6 +787,73 @@ def merge_trainable(model: Classifier, trainable: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Multitask classification: the losses that training and joint training minimise, the accuracies a preview reports.
+
+
+def cross_entropy(apply: jax.tree_util.Partial, trainable: dict, batch: tuple) -> jax.Array:
+  """One task's minibatch loss: the mean cross-entropy -(1/B) sum_i log softmax(apply(trainable, x))[y_i].
+
+  Args:
+    apply: `split(...).apply`.
+    trainable: the trainable dict (LoRA + head).
+    batch: `(inputs, labels)`: `Tokens` or `Hidden` [B, ...] and integer labels [B].
+
+  Returns:
+    A scalar; `functools.partial(cross_entropy, apply)` is the `loss_fn(params, batch)` of `bmerge.fit`.
+  """
+  inputs, labels = batch
+  log_p = jax.nn.log_softmax(apply(trainable, inputs))
+  return -jnp.mean(jnp.take_along_axis(log_p, jnp.asarray(labels, jnp.int32)[:, None], axis=-1))
+
+
+def task_losses(apply: jax.tree_util.Partial, trainable: dict, batch: tuple) -> jax.Array:
+  """Every task's mean cross-entropy [T], from `batch = (inputs, labels)` with a leading task axis [T, B, ...].
+
+  `functools.partial(task_losses, apply)` is the `task_losses(params, batch)` of `bmerge.exact.joint_train`: each
+  step sees B examples of every task and minimises sum_t alpha_t loss_t (paper Eq. 1).
+  """
+  return jax.vmap(lambda b: cross_entropy(apply, trainable, b))(batch)
+
+
+def task_accuracies(apply: jax.tree_util.Partial, trainable: dict, batch: tuple) -> jax.Array:
+  """[1 + T] test accuracies: column 0 the mean of the T per-task accuracies, then each task's accuracy.
+
+    acc_t = sum_i m_it [argmax_c logits_ic = y_i] / sum_i m_it,    overall = (1/T) sum_t acc_t
+
+  Every task weighs the same in the overall accuracy whatever its number of test examples (as the paper evaluates
+  its RoBERTa tasks, App. B.5). This is the `eval_fn` layout [1 + T] of `bmerge.compare` and `bmerge.preview`.
+
+  Args:
+    apply: `split(...).apply`.
+    trainable: the trainable dict (one merged model).
+    batch: `(inputs, labels, membership)`: `Tokens` or `Hidden` [N, ...], labels [N], membership [N, T] with
+      membership[i, t] = 1 when example i is a test example of task t, else 0.
+
+  Returns:
+    float32 [1 + T].
+
+  Example:
+    >>> from flax import nnx
+    >>> from bmerge.models import bert
+    >>> config = bert.Config(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
+    ...                      max_position_embeddings=8)
+    >>> apply, trainable = bert.split(bert.Classifier(bert.from_hf_weights(config, bert.random_hf_weights(config)), 2,
+    ...                                               rngs=nnx.Rngs(0)))
+    >>> tokens = bert.Tokens(np.arange(12, dtype=np.int32).reshape(4, 3) % 8, np.ones((4, 3), np.int32))
+    >>> always_1 = {**trainable, "head.kernel": np.zeros((8, 2)), "head.bias": np.array([0.0, 1.0])}
+    >>> labels = np.array([1, 0, 1, 1])
+    >>> membership = np.array([[1, 0], [0, 1], [1, 0], [0, 1]], np.float32)   # task 1: rows 0, 2; task 2: rows 1, 3
+    >>> jax.jit(bert.task_accuracies)(apply, always_1, (tokens, labels, membership)).tolist()
+    [0.75, 1.0, 0.5]
+  """
+  inputs, labels, membership = batch
+  correct = (jnp.argmax(apply(trainable, inputs), axis=-1) == jnp.asarray(labels)).astype(jnp.float32)
+  membership = jnp.asarray(membership, jnp.float32)
+  per_task = (correct @ membership) / jnp.maximum(jnp.sum(membership, axis=0), 1.0)
+  return jnp.concatenate([jnp.mean(per_task)[None], per_task])
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Batched passes over a data set.
 
 
@@ -871,7 +938,8 @@ def sentence_embeddings(texts: Sequence[str], path: Optional[PathLike] = None, *
 
 __all__ = [
     "Bert", "Classifier", "Config", "HF_TABLE", "Hidden", "LoRALinear", "Split", "TARGETS", "TRAINABLE", "Tokens",
-    "add_lora", "flatten_state", "from_hf_key", "from_hf_weights", "frozen_layers", "hidden_states", "load",
-    "map_hf_weights", "mean_pool", "merge_trainable", "model_dir", "normalize", "random_hf_weights",
-    "read_hf_weights", "sentence_embeddings", "split", "to_hf_key", "tokenize", "unflatten_state",
+    "add_lora", "cross_entropy", "flatten_state", "from_hf_key", "from_hf_weights", "frozen_layers", "hidden_states",
+    "load", "map_hf_weights", "mean_pool", "merge_trainable", "model_dir", "normalize", "random_hf_weights",
+    "read_hf_weights", "sentence_embeddings", "split", "task_accuracies", "task_losses", "to_hf_key", "tokenize",
+    "unflatten_state",
 ]
