@@ -176,6 +176,24 @@ def default_beta2(num_steps: int, warm_start: bool = False) -> float:
   return float(min(0.99999, max(0.9, 1.0 - c / num_steps)))
 
 
+def _hashable(fn: Callable) -> Callable:
+  """`fn`, or a wrapper compared by identity when `fn` itself cannot be hashed (jit's static arguments must be)."""
+  try:
+    hash(fn)
+    return fn
+  except TypeError:
+    return _Identity(fn)
+
+
+class _Identity:
+
+  def __init__(self, fn):
+    self.fn = fn
+
+  def __call__(self, *args):
+    return self.fn(*args)
+
+
 class _IVONStatic(NamedTuple):
   """What a compiled IVON step depends on besides numbers (hashable: jit's static argument)."""
 
@@ -221,7 +239,8 @@ def _ivon_setup(loss_fn, params, *, ess, learning_rate, num_steps, mc_samples, h
   if init_posterior is not None:
     state = state._replace(hess=_pretrained_hess(init_posterior, params, state.hess, ess, weight_decay))
   schedule = learning_rate if callable(learning_rate) else None
-  static = _IVONStatic(loss_fn, schedule, bool(rescale_lr), bool(debias), hess_approx, mc_samples)
+  static = _IVONStatic(_hashable(loss_fn), schedule and _hashable(schedule), bool(rescale_lr), bool(debias),
+                       hess_approx, mc_samples)
   hp = dict(learning_rate=0.0 if schedule else learning_rate, ess=ess, hess_init=hess_init, beta1=beta1, beta2=beta2,
             weight_decay=weight_decay, clip_radius=clip_radius)
   return static, jax.tree.map(jnp.asarray, hp), state
@@ -533,7 +552,7 @@ def adamw_sg(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params
                      f"{type(fisher_data).__name__}.")
   data = _batches(batches, num_steps)
   schedule = learning_rate if callable(learning_rate) else None
-  static = (loss_fn, schedule)
+  static = (_hashable(loss_fn), schedule and _hashable(schedule))
   hp = jax.tree.map(jnp.asarray, dict(learning_rate=0.0 if schedule else learning_rate, b1=b1, b2=b2, eps=eps,
                                       weight_decay=weight_decay))
   k_fisher, k_train = jax.random.split(key)

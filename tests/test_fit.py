@@ -68,6 +68,12 @@ def test_ivon_equals_the_hand_written_loop_for_scanned_and_streamed_batches():
   chex.assert_trees_all_close(listed, scanned, rtol=1e-5, atol=1e-6)
   streamed = fit.ivon(jax.random.key(3), loss, PARAMS0, iter(batches), num_steps=12, **kw)
   chex.assert_trees_all_close(streamed, scanned, rtol=1e-5, atol=1e-6)
+
+  class Loss:  # a callable a user may write, unhashable (it defines __eq__): jit needs no hash of it
+    __eq__ = lambda self, other: self is other
+    __call__ = staticmethod(loss)
+
+  chex.assert_trees_all_close(fit.ivon(jax.random.key(3), Loss(), PARAMS0, batches, **kw), scanned, rtol=1e-6)
   # The exported precision is ess (h + wd) of a state that moved (h0 = 1 is not a fixed point here).
   assert float(jnp.max(jnp.abs(scanned.precision["w"] - 512.0 * (1.0 + 1e-3)))) > 5.0
 
