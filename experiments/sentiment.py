@@ -92,7 +92,7 @@ def minibatches(config, num_tasks: int) -> np.ndarray:
   need = config.num_steps * config.batch_size
   epochs = -(-need // config.num_train)
   idx = [np.concatenate([rng.permutation(config.num_train) for _ in range(epochs)])[:need] for _ in range(num_tasks)]
-  return np.stack(idx, axis=1).reshape(num_tasks, config.num_steps, config.batch_size).transpose(1, 0, 2)
+  return np.stack(idx).reshape(num_tasks, config.num_steps, config.batch_size).transpose(1, 0, 2)
 
 
 def _schedule(learning_rate: float, num_steps: int):
