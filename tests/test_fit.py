@@ -1,7 +1,5 @@
 """The learner drivers of bmerge.fit against oracles: hand-written loops, closed-form posteriors, exact merges."""
 
-import doctest
-import importlib
 
 import chex
 import jax
@@ -438,10 +436,3 @@ def test_batches_and_counts_are_validated_by_name():
     fit.ivon(jax.random.key(0), loss, PARAMS0, _index_batches(0, 512, 4), ess=-1.0, learning_rate=0.1)
   with pytest.raises(ValueError, match="`num_components`"):
     fit.mog(jax.random.key(0), lambda t: jnp.sum(t ** 2), jnp.zeros(2), num_components=0, num_steps=1)
-
-
-@pytest.mark.parametrize("module", ["bmerge.fit", "bmerge.optim", "bmerge.optim._ivon", "bmerge.optim.von",
-                                    "bmerge.optim.mog", "bmerge.optim.multi_ivon"])
-def test_docstring_examples_run(module):
-  results = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-  assert results.attempted > 0 and results.failed == 0
