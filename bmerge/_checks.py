@@ -43,12 +43,21 @@ def is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
-  """A Python or numpy integer (not a bool) > 0 (>= 0 with `allow_zero`)."""
-  ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and (value >= 0 if allow_zero else value > 0)
+def integer(value: Any, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
+  """The one rule for integer arguments: a Python or numpy integer (never a bool or a float) in [minimum, maximum]."""
+  ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value >= minimum and (
+      maximum is None or value <= maximum)
   if not ok:
-    raise ValueError(f"`{name}` must be a {'non-negative' if allow_zero else 'positive'} integer, got {value!r}.")
+    what = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    if maximum is not None:
+      what = f"an integer in [{minimum}, {maximum}]"
+    raise ValueError(f"`{name}` must be {what}, got {value!r}.")
   return int(value)
+
+
+def positive_int(value: Any, name: str, *, allow_zero: bool = False) -> int:
+  """`integer` > 0 (>= 0 with `allow_zero`)."""
+  return integer(value, name, minimum=0 if allow_zero else 1)
 
 
 def workdir(value: Any, name: str = "workdir") -> str:

@@ -41,6 +41,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
+from bmerge import _checks
 from bmerge.data import Dataset
 
 PathLike = Union[str, pathlib.Path]
@@ -196,8 +197,7 @@ def load(domains: Union[None, str, Sequence[str]] = None, *, seed: int = 0, test
   domains = _check_domains(domains)
   if isinstance(test_fraction, bool) or not isinstance(test_fraction, (float, int)) or not 0 < test_fraction < 1:
     raise ValueError(f"`test_fraction` must be in (0, 1), got {test_fraction!r}.")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+  _checks.integer(seed, "seed", minimum=0)
   out = {}
   for domain in domains:
     texts, labels = binary(read(domain, cache_dir), min_abs_rating)

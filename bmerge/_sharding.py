@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from bmerge import _checks
+
 GRID_AXIS = "grid"
 MODEL_AXIS = "model"
 
@@ -56,7 +58,7 @@ def shard_params(tree: Any, mesh: Optional[Mesh]) -> Any:
   n = int(mesh.shape[MODEL_AXIS])
 
   def place(x):
-    if not _is_concrete(x):
+    if not _checks.is_concrete(x):
       return x
     shape = np.shape(x)
     axes = [i for i in range(1, len(shape)) if shape[i] % n == 0 and shape[i] >= n]
@@ -71,7 +73,7 @@ def shard_params(tree: Any, mesh: Optional[Mesh]) -> Any:
 def shard_rows(x: Any, mesh: Optional[Mesh]) -> tuple[Any, int]:
   """Pads axis 0 of `x` to a multiple of the grid axis size and places it split along that axis; returns (x, G)."""
   g = x.shape[0]
-  if mesh is None or not _is_concrete(x):
+  if mesh is None or not _checks.is_concrete(x):
     return x, g
   n = grid_size(mesh)
   pad = (-g) % n
@@ -82,13 +84,9 @@ def shard_rows(x: Any, mesh: Optional[Mesh]) -> tuple[Any, int]:
 
 
 def replicate(tree: Any, mesh: Optional[Mesh]) -> Any:
-  if mesh is None or not all(_is_concrete(x) for x in jax.tree.leaves(tree)):
+  if mesh is None or not all(_checks.is_concrete(x) for x in jax.tree.leaves(tree)):
     return tree
   return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def _is_concrete(x: Any) -> bool:
-  return not isinstance(x, jax.core.Tracer)
 
 
 def run_on_grid(fn, alphas, single: bool, *operands, rows=None):

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bmerge import _checks
 from bmerge.posteriors import DiagGaussian
 
 __all__ = [
@@ -80,8 +81,7 @@ def _check_common(data: Any, chunk_size: Any) -> tuple[PyTree, PyTree, int]:
   if not isinstance(data, (tuple, list)) or len(data) != 2:
     raise ValueError(f"`data` must be a pair (inputs, labels) with a leading example axis N, got {type(data).__name__}"
                      f"{' of length ' + str(len(data)) if isinstance(data, (tuple, list)) else ''}.")
-  if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-    raise ValueError(f"`chunk_size` must be a positive integer (examples per chunk), got {chunk_size!r}.")
+  _checks.integer(chunk_size, "chunk_size")
   inputs, labels = data
   return inputs, labels, _num_examples(inputs, labels)
 

@@ -29,6 +29,8 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 
+from bmerge import _checks
+
 __all__ = ["BALANCED", "CIFAR10_TASKS", "Dataset", "IMBALANCED", "MNIST5K_RESOURCE", "NAMES", "OVERLAP", "avg_pool",
            "load", "load_sentiment", "minibatches", "split_by_classes", "split_fraction", "task_membership"]
 
@@ -72,8 +74,7 @@ def load(name: str, *, seed: int = 0, test_fraction: float = 0.2, data_dir: Opti
     >>> ds.train_x.shape, ds.test_x.shape, ds.num_classes
     ((4000, 196), (1000, 196), 10)
   """
-  if isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1:
-    raise ValueError(f"`pool` must be a positive integer, got {pool!r}.")
+  _checks.integer(pool, "pool")
   if name == "digits":
     if pool != 1:
       raise ValueError(f"`pool` must be 1 for 'digits' (flat 8x8 features), got {pool}.")
@@ -102,8 +103,7 @@ def avg_pool(images: np.ndarray, pool: int) -> np.ndarray:
 def _check_split_args(seed, fraction, name: str) -> None:
   if isinstance(fraction, bool) or not isinstance(fraction, (float, int)) or not 0.0 < fraction < 1.0:
     raise ValueError(f"`{name}` must be in (0, 1), got {fraction!r}.")
-  if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-    raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+  _checks.integer(seed, "seed", minimum=0)
 
 
 def _stratified_split(x: np.ndarray, y: np.ndarray, seed: int, **size):
@@ -318,10 +318,8 @@ def minibatches(seed: int, arrays: Sequence[np.ndarray], batch_size: int, *, num
   n = len(arrays[0])
   if any(len(a) != n for a in arrays):
     raise ValueError(f"`arrays` must share the leading axis N; got lengths {[len(a) for a in arrays]}.")
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-  if isinstance(num_epochs, bool) or not isinstance(num_epochs, (int, np.integer)) or num_epochs < 0:
-    raise ValueError(f"`num_epochs` must be a non-negative integer, got {num_epochs!r}.")
+  _checks.integer(batch_size, "batch_size")
+  _checks.integer(num_epochs, "num_epochs", minimum=0)
   rng = np.random.default_rng(seed)
   for _ in range(num_epochs):
     order = rng.permutation(n) if shuffle else np.arange(n)

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bmerge import _checks
 from bmerge.posteriors import DiagGaussian
 
 __all__ = ["HESS_APPROXIMATIONS", "IVONState", "find_ivon_state", "ivon", "ivon_posterior", "ivon_predictive",
@@ -279,8 +280,8 @@ def ivon_sample(key: jax.Array, state: PyTree, params: PyTree, ess, weight_decay
   state holding one; `ess` and `weight_decay` must be those given to `ivon`.
   """
   state = state if isinstance(state, IVONState) else find_ivon_state(state)
-  if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
-    raise ValueError(f"ivon_sample: `num_samples` = {num_samples!r}; expected a positive int or None.")
+  if num_samples is not None:
+    _checks.integer(num_samples, "num_samples")
   lead = () if num_samples is None else (num_samples,)
   leaves, treedef = jax.tree.flatten(params)
   hess = treedef.flatten_up_to(state.hess)

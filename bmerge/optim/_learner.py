@@ -31,16 +31,8 @@ def check_loss_fn(loss_fn: Any, expected: str = "theta [P] -> scalar loss-bar") 
     raise ValueError(f"`loss_fn` must be a function {expected}, got {loss_fn!r}.")
 
 
-def check_count(value: Any, name: str, minimum: int = 1) -> int:
-  """A Python or numpy integer >= `minimum` (bools are not counts); returned as int."""
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-    raise ValueError(f"`{name}` must be {what}, got {value!r}.")
-  return int(value)
-
-
 def check_num_samples(num_samples: Any, antithetic: bool) -> None:
-  check_count(num_samples, "num_samples")
+  _checks.integer(num_samples, "num_samples")
   if antithetic and num_samples % 2:
     raise ValueError(f"`num_samples` must be even with `antithetic=True` (pairs eps, -eps), got {num_samples}.")
 

@@ -344,7 +344,7 @@ def _fit_inputs(loss_fn, beta, beta_w, num_samples, antithetic, estimator, gauss
   """Checks a fit's arguments once; returns (initial state, beta, beta_w in the state's dtype, num_steps)."""
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
   _learner.check_estimator(estimator, gauss_newton_fn, allowed)
-  num_steps = _learner.check_count(num_steps, "num_steps", minimum=0)
+  num_steps = _checks.integer(num_steps, "num_steps", minimum=0)
   state = init()
   dtype = state.log_weights.dtype
   beta_w = 0.01 * beta if beta_w is None else beta_w

@@ -248,7 +248,7 @@ def fit(key: jax.Array, loss_fn: Callable, init_mean: jax.Array, init_precision:
     The final `VONState`; `posterior(state)` is the `FullGaussian` to merge.
   """
   _check_args(loss_fn, num_samples, antithetic, estimator, gauss_newton_fn)
-  num_steps = _learner.check_count(num_steps, "num_steps", minimum=0)
+  num_steps = _checks.integer(num_steps, "num_steps", minimum=0)
   rhos = _learner.schedule_values(rho, num_steps, "rho", at_most_one=True)
   state = _init(init_mean, init_precision, "init_mean", "init_precision")
   return _fit_scan(key, state, rhos.astype(state.mean.dtype), loss_fn, num_samples, estimator, gauss_newton_fn,
