@@ -16,10 +16,12 @@ import numpy as np
 import optax
 
 from bmerge import _checks
+from bmerge import fit
 from bmerge.grid_eval import chunked_map, compute_dtype
 
 __all__ = [
     "joint_train",
+    "joint_train_ivon",
 ]
 
 PyTree = Any
@@ -150,3 +152,117 @@ def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: Py
   return chunked_map(lambda chunk: chunk_fn(chunk, init_params, batch, eval_batch), a.astype(compute_dtype()),
                      chunk_size=chunk_size, workdir=workdir, tag=tag, inputs=inputs, progress=progress,
                      description=f"joint training {tag}")
+
+
+def _alpha_weighted(task_losses, params, batch):
+  """sum_t alpha_t task_losses(params, b)_t for batch = (b, alpha): alpha rides with the data, so one compiled IVON
+  step serves every alpha."""
+  b, alpha = batch
+  return jnp.dot(alpha, task_losses(params, b).astype(alpha.dtype))
+
+
+@partial(jax.jit, static_argnums=0)
+def _evaluate(eval_fn, params, eval_batch):
+  return eval_fn(params, eval_batch)
+
+
+def joint_train_ivon(key: jax.Array, task_losses: Callable[[PyTree, Any], jax.Array], params: PyTree, alphas,
+                     batches: Any, *, ess, learning_rate, eval_fn: Optional[Callable[[PyTree, Any], Any]] = None,
+                     eval_batch: Any = None, chunk_size: int = 1, workdir: Optional[str] = None,
+                     tag: str = "exact", progress: bool = True, **ivon_kwargs) -> PyTree:
+  """Weighted multitask finetuning with IVON for every alpha of a grid (paper Eq. 1): the exact baseline of
+  IVON-Hess and MultiIVON-Hess previews, trained with the same learner as the task posteriors.
+
+  For every alpha, `bmerge.fit.ivon(key, loss_alpha, params, batches, ess=ess, learning_rate=learning_rate,
+  **ivon_kwargs)` with loss_alpha(params, b) = sum_t alpha_t task_losses(params, b)_t, and the posterior mean kept.
+  Every alpha uses the same `key` (the same standard-normal draws for IVON's weight noise), the same batches in the
+  same order, the same start (`params`, and `init_posterior` when finetuning from a pretrained IVON posterior) and
+  the same budget: runs differ only by the weighting, and at a vertex alpha = e_t the run is `fit.ivon` on the loss
+  `task_losses(params, b)[t]` itself. (`bmerge.exact.joint_train` does the same for optax optimizers; IVON draws its
+  noise from its own state before each gradient, which an optax update cannot.)
+
+  Args:
+    key: PRNG key of every run.
+    task_losses: `task_losses(params, batch) -> [T]` per-task minibatch losses, e.g. the per-task cross-entropies of
+      one mixed minibatch (`bmerge.models.resnet.task_cross_entropies`).
+    params: the common start (with `init_posterior`, its mean).
+    alphas: [G, T] task weights.
+    batches: a list of batches (a stream, one compiled step per batch from Python: the fast form for convolutional
+      networks on the CPU) or a pytree with a leading steps axis (one `lax.scan`). Not an iterator: every alpha
+      reads the same batches.
+    ess, learning_rate: as in `bmerge.fit.ivon`.
+    eval_fn: optional `eval_fn(params, eval_batch) -> metric`; when given, only the metrics are kept (and saved per
+      chunk), not the trained models.
+    eval_batch: data for `eval_fn`.
+    chunk_size: alphas per call. 1 (default) trains one alpha after the other; larger chunks `vmap` the runs of a
+      chunk (one batched step for all of them: worth it on accelerators, slower for convolutions on the CPU).
+    workdir: if given, finished rows are saved under `<workdir>/<tag>/<key>/` and reused on the next run, keyed by
+      a content hash of every input (as in `joint_train`).
+    tag: sub-folder in `workdir`.
+    progress: show a progress bar.
+    **ivon_kwargs: the other arguments of `bmerge.fit.ivon` (mc_samples, hess_init, beta1, beta2, weight_decay,
+      init_posterior, ...).
+
+  Returns:
+    The trained means with a leading G axis, or the metrics [G, ...] when `eval_fn` is given (numpy).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from bmerge import exact, fit
+    >>> x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
+    >>> task_losses = lambda p, idx: jnp.stack([jnp.mean((x[idx] @ p - 1.0) ** 2), jnp.mean((x[idx] @ p) ** 2)])
+    >>> batches = [np.arange(i, i + 16) % 64 for i in range(0, 160, 16)]          # 10 steps, a list
+    >>> means = exact.joint_train_ivon(jax.random.key(0), task_losses, jnp.zeros(2), np.eye(2), batches,
+    ...                                ess=64.0, learning_rate=0.1, progress=False)
+    >>> alone = fit.ivon(jax.random.key(0), lambda p, idx: task_losses(p, idx)[0], jnp.zeros(2), batches,
+    ...                  ess=64.0, learning_rate=0.1)                              # task 1 alone
+    >>> bool(jnp.allclose(means[0], alone.mean, atol=1e-6))
+    True
+
+  References:
+    Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+    Bayesian Model-Merging. 2024 (Eq. 1; App. B.3: the joint solution finetuned with IVON from the pretrained model).
+    Shen et al. Variational Learning is Effective for Large Deep Networks. ICML 2024 (IVON).
+  """
+  if not callable(task_losses):
+    raise TypeError(f"`task_losses` must be callable as task_losses(params, batch) -> [T], got "
+                    f"{type(task_losses).__name__}.")
+  if eval_fn is not None and not callable(eval_fn):
+    raise TypeError(f"`eval_fn` must be callable as eval_fn(params, eval_batch), got {type(eval_fn).__name__}.")
+  if workdir is not None:
+    _checks.workdir(workdir)
+  a = np.asarray(alphas)
+  if a.ndim != 2:
+    raise ValueError(f"`alphas` must be a [G, T] grid, got shape {a.shape}.")
+  _checks.alphas(a, a.shape[1])
+  if hasattr(batches, "__next__"):
+    raise ValueError("`batches` is an iterator; every alpha trains on the same batches: pass a list of batches or a "
+                     "pytree with a leading steps axis.")
+  listed = isinstance(batches, list)
+  if not listed and not jax.tree.leaves(batches):
+    raise ValueError("`batches` holds no arrays; expected a list of batches or a pytree [num_steps, ...].")
+  first = batches[0] if listed else jax.tree.map(lambda x: x[0], batches)
+  losses0 = jax.eval_shape(task_losses, params, first)
+  if losses0.shape != (a.shape[1],):
+    raise ValueError(f"`task_losses` returns shape {losses0.shape} but `alphas` has T = {a.shape[1]} columns; "
+                     f"expected task_losses(params, batch) -> [{a.shape[1]}].")
+  loss_fn = partial(_alpha_weighted, task_losses)  # one object: every alpha reuses the compiled step
+  num_steps = len(batches) if listed else jax.tree.leaves(batches)[0].shape[0]
+
+  def one(alpha):
+    with_alpha = ([(b, alpha) for b in batches] if listed else
+                  (batches, jnp.broadcast_to(alpha, (num_steps,) + alpha.shape)))
+    mean = fit.ivon(key, loss_fn, params, with_alpha, ess=ess, learning_rate=learning_rate, **ivon_kwargs).mean
+    return mean if eval_fn is None else _evaluate(eval_fn, mean, eval_batch)
+
+  def chunk_fn(chunk):
+    chunk = jnp.asarray(chunk)
+    if chunk.shape[0] == 1:  # no vmap: a batch of one model would still batch the convolutions over kernels
+      return jax.tree.map(lambda x: x[None], one(chunk[0]))
+    return jax.vmap(one)(chunk)
+
+  inputs = dict(key=key, task_losses=task_losses, params=params, batches=batches, ess=ess,
+                learning_rate=learning_rate, ivon_kwargs=dict(sorted(ivon_kwargs.items())), eval_fn=eval_fn,
+                eval_batch=eval_batch)
+  return chunked_map(chunk_fn, a.astype(compute_dtype()), chunk_size=chunk_size, workdir=workdir, tag=tag,
+                     inputs=inputs, progress=progress, description=f"IVON joint training {tag}")
