@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import re
 import types
 from typing import Any, Mapping
 
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 
 _MAX_DEPTH = 6
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # '<function f at 0x7f...>' -> '<function f>'
 
 
 def _h() -> "hashlib._Hash":
@@ -97,7 +99,8 @@ def _update(h, value: Any, depth: int, seen: set) -> None:
     return
   leaves, treedef = jax.tree_util.tree_flatten(value)
   if not (len(leaves) == 1 and leaves[0] is value):  # a pytree node (NamedTuple, NNX state, registered class)
-    h.update(f"tree|{treedef}|".encode())
+    # Static data may print functions with their addresses (NNX graphdefs do), which change from run to run.
+    h.update(f"tree|{_ADDRESS.sub('', str(treedef))}|".encode())
     for leaf in leaves:
       _update(h, leaf, depth + 1, seen)
     return
