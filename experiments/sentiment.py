@@ -229,13 +229,16 @@ def run(config, workdir: str) -> bmerge.comparison.Comparison:
   costs: dict[str, float] = {}
   names = list(config.tasks)
   num_tasks = len(names)
+  alphas = grid.simplex(num_tasks, config.spacing)
+  exact_alphas = grid.simplex(num_tasks, config.exact_spacing)
+  if any(not np.any(np.all(np.isclose(alphas, a), axis=1)) for a in exact_alphas):  # fail before any training
+    raise ValueError(f"config.exact_spacing = {config.exact_spacing} must be a multiple of config.spacing = "
+                     f"{config.spacing}: every joint-training alpha must be a preview alpha.")
   t0 = time.perf_counter()
   apply, init, train, test, task_batches = prepare(config, workdir)[1:]
   costs["load + cache frozen layers"] = time.perf_counter() - t0
 
   posts = build_posteriors(config, apply, init, train, task_batches, os.path.join(workdir, "posteriors"), costs)
-  alphas = grid.simplex(num_tasks, config.spacing)
-  exact_alphas = grid.simplex(num_tasks, config.exact_spacing)
   eval_fn = functools.partial(bert.task_accuracies, apply)
 
   t0 = time.perf_counter()

@@ -7,6 +7,8 @@ import itertools
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -15,7 +17,7 @@ import pytest
 from flax import nnx
 
 import bmerge
-from bmerge import _sentiment, checkpoint, exact, grid, merge
+from bmerge import _fingerprint, _sentiment, checkpoint, exact, grid, merge
 from bmerge.models import bert
 from configs import sentiment as sentiment_config
 from experiments import sentiment
@@ -110,7 +112,9 @@ def test_metrics_json_the_paper_row_and_the_reading(done):
   assert (paper["simple"]["mse"], paper["adamw_sg"]["mse"], m["paper"]["exact_best"]) == (0.0314, 0.0281, 95.5)
   assert (paper["simple"]["best_preview"], paper["adamw_sg"]["best_preview"]) == (93.5, 93.6)
   assert m["paper_ordering"]["paper"] == ["simple", "adamw_sg"]
-  assert m["paper_ordering"]["holds"] == (m["methods"]["simple"]["mse"] > m["methods"]["adamw_sg"]["mse"])
+  simple, hessian = m["methods"]["simple"]["mse"], m["methods"]["adamw_sg"]["mse"]
+  if simple != hessian:  # (a tie keeps the paper's order)
+    assert m["paper_ordering"]["holds"] == (simple > hessian)
   assert {"load + cache frozen layers", "posteriors adamw_sg", "posteriors ivon", "exact", "preview simple",
           "preview adamw_sg", "preview ivon"} <= set(m["costs"])
 
@@ -142,6 +146,23 @@ def test_metrics_json_the_paper_row_and_the_reading(done):
   assert m["notes"] in report and "0.0314" in report and "95.5" in report
   assert {"contours.png", "pairs.png", "pareto.png"} <= set(m["figures"])
   assert all((pathlib.Path(workdir) / f).is_file() for f in m["figures"])
+
+
+@needs_model_and_data
+def test_resume_keys_are_the_same_in_a_new_process(done):
+  # Joint training and the previews store their chunks under a content hash of `apply`, whose NNX graphdefs print
+  # functions with their memory addresses; a rerun (a new process) must find this run's chunks, not train again.
+  config, _, _, setup, _ = done
+  code = ("import functools; from bmerge import _fingerprint; from bmerge.models import bert; "
+          "from configs import sentiment as c; from experiments import sentiment as s; "
+          "model = s.build_model(c.get_config('small')); "
+          "apply, _ = bert.split(model, start_layer=bert.frozen_layers(model)); "
+          "print(_fingerprint.fingerprint([functools.partial(f, apply) for f in (bert.task_losses, "
+          "bert.task_accuracies)]))")
+  root = pathlib.Path(__file__).resolve().parents[1]
+  there = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+  here = _fingerprint.fingerprint([functools.partial(f, setup.apply) for f in (bert.task_losses, bert.task_accuracies)])
+  assert there.stdout.strip() == here
 
 
 def test_config_variants():
