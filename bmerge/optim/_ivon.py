@@ -269,6 +269,25 @@ def ivon_posterior(params: PyTree, state: PyTree, ess, weight_decay=1e-4) -> Dia
   return DiagGaussian(mean=params, precision=precision)
 
 
+def _standard_normals(key: jax.Array, lead: tuple, specs: list) -> list:
+  """Independent N(0, 1) arrays of shapes lead + shape_i and dtypes dtype_i for specs [(shape_i, dtype_i)].
+
+  One draw per dtype, sliced per leaf: one random-number kernel to compile instead of one per leaf (per-leaf draws
+  made the IVON step of a 23-leaf ResNet-8 compile for 18 s on the CPU; a ResNet-20 has 65 leaves).
+  """
+  dtypes = list(dict.fromkeys(jnp.dtype(d) for _, d in specs))
+  pools, offsets = {}, dict.fromkeys(dtypes, 0)
+  for k, dt in zip(jax.random.split(key, len(dtypes)), dtypes):
+    total = sum(math.prod(s) for s, d in specs if jnp.dtype(d) == dt)
+    pools[dt] = jax.random.normal(k, lead + (total,), dt)
+  out = []
+  for shape, d in specs:
+    dt, size = jnp.dtype(d), math.prod(shape)
+    out.append(pools[dt][..., offsets[dt]:offsets[dt] + size].reshape(lead + tuple(shape)))
+    offsets[dt] += size
+  return out
+
+
 def ivon_sample(key: jax.Array, state: PyTree, params: PyTree, ess, weight_decay=1e-4,
                 num_samples: Optional[int] = None) -> tuple[PyTree, PyTree]:
   """Draws params theta_s = m + n_s from the IVON posterior, n_s = eps_s / sqrt(ess (h + delta)), eps_s ~ N(0, I).
@@ -285,10 +304,9 @@ def ivon_sample(key: jax.Array, state: PyTree, params: PyTree, ess, weight_decay
   lead = () if num_samples is None else (num_samples,)
   leaves, treedef = jax.tree.flatten(params)
   hess = treedef.flatten_up_to(state.hess)
-  keys = jax.random.split(key, len(leaves))
   samples, noise = [], []
-  for k, p, h in zip(keys, leaves, hess):
-    eps = jax.random.normal(k, lead + jnp.shape(p), h.dtype)
+  for p, h, eps in zip(leaves, hess, _standard_normals(key, lead, [(jnp.shape(p), h.dtype) for p, h in
+                                                                  zip(leaves, hess)])):
     theta = (p.astype(h.dtype) + eps * jax.lax.rsqrt(ess * (h + weight_decay))).astype(p.dtype)
     samples.append(theta)
     noise.append(theta.astype(h.dtype) - p.astype(h.dtype))
