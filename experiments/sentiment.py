@@ -17,7 +17,6 @@ import time
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -124,9 +123,9 @@ def build_posteriors(config, apply, init: dict, train, batches, cache: str, cost
                         fisher_chunk_size=a.fisher_chunk_size)
 
   def ivon(key, batches, apply):
-    return fit.ivon(key, functools.partial(bert.cross_entropy, apply), init, batches, ess=v.ess_scale * config.num_train,
-                    learning_rate=_schedule(v.learning_rate, config.num_steps), hess_init=v.hess_init,
-                    weight_decay=v.weight_decay, mc_samples=v.mc_samples)
+    return fit.ivon(key, functools.partial(bert.cross_entropy, apply), init, batches,
+                    ess=v.ess_scale * config.num_train, learning_rate=_schedule(v.learning_rate, config.num_steps),
+                    hess_init=v.hess_init, weight_decay=v.weight_decay, mc_samples=v.mc_samples)
 
   out = {}
   out["adamw_sg"] = _timed(costs, "posteriors adamw_sg", lambda: checkpoint.cached_posterior(
@@ -183,8 +182,8 @@ def reading(summary: dict, lines: dict, vertex_gaps: dict) -> str:
       f"{n} {pct(v['exact_at_best'])} at {v['best_alpha']}" for n, v in m.items()) +
       f"; the best joint training: {pct(summary['exact_best'])} at {summary['exact_best_alpha']}.")
   gaps = {n: max((v[n] for v in lines.values()), key=lambda g: abs(g["largest_gap"])) for n in m}
-  out.append("- The largest gap to joint training on any line (points of the pair's mean accuracy, preview minus exact, "
-             "at the first-named task's weight): " + ", ".join(
+  out.append("- The largest gap to joint training on any line (points of the pair's mean accuracy, preview minus "
+             "exact, at the first-named task's weight): " + ", ".join(
                  f"{n} {100 * g['largest_gap']:+.1f} ({g['alpha_1']:.1f})" for n, g in gaps.items()) + ".")
   out.append("- At the vertices (one task only), mean |preview - exact| of the mean accuracy: " + ", ".join(
       f"{n} {100 * g:.1f} points" for n, g in vertex_gaps.items()) + ". Simple averaging and AdamW-SG return the "
@@ -271,8 +270,10 @@ def run(config, workdir: str) -> bmerge.comparison.Comparison:
            "row finetunes the whole model after an IMDB stage; here only LoRA on "
            f"{'/'.join(config.lora.targets)} of layers {list(config.lora.layers)} and the head train, on "
            f"{config.num_train} texts per task for {config.num_steps} steps of {config.batch_size} texts per task, "
-           f"tested on {config.num_test} texts per task. The simple average uses the AdamW runs of AdamW-SG (their "
-           "cost is in 'posteriors adamw_sg', with the Fisher pass)."]
+           f"tested on {config.num_test} texts per task; joint training takes {config.batch_size} texts of every "
+           f"task per step. IVON's effective sample size is {config.ivon.ess_scale:g} x N (a tempered posterior; a "
+           "common scale of every task's precision leaves the Hessian-weighted merge unchanged). The simple average "
+           "uses the AdamW runs of AdamW-SG (their cost is in 'posteriors adamw_sg', with the Fisher pass)."]
   summary = {**out.summary, "notes": "\n".join(notes), "pair_lines": edges}
   out.paths["metrics"].write_text(json.dumps(summary, indent=1, allow_nan=False))
   report.write(workdir, summary, [pathlib.Path(workdir) / f for f in summary["figures"]])
