@@ -1,0 +1,252 @@
+"""Fig. 3 pipeline (experiments/resnet.py, configs/resnet20_multiivon.py) and the library pieces it added:
+`bmerge.optim.multi_ivon.select` (the paper's seed x stop subsets), `collect(step_loop='python')` and
+`bmerge.exact.joint_train_ivon` (weighted joint finetuning with IVON).
+
+The ResNet-20 parameter count is checked in tests/test_resnet.py and the warm start's Hessian on a closed form in
+tests/test_fit.py; here the ResNet finetunes of the `:small` run are checked to keep the pretrained Hessian.
+"""
+
+import functools
+import json
+import math
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import bmerge
+from bmerge import exact, fit, grid
+from bmerge.models import resnet
+from bmerge.optim import ivon, ivon_posterior, ivon_sample
+from bmerge.optim import multi_ivon
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Library pieces, on small closed-form problems.
+
+
+def _mixture(num_tasks, num_seeds, stops):
+  """Component (t, seed, stop) has mean 100 t + 10 seed + stop: its position is readable from its value."""
+  means = [[100.0 * t + 10.0 * s + stop for s in range(num_seeds) for stop in stops] for t in range(num_tasks)]
+  k = num_seeds * len(stops)
+  return bmerge.Mixture(bmerge.DiagGaussian({"w": jnp.asarray(means)[..., None]},
+                                            {"w": jnp.ones((num_tasks, k, 1))}),
+                        jnp.full((num_tasks, k), -math.log(k)))
+
+
+def test_select_keeps_the_papers_seed_by_stop_subsets():
+  stops = (25, 50, 75, 100, 125, 150)
+  mix = _mixture(3, 5, stops)  # stacked over 3 tasks, K = 30 seed-major
+  for keep, k in (((100, 150), 10), ((75, 100, 125, 150), 20), (stops, 30)):
+    sub = multi_ivon.select(mix, stops, keep_stops=keep)
+    assert sub.log_weights.shape == (3, k)
+    np.testing.assert_allclose(sub.log_weights, -math.log(k), rtol=1e-6)
+    expected = [[100 * t + 10 * s + stop for s in range(5) for stop in keep] for t in range(3)]
+    np.testing.assert_array_equal(sub.components.mean["w"][..., 0], expected)
+    assert sub.components.precision["w"].shape == (3, k, 1)
+  # IVON-Hess: one seed at the last stop; keep_stops given out of order still come in stop order.
+  one = multi_ivon.select(mix, stops, keep_stops=[150], seeds=[2])
+  np.testing.assert_array_equal(one.components.mean["w"][:, 0, 0], [170.0, 270.0, 370.0])
+  two = multi_ivon.select(mix, stops, keep_stops=[150, 25], seeds=[1])
+  np.testing.assert_array_equal(two.components.mean["w"][0, :, 0], [35.0, 160.0])
+  # A K = 1 selection merges like the Hessian-weighted rule on its component (paper: EM with K = 1 is Eq. 10).
+  alphas = grid.simplex(3, 0.5)
+  chex.assert_trees_all_close(bmerge.merge.mixture_weighted(one, alphas, num_iters=3),
+                              bmerge.merge.hessian_weighted(jax.tree.map(lambda a: a[:, 0], one.components), alphas),
+                              rtol=1e-6)
+  for bad, match in (([200], "`keep_stops`"), ([25, 25], "`keep_stops`"), ([], "`keep_stops`")):
+    with pytest.raises(ValueError, match=match):
+      multi_ivon.select(mix, stops, keep_stops=bad)
+  with pytest.raises(ValueError, match="`seeds`"):
+    multi_ivon.select(mix, stops, seeds=[5])
+  with pytest.raises(ValueError, match="multiple"):
+    multi_ivon.select(mix, (25, 50, 75, 100), keep_stops=[25])
+  with pytest.raises(TypeError, match="`mixture`"):
+    multi_ivon.select(mix.components, stops)
+
+
+def _linear_problem():
+  x = jax.random.normal(jax.random.key(3), (64, 3))
+  y = x @ jnp.array([1.0, -2.0, 0.5])
+  loss = lambda p, idx: jnp.mean((x[idx] @ p["w"] + p["b"] - y[idx]) ** 2)
+  task_losses = lambda p, idx: jnp.stack([loss(p, idx), jnp.mean((x[idx] @ p["w"] + p["b"]) ** 2)])
+  return loss, task_losses
+
+
+def test_collect_python_step_loop_equals_the_scanned_loop():
+  loss, _ = _linear_problem()
+  ess, wd = 64.0, 1e-3
+  tx = ivon(0.05, ess, hess_init=0.5, beta2=0.99, weight_decay=wd)
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+  batches = jnp.asarray(np.random.default_rng(0).integers(0, 64, size=(9, 8)))
+
+  def step(key, carry, i):
+    p, s = carry
+    samples, noise = ivon_sample(key, s, p, ess, wd, 2)
+    grads = jax.vmap(jax.grad(loss), in_axes=(0, None))(samples, batches[i])
+    updates, s = tx.update(grads, s, p, noise=noise)
+    return optax.apply_updates(p, updates), s
+
+  seen = []
+  jitted = jax.jit(step)
+
+  def python_step(key, carry, i):
+    seen.append(type(i))
+    return jitted(key, carry, i)
+
+  keys = jax.random.split(jax.random.key(4), 2)
+  init = lambda k: (params, tx.init(params))
+  posterior = lambda c: ivon_posterior(c[0], c[1], ess, wd)
+  scanned = multi_ivon.collect(keys, init, step, posterior, [3, 6, 9])
+  looped = multi_ivon.collect(keys, init, python_step, posterior, [3, 6, 9], step_loop="python")
+  chex.assert_trees_all_close(looped, scanned, rtol=1e-5, atol=1e-6)
+  assert seen == [int] * 18  # every step from Python, with a concrete step index
+  with pytest.raises(ValueError, match="`step_loop`"):
+    multi_ivon.collect(keys, init, step, posterior, [3], step_loop="while")
+
+
+def test_joint_train_ivon_is_ivon_on_the_weighted_loss_for_every_alpha(tmp_path):
+  _, task_losses = _linear_problem()
+  params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+  batches = [np.arange(i, i + 16) % 64 for i in range(0, 192, 16)]
+  alphas = np.array([[1.0, 0.0], [0.25, 0.75], [0.5, 0.5]])
+  kw = dict(ess=64.0, learning_rate=0.1, hess_init=0.5, weight_decay=1e-3, mc_samples=2)
+  key = jax.random.key(5)
+  means = exact.joint_train_ivon(key, task_losses, params, alphas, batches, progress=False, **kw)
+  # Oracle per alpha: fit.ivon on alpha . task_losses with the same key and batches.
+  for g, a in enumerate(alphas):
+    alone = fit.ivon(key, lambda p, b, a=a: jnp.dot(a, task_losses(p, b)), params, batches, **kw)
+    chex.assert_trees_all_close(jax.tree.map(lambda x, g=g: x[g], means), alone.mean, rtol=1e-5, atol=1e-6)
+  assert not np.allclose(means["w"][1], means["w"][2])
+  # Chunks of several alphas (one vmapped run), a stacked pytree of batches (lax.scan) and resuming agree.
+  stacked = np.stack(batches)
+  metric = lambda p, target: jnp.sum((p["w"] - target) ** 2)
+  out = exact.joint_train_ivon(key, task_losses, params, alphas, stacked, eval_fn=metric, eval_batch=jnp.ones(3),
+                               chunk_size=2, workdir=str(tmp_path), progress=False, **kw)
+  np.testing.assert_allclose(out, np.sum((np.asarray(means["w"]) - 1.0) ** 2, axis=1), rtol=1e-4)
+  again = exact.joint_train_ivon(key, task_losses, params, alphas[::-1], stacked, eval_fn=metric,
+                                 eval_batch=jnp.ones(3), chunk_size=2, workdir=str(tmp_path), progress=False, **kw)
+  np.testing.assert_array_equal(again, out[::-1])
+  with pytest.raises(ValueError, match="iterator"):
+    exact.joint_train_ivon(key, task_losses, params, alphas, iter(batches), **kw)
+  with pytest.raises(ValueError, match="T = 3"):
+    exact.joint_train_ivon(key, task_losses, params, np.ones((1, 3)) / 3, batches, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experiment end to end on its `:small` config.
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+  from configs import resnet20_multiivon
+  from experiments import resnet as exp
+  config = resnet20_multiivon.get_config("small")
+  config.lock()  # the experiment adds nothing to its config
+  workdir = str(tmp_path_factory.mktemp("resnet_small"))
+  return config, workdir, exp.run(config, workdir)
+
+
+def _rows(alphas, vertex):
+  return int(np.flatnonzero(np.all(np.isclose(alphas, vertex), axis=1))[0])
+
+
+def test_small_run_reports_every_method_and_stage(small_run):
+  config, workdir, comparison = small_run
+  m = json.load(open(os.path.join(workdir, "metrics.json")))
+  assert m == json.loads(json.dumps(comparison.summary))
+  assert set(m["methods"]) == {"simple", "ivon_hess", "multi_ivon_k4", "multi_ivon_k6"}
+  assert m["num_alphas"] == m["num_exact_alphas"] == len(grid.simplex(3, config.spacing)) == 6
+  for name, row in m["methods"].items():
+    assert 0 <= row["mse"] < 1 and any(np.allclose(row["best_alpha"], a) for a in grid.simplex(3, config.spacing))
+  for stage in ("pretraining", "exact", "posteriors ivon_hess", "posteriors multi_ivon_k6", "preview ivon_hess"):
+    assert m["costs"][stage] > 0
+  assert m["costs"]["posteriors ivon_hess"] == pytest.approx(m["costs"]["posteriors multi_ivon_k6"] / 2)
+  assert set(m["pareto"]) == set(m["methods"]) and m["recommendation"]["from"] == "multi_ivon_k6"
+  assert m["paper"]["methods"]["simple"]["mse"] == 0.0252 and "multi_ivon_k30" not in m["paper"]["methods"]
+  text = open(comparison.paths["report"]).read()
+  assert "## Reading" in text and "BatchNorm" in text and "calibration batch" in text
+  # The reading is generated from the numbers: the mixture MSEs appear in it, with the trend they show.
+  k4, k6 = m["methods"]["multi_ivon_k4"]["mse"], m["methods"]["multi_ivon_k6"]["mse"]
+  assert f"K = 4: {k4:.4f}, K = 6: {k6:.4f}" in text
+  assert ("falls with every added component" in text) == (k6 < k4)
+  for fig in ("contours.png", "histograms.png", "pareto.png"):
+    with open(os.path.join(workdir, fig), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _pipeline(config, workdir):
+  """The run's data, model, cached posteriors and evaluation function, rebuilt as the experiment builds them."""
+  from experiments import resnet as exp
+  ds, pre_data, tasks, joint_data, eval_batch = exp._prepare(config)
+  model = resnet.make(ds.num_classes, config.width, config.blocks_per_stage)
+  k_post, k_joint = jax.random.split(jax.random.key(config.seed))
+  costs = {}
+  pre, mixtures = exp.build_posteriors(config, model, pre_data, tasks, k_post, os.path.join(workdir, "posteriors"),
+                                       costs)
+  evaluate = jax.jit(resnet.make_eval_fn(model, resnet.accuracies, map_over_models=False))
+  return model, pre, mixtures, joint_data, eval_batch, evaluate, k_joint
+
+
+def test_small_run_previews_and_exact_answer_against_independent_oracles(small_run):
+  from experiments import resnet as exp
+  config, workdir, comparison = small_run
+  model, pre, mixtures, joint_data, eval_batch, evaluate, k_joint = _pipeline(config, workdir)
+  alphas = grid.simplex(3, config.spacing)
+  f = config.finetune
+
+  # The K = 4 mixture is seeds {0, 1} x stops {4, 6}: components 1, 2, 4, 5 of the seed-major K = 6 mixture.
+  items = {e.name: e for e in exp.entries(config, mixtures)}
+  chex.assert_trees_all_equal(items["multi_ivon_k4"].posteriors.components,
+                              jax.tree.map(lambda a: a[:, [1, 2, 4, 5]], mixtures.components))
+
+  # At a vertex the IVON-Hess and simple previews are that task's finetuned model (seed 0, last stop), whose
+  # accuracy is computed here without any merge.
+  for t in range(3):
+    q_t = jax.tree.map(lambda a, t=t: a[t, 2], mixtures.components.mean)  # seed 0, stop 6
+    own = np.asarray(evaluate(q_t, eval_batch))
+    row = _rows(alphas, np.eye(3)[t])
+    for name in ("ivon_hess", "simple"):
+      np.testing.assert_allclose(comparison.previews[name][row], own, atol=1e-6, err_msg=f"{name} task {t}")
+
+  # The finetunes started from the pretrained posterior keep its Hessian (beta2 0.9999 over 6 updates: the noisy
+  # Hessian estimates move a few parameters by several per cent), while their means moved. A run that ignored the
+  # pretrained posterior would restart every parameter from hess_init = 0.1 (precision 5,000).
+  ratios = np.concatenate([np.reshape(np.asarray(q) / np.asarray(p)[None, None], (3, -1)) for q, p in
+                           zip(jax.tree.leaves(mixtures.components.precision), jax.tree.leaves(pre.precision))], 1)
+  for t in range(3):
+    assert abs(np.median(ratios[t]) - 1) < 0.01 and np.mean(np.abs(ratios[t] - 1) < 0.05) > 0.95, t
+  moved = max(float(jnp.max(jnp.abs(m - p[None, None]))) for m, p in zip(jax.tree.leaves(mixtures.components.mean),
+                                                                          jax.tree.leaves(pre.mean)))
+  assert moved > 1e-4
+  assert abs(np.log(comparison.summary["hessian_kept"]["median"])) < 0.02
+
+  # The exact answer at the vertex of task 2 is task 2's own IVON finetune from the pretrained posterior on the same
+  # mixed minibatches (its loss: the cross-entropy of the batch's task-2 examples), same key and budget.
+  batches = exp._stream(config.seed, joint_data, f.batch_size, config.joint.num_steps * f.updates_per_step)
+  task2 = fit.ivon(k_joint, lambda p, b: resnet.task_cross_entropies(model, p, b)[1], pre.mean, batches,
+                   ess=config.pretrain.ess, learning_rate=f.learning_rate, mc_samples=f.mc_samples,
+                   hess_init=config.pretrain.hess_init, beta1=f.beta1, beta2=f.beta2, weight_decay=f.weight_decay,
+                   init_posterior=pre)
+  np.testing.assert_allclose(comparison.exact[_rows(alphas, [0, 1, 0])], np.asarray(evaluate(task2.mean, eval_batch)),
+                             atol=1e-6)
+  # Joint finetuning differs across alphas (the weights matter) and the per-task accuracies are in [0, 1].
+  assert np.ptp(comparison.exact[:, 0]) > 0 and np.all((comparison.exact >= 0) & (comparison.exact <= 1))
+
+
+def test_small_run_resumes_without_recomputing(small_run):
+  from experiments import resnet as exp
+  config, workdir, comparison = small_run
+  files = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, names in os.walk(workdir)
+           for n in names if n.endswith(".npz") or "ocdbt" in d}
+  again = exp.run(config, workdir)
+  after = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, names in os.walk(workdir)
+           for n in names if n.endswith(".npz") or "ocdbt" in d}
+  assert after == files  # no posterior, preview or joint-training row was computed again
+  np.testing.assert_array_equal(again.exact, comparison.exact)
+  for name, values in comparison.previews.items():
+    np.testing.assert_array_equal(again.previews[name], values)
