@@ -41,14 +41,16 @@ PAPER_EXACT_BEST = 68.1
 DATASETS = {"mnist5k": "MNIST-5k", "mnist": "MNIST", "cifar10": "CIFAR-10"}
 
 
-def _stream(seed: int, arrays, batch_size: int, num_steps: int) -> list:
-  """`num_steps` minibatches of `batch_size` (full batches only), epoch after epoch, reshuffled per epoch."""
+def _stream(seed: int, arrays, batch_size: int, num_steps: int, lazy: bool = False):
+  """`num_steps` minibatches of `batch_size` (full batches only), epoch after epoch, reshuffled per epoch: a list,
+  or with `lazy` an iterator (the paper's 500,000 pretraining batches of CIFAR-10 would not fit in memory)."""
   per_epoch = len(arrays[0]) // batch_size
   if per_epoch < 1:
     raise ValueError(f"batch_size {batch_size} exceeds the {len(arrays[0])} examples it draws from.")
   epochs = -(-num_steps // per_epoch)
-  return list(itertools.islice(data.minibatches(seed, arrays, batch_size, num_epochs=epochs, drop_remainder=True),
-                               num_steps))
+  batches = itertools.islice(data.minibatches(seed, arrays, batch_size, num_epochs=epochs, drop_remainder=True),
+                             num_steps)
+  return batches if lazy else list(batches)
 
 
 def _mixture_name(k: int) -> str:
@@ -90,9 +92,9 @@ def build_posteriors(config, model, pre_data, tasks, key, cache: str, costs: dic
 
   def pretrain():
     params = model.init(k_init, pre_data[0].shape[1:])
-    return fit.ivon(k_pre, loss_fn, params, _stream(config.seed, pre_data, p.batch_size, steps), ess=p.ess,
-                    learning_rate=p.learning_rate, mc_samples=p.mc_samples, hess_init=p.hess_init, beta1=p.beta1,
-                    beta2=p.beta2, weight_decay=p.weight_decay)
+    return fit.ivon(k_pre, loss_fn, params, _stream(config.seed, pre_data, p.batch_size, steps, lazy=True),
+                    num_steps=steps, ess=p.ess, learning_rate=p.learning_rate, mc_samples=p.mc_samples,
+                    hess_init=p.hess_init, beta1=p.beta1, beta2=p.beta2, weight_decay=p.weight_decay)
 
   t0 = time.perf_counter()
   pre = jax.block_until_ready(checkpoint.cached_posterior(cache, "pretrain", _subset(config, "pretrain"), pretrain))
@@ -142,34 +144,38 @@ def _paper(config) -> dict:
           "exact_best": PAPER_EXACT_BEST}
 
 
-def _reading(summary: dict, config) -> str:
+def _reading(summary: dict) -> str:
   """What this run's numbers say (generated from them): the MSE order, the trend with K, the best alphas."""
   rows = summary["methods"]
   fmt = lambda v: f"{100 * v:.1f} %"
+  err = lambda v: f"{v:.4g}"
+  at = lambda a: "(" + ", ".join(f"{x:.2f}" for x in a) + ")"
   order = sorted(rows, key=lambda m: rows[m]["mse"])
-  lines = ["Preview MSE against joint finetuning, best first: " + ", ".join(f"{m} {rows[m]['mse']:.4f}"
+  lines = ["Preview MSE against joint finetuning, best first: " + ", ".join(f"{m} {err(rows[m]['mse'])}"
                                                                            for m in order) + "."]
   ks = sorted((int(m.rsplit("k", 1)[1]), m) for m in rows if m.startswith("multi_ivon_k"))
   if len(ks) >= 2:
     mses = [rows[m]["mse"] for _, m in ks]
-    trend = ("falls with every added component" if all(b < a for a, b in zip(mses, mses[1:])) else
-             "rises with every added component" if all(b > a for a, b in zip(mses, mses[1:])) else
-             "does not change monotonically with")
-    listing = ", ".join(f"K = {k}: {rows[m]['mse']:.4f}" for k, m in ks)
+    trend = ("falls as K grows" if all(b < a for a, b in zip(mses, mses[1:])) else
+             "rises as K grows" if all(b > a for a, b in zip(mses, mses[1:])) else
+             "does not change monotonically with K")
+    listing = ", ".join(f"K = {k}: {err(rows[m]['mse'])}" for k, m in ks)
     verdict = "as in Fig. 3" if trend.startswith("falls") else "unlike Fig. 3, where more components help"
-    lines.append(f"The mixture preview's MSE {trend} K ({listing}), {verdict}.")
+    lines.append(f"The mixture preview's MSE {trend} ({listing}), {verdict}.")
     hess = rows.get("ivon_hess", {}).get("mse")
     if hess is not None:
       better = [f"K = {k}" for k, m in ks if rows[m]["mse"] < hess]
-      lines.append(f"Against the single-model Hessian preview (MSE {hess:.4f}): " +
+      lines.append(f"Against the single-model Hessian preview (MSE {err(hess)}): " +
                    (f"{', '.join(better)} {'is' if len(better) == 1 else 'are'} better." if better else
                     "no mixture is better."))
   best = summary.get("exact_best")
   if best is not None:
-    alpha = summary.get("exact_best_alpha")
-    lines.append(f"Joint finetuning is best at alpha = {alpha} ({fmt(best)}); at each preview's best alpha it reaches "
-                 + ", ".join(f"{m} {fmt(r['exact_at_best'])} (alpha {r['best_alpha']})" for m, r in rows.items())
-                 + ".")
+    there = ", ".join(f"{m} {fmt(r['exact_at_best'])} at {at(r['best_alpha'])}" for m, r in rows.items())
+    lines.append(f"Joint finetuning is best at alpha = {at(summary['exact_best_alpha'])} ({fmt(best)}); at each "
+                 f"preview's best alpha it reaches {there}.")
+  pre = summary.get("pretrained_accuracy")
+  if pre is not None:
+    lines.append(f"The pretrained model, the start of every finetune, scores {fmt(pre[0])}.")
   return " ".join(lines)
 
 
@@ -252,7 +258,8 @@ def run(config, workdir: str):
            "joint": len(joint_data[0]), "test": len(eval_batch[1]), "params": resnet.num_params(pre.mean),
            "pretrain_steps": config.pretrain.num_steps}
   kept = hessian_kept(config, pre, mixtures)
-  details = {"config": config.to_dict(), "sizes": sizes, "hessian_kept": kept,
+  pre_acc = np.asarray(jax.jit(evaluate)(pre.mean, eval_batch)).tolist()  # [overall, task 1, ..., task T]
+  details = {"config": config.to_dict(), "sizes": sizes, "hessian_kept": kept, "pretrained_accuracy": pre_acc,
              "test_examples_per_task": np.asarray(eval_batch[3].sum(0)).astype(int).tolist()}
   comparison = bmerge.compare(
       items, evaluate, eval_batch, alphas, exact=exact_acc, folder=workdir, workdir=workdir, percent=True,
@@ -263,5 +270,5 @@ def run(config, workdir: str):
       notes=_notes(config, sizes, kept), details=details, recommend=_mixture_name(k_max), top_k=config.recommend_k,
       chunk_size=config.chunk_size)
   with open(comparison.paths["report"], "a") as fh:
-    fh.write(f"\n## Reading\n\n{_reading(comparison.summary, config)}\n")
+    fh.write(f"\n## Reading\n\n{_reading(comparison.summary)}\n")
   return comparison
