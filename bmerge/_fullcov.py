@@ -29,14 +29,15 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
 
 _LOG_2PI = math.log(2.0 * math.pi)
-BLOCK = 128  # columns per block of the blocked Cholesky: big enough for GEMM speed, small enough for few ops
-_BASE = 32  # tiles up to this size are factorised column by column
+BLOCK = 128  # columns per block of the blocked Cholesky for P > 1024 (64 below): see `_bounds`
+_BASE = 16  # tiles up to this size are factorised column by column
 CHUNK_BYTES = 512 * 2 ** 20  # working memory per chunk of alphas
 
 
@@ -49,9 +50,16 @@ def _mv(a, v):
   return jnp.einsum("...ij,...j->...i", a, v)
 
 
-def _bounds(p: int, block: int = BLOCK) -> tuple[tuple[int, int], ...]:
-  """Block columns `block` wide, the remainder first: a block width that is a multiple of 64 runs the GEMMs at ~80 %
-  of peak here, 112 at ~50 %, and a thin last block would make GEMMs with a handful of rows (a few % of peak)."""
+def _bounds(p: int, block: Optional[int] = None) -> tuple[tuple[int, int], ...]:
+  """Block columns `block` wide (default 64 up to P = 1024, 128 above), the remainder first.
+
+  Why these widths: the panel products A L_tile^-T are [rows, m] x [m, m] per alpha, and the CPU's GEMM library
+  splits a product across threads only when one alpha's output is big enough (the alpha batch itself runs on one
+  thread), so for P ~ 650 the narrower block keeps that single-threaded share small; for larger P the rows alone
+  are enough. A width that is a multiple of 64 runs at ~80 % of peak here (112 at ~50 %), and a thin last block
+  would make products of a handful of rows (a few % of peak), hence the remainder first.
+  """
+  block = block or (64 if p <= 1024 else BLOCK)
   first = p % block
   return ((0, first),) * bool(first) + tuple((s, s + block) for s in range(first, p, block))
 
@@ -64,22 +72,21 @@ def chunk_alphas(g: int, p: int, chunk_size: int, itemsize: int = 4, budget: int
   return -(-g // num)
 
 
-def half_blocks(h, bounds):
-  """Symmetric matrices [N, P, P] as lower block columns: per block (s, e) the diagonal tile [N, m, m] (its strict
-  lower part and half its diagonal, so tile + tile^T is the full tile) and the rows below it, H[:, e:, s:e]."""
+def half_panels(h, bounds):
+  """Symmetric matrices [N, P, P] as lower block columns: per block (s, e) the rows s: of its columns, [N, P - s, m],
+  the diagonal tile keeping its strict lower part and half its diagonal (so tile + tile^T is the full tile)."""
   h = 0.5 * (h + _mt(h))
   out = []
   for s, e in bounds:
     m = e - s
     keep = jnp.tril(jnp.ones((m, m), h.dtype), -1) + 0.5 * jnp.eye(m, dtype=h.dtype)
-    out.append((h[:, s:e, s:e] * keep, h[:, e:, s:e]))
+    out.append(jnp.concatenate([h[:, s:e, s:e] * keep, h[:, e:, s:e]], axis=1))
   return out
 
 
-def _by_rows(blocks):
-  """The same block columns laid out for products with vectors from the left: [P - s, N m] (tile rows first)."""
-  flat = lambda x: jnp.moveaxis(x, 0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2])
-  return [flat(jnp.concatenate([d, b], axis=1)) for d, b in blocks]
+def _by_rows(panels):
+  """The same panels laid out for products with vectors from the left: [P - s, N m]."""
+  return [jnp.moveaxis(x, 0, 1).reshape(x.shape[1], x.shape[0] * x.shape[2]) for x in panels]
 
 
 def _base_cholesky(a):
@@ -121,27 +128,29 @@ def _tile_cholesky(a):
   return l, inv
 
 
-def cholesky(blocks, bounds):
-  """Left-looking blocked Cholesky of a batch of SPD matrices given as `half_blocks` (leading batch axes [...]).
+def cholesky(panels, bounds):
+  """Left-looking blocked Cholesky of a batch of SPD matrices given as `half_panels` (leading batch axes [...]).
 
-  Returns per block column the factor's diagonal tile L[s:e, s:e], the rows below it L[e:, s:e], and the inverse of
-  the tile. A matrix that is not positive definite gets a non-positive or NaN diagonal entry (see `_positive`).
+  Returns per block column (s, e): the factor's rows s: of those columns, L[..., s:, s:e] (its first e - s rows are
+  the diagonal tile up to rounding: A[s:, s:e] L_tile^-T is computed whole, cheaper than slicing off the tile), the
+  tile L[s:e, s:e] itself and its inverse. A matrix that is not positive definite gets a non-positive or NaN
+  diagonal entry (see `_positive`).
   """
   out = []
-  for j, ((s, e), (d, b)) in enumerate(zip(bounds, blocks)):
-    d = d + _mt(d)
-    if j:  # A[s:, s:e] -= L[s:, :s] L[s:e, :s]^T, one GEMM over all earlier block columns
-      rows = jnp.concatenate([lb[..., s - e_i:e - e_i, :] for (_, e_i), (_, lb, _) in zip(bounds, out)], axis=-1)
-      d = d - rows @ _mt(rows)
-      if b.shape[-2]:
-        b = b - jnp.concatenate([lb[..., e - e_i:, :] for (_, e_i), (_, lb, _) in zip(bounds, out)], -1) @ _mt(rows)
-    l_jj, inv = _tile_cholesky(d)
-    out.append((l_jj, b @ _mt(inv), inv))
+  for j, ((s, e), a) in enumerate(zip(bounds, panels)):
+    m = e - s
+    a = a.at[..., :m, :].add(_mt(a[..., :m, :]))  # A[s:, s:e]
+    if j:  # A[s:, s:e] -= L[s:, :s] L[s:e, :s]^T: one GEMM over all earlier block columns (its rows split across
+      # threads; the tile's rows alone would make a product too small to split)
+      left = jnp.concatenate([l[..., s - s_i:, :] for (s_i, _), (l, _, _) in zip(bounds, out)], axis=-1)
+      a = a - left @ _mt(left[..., :m, :])
+    l_jj, inv = _tile_cholesky(a[..., :m, :])
+    out.append((a @ _mt(inv), l_jj, inv))
   return out
 
 
 def _diagonal(factor):
-  return jnp.concatenate([jnp.diagonal(l, axis1=-2, axis2=-1) for l, _, _ in factor], axis=-1)
+  return jnp.concatenate([jnp.diagonal(l_jj, axis1=-2, axis2=-1) for _, l_jj, _ in factor], axis=-1)
 
 
 def _positive(factor):
@@ -155,23 +164,25 @@ def half_logdet(factor):
 
 
 def solve(factor, rhs):
-  """x with L L^T x = rhs [..., P]: blocked forward then back substitution with the inverted diagonal tiles."""
+  """x with L L^T x = rhs [..., P]: blocked forward then back substitution with the inverted diagonal tiles.
+
+  Products with whole panels L[s:, s:e] (tile rows included) rather than slices of them: a slice would be a copy.
+  """
   ys, r = [], rhs
-  for l, lb, inv in factor:
-    m = l.shape[-1]
-    y = _mv(inv, r[..., :m])
+  for l, l_jj, inv in factor:  # r holds rows s: of the forward substitution's right-hand side
+    y = _mv(inv, r[..., :l_jj.shape[-1]])
     ys.append(y)
-    r = r[..., m:] - _mv(lb, y)
+    r = (r - _mv(l, y))[..., l_jj.shape[-1]:]
   x = rhs[..., :0]
-  for (l, lb, inv), y in reversed(list(zip(factor, ys))):
-    x = jnp.concatenate([_mv(_mt(inv), y - _mv(_mt(lb), x)), x], axis=-1)
+  for (l, l_jj, inv), y in reversed(list(zip(factor, ys))):  # x holds rows e: of the solution
+    below = _mv(_mt(l), jnp.concatenate([jnp.zeros_like(y), x], axis=-1))  # L[e:, s:e]^T x[e:]
+    x = jnp.concatenate([_mv(_mt(inv), y - below), x], axis=-1)
   return x
 
 
-def _weighted(w, blocks):
-  """The half blocks of S_c = sum_n w_cn H_n: [C, N] x [N, m m] and [C, N] x [N, (P - e) m] per block column."""
-  prod = lambda x: (w @ x.reshape(x.shape[0], -1)).reshape(w.shape[:1] + x.shape[1:])
-  return [(prod(d), prod(b)) for d, b in blocks]
+def _weighted(w, panels):
+  """The half panels of S_c = sum_n w_cn H_n: [C, N] x [N, (P - s) m] per block column."""
+  return [(w @ x.reshape(x.shape[0], -1)).reshape(w.shape[:1] + x.shape[1:]) for x in panels]
 
 
 def _quad(x, by_rows, bounds):
@@ -183,13 +194,13 @@ def _quad(x, by_rows, bounds):
 
 
 def _stacked(precisions, centred_means, prior_precision, prior_mean, ref, bounds):
-  """Half blocks, H d and d^T H d of the N = (components, prior) precisions."""
+  """Half panels, H d and d^T H d of the N = (components, prior) precisions."""
   h, d = precisions, centred_means
   if prior_mean is not None:
     h = jnp.concatenate([h, prior_precision.astype(h.dtype)[None]], axis=0)
     d = jnp.concatenate([d, (prior_mean.astype(d.dtype) - ref)[None]], axis=0)
   hd = jnp.einsum("nij,nj->ni", h, d)
-  return half_blocks(h, bounds), hd, jnp.sum(d * hd, axis=1)
+  return half_panels(h, bounds), hd, jnp.sum(d * hd, axis=1)
 
 
 def _by_chunks(fn, c, *rows):
@@ -203,7 +214,7 @@ def _by_chunks(fn, c, *rows):
 
 
 @partial(jax.jit, static_argnames=("chunk_size", "block"))
-def hessian_weighted(alphas, mean, precision, prior_mean, prior_precision, chunk_size, block=BLOCK):
+def hessian_weighted(alphas, mean, precision, prior_mean, prior_precision, chunk_size, block=None):
   """Eq. 10 for every alpha [G, T]: (sum_t a_t H_t + gamma H_0)^-1 (sum_t a_t H_t theta_t + gamma H_0 theta_0).
 
   Returns (merged [G, P], whether every merged precision was positive definite).
@@ -212,13 +223,13 @@ def hessian_weighted(alphas, mean, precision, prior_mean, prior_precision, chunk
   t, p = mean.shape
   bounds = _bounds(p, block)
   ref = jnp.mean(mean, axis=0)
-  blocks, hd, _ = _stacked(precision.astype(dtype), mean - ref, prior_precision, prior_mean, ref, bounds)
+  panels, hd, _ = _stacked(precision.astype(dtype), mean - ref, prior_precision, prior_mean, ref, bounds)
   alphas = alphas.astype(dtype)
   has_prior = prior_mean is not None
 
   def chunk(a):
     w = jnp.concatenate([a, 1.0 - jnp.sum(a, axis=1, keepdims=True)], axis=1) if has_prior else a
-    factor = cholesky(_weighted(w, blocks), bounds)
+    factor = cholesky(_weighted(w, panels), bounds)
     return ref + solve(factor, w @ hd), _positive(factor)
 
   c = chunk_alphas(alphas.shape[0], p, chunk_size, jnp.dtype(dtype).itemsize)
@@ -228,7 +239,7 @@ def hessian_weighted(alphas, mean, precision, prior_mean, prior_precision, chunk
 
 @partial(jax.jit, static_argnames=("num_iters", "init_given", "chunk_size", "block"))
 def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precision, init, num_iters, init_given,
-               chunk_size, block=BLOCK):
+               chunk_size, block=None):
   """Algorithm 1 with full precisions for every alpha [G, T].
 
   Returns (params [G, P], objective [G, num_iters + 1]: F(theta^(i)), non-decreasing, step [G]: max |theta^(n) -
@@ -243,14 +254,13 @@ def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precisi
   flat = means.reshape(tk, p)
   ref = jnp.mean(flat, axis=0)
   has_prior = prior_mean is not None
-  blocks, hd, const = _stacked(precisions.reshape(tk, p, p).astype(dtype), flat - ref, prior_precision, prior_mean,
+  panels, hd, const = _stacked(precisions.reshape(tk, p, p).astype(dtype), flat - ref, prior_precision, prior_mean,
                                ref, bounds)
-  by_rows = _by_rows(blocks)
+  by_rows = _by_rows(panels)
   itemsize = jnp.dtype(dtype).itemsize
   # 1/2 log det H_n - P/2 log 2 pi of the N = TK (+1) precisions, by the same blocked Cholesky in chunks.
-  flat_blocks = jax.tree.leaves(blocks)
-  logdet = _by_chunks(lambda *fb: half_logdet(cholesky(jax.tree.unflatten(jax.tree.structure(blocks), fb), bounds)),
-                      chunk_alphas(len(hd), p, chunk_size, itemsize), *flat_blocks) - 0.5 * p * _LOG_2PI
+  logdet = _by_chunks(lambda *pan: half_logdet(cholesky(pan, bounds)), chunk_alphas(len(hd), p, chunk_size, itemsize),
+                      *panels) - 0.5 * p * _LOG_2PI
   alphas = alphas.astype(dtype)
 
   def chunk(a, x0):
@@ -261,7 +271,7 @@ def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precisi
       return jnp.concatenate([w, gamma], axis=1) if has_prior else w
 
     def m_step(w):
-      return solve(cholesky(_weighted(w, blocks), bounds), w @ hd)
+      return solve(cholesky(_weighted(w, panels), bounds), w @ hd)
 
     def e_step(x):
       """log pi + log N [C, T, K] and F [C] at x."""

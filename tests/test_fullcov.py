@@ -70,11 +70,11 @@ def test_blocked_cholesky_solve_and_logdet_equal_numpy(x64):
   bounds = fc._bounds(p, 64)
   assert bounds == ((0, 6), (6, 70))  # the remainder first; the 64-wide tile is factored recursively (> _BASE)
   a = _spd(rng, (4,), p)
-  factor = fc.cholesky(fc.half_blocks(jnp.asarray(a), bounds), bounds)
+  factor = fc.cholesky(fc.half_panels(jnp.asarray(a), bounds), bounds)
   want = np.linalg.cholesky(a)
-  for (s, e), (l_jj, below, inv) in zip(bounds, factor):
+  for (s, e), (panel, l_jj, inv) in zip(bounds, factor):
     np.testing.assert_allclose(l_jj, want[:, s:e, s:e], atol=1e-12)
-    np.testing.assert_allclose(below, want[:, e:, s:e], atol=1e-12)
+    np.testing.assert_allclose(panel, want[:, s:, s:e], atol=1e-12)
     np.testing.assert_allclose(inv @ l_jj, np.broadcast_to(np.eye(e - s), l_jj.shape), atol=1e-12)
   rhs = rng.normal(size=(4, p))
   np.testing.assert_allclose(fc.solve(factor, jnp.asarray(rhs)), np.linalg.solve(a, rhs[..., None])[..., 0], atol=1e-10)
@@ -82,13 +82,14 @@ def test_blocked_cholesky_solve_and_logdet_equal_numpy(x64):
   assert np.all(fc._positive(factor))
   not_pd = a.copy()
   not_pd[1] -= 2 * np.linalg.eigvalsh(a[1])[0] * np.eye(p)  # smallest eigenvalue flips sign
-  flags = fc._positive(fc.cholesky(fc.half_blocks(jnp.asarray(not_pd), bounds), bounds))
+  flags = fc._positive(fc.cholesky(fc.half_panels(jnp.asarray(not_pd), bounds), bounds))
   assert list(np.asarray(flags)) == [True, False, True, True]
 
 
 def test_bounds_and_chunks():
-  assert fc._bounds(650) == ((0, 10), (10, 138), (138, 266), (266, 394), (394, 522), (522, 650))
-  assert fc._bounds(256) == ((0, 128), (128, 256))
+  assert fc._bounds(650, 128) == ((0, 10), (10, 138), (138, 266), (266, 394), (394, 522), (522, 650))
+  assert fc._bounds(650) == ((0, 10),) + tuple((s, s + 64) for s in range(10, 650, 64))
+  assert fc._bounds(1970)[:2] == ((0, 50), (50, 178)) and fc._bounds(256) == ((0, 64), (64, 128), (128, 192), (192, 256))
   assert fc._bounds(3) == ((0, 3),)
   assert fc.chunk_alphas(1326, 650, 128) == 121  # 11 chunks of 121 (5 padded rows), within the memory budget
   c = fc.chunk_alphas(1326, 1970, 128)
