@@ -216,7 +216,7 @@ def _check_mixture_stack(mixtures: Mixture, name: str = "mixtures") -> tuple[int
 
 
 def find_modes(mixtures: Mixture, alphas, num_iters: int = 10, *, prior=None, init: Optional[PyTree] = None,
-               chunk_size: int = 8, block_size: int = 4096) -> EMResult:
+               chunk_size: int = 128, block_size: int = 4096) -> EMResult:
   """The EM mode of prod_t q_t^alpha_t (p0^gamma) for every alpha of a grid, as matrix products (Algorithm 1).
 
   Args:

@@ -230,7 +230,7 @@ def _check_gaussian_stack(posteriors, name):
 
 def hessian_weighted(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian], alphas,
                      prior: Optional[Union[DiagGaussian, IsoGaussian, FullGaussian]] = None,
-                     *, chunk_size: int = 8) -> PyTree:
+                     *, chunk_size: int = 128) -> PyTree:
   """Hessian-weighted merging (Eq. 10): the mode of p0^gamma prod_t N(theta_t, H_t^-1)^alpha_t.
 
     theta_alpha = (sum_t alpha_t H_t + gamma H_0)^-1 (sum_t alpha_t H_t theta_t + gamma H_0 theta_0),
