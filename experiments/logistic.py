@@ -209,6 +209,9 @@ def run(config, workdir: str):
   test = (jnp.asarray(ds.test_x), jnp.asarray(ds.test_y), jax.nn.one_hot(task_of_class[ds.test_y], num_tasks))
   alphas = grid.simplex(num_tasks, config.spacing)
   exact_alphas = grid.simplex(num_tasks, config.exact_spacing)
+  if round(1 / config.spacing) % round(1 / config.exact_spacing):  # checked before any training
+    raise ValueError(f"`exact_spacing` {config.exact_spacing} must give a coarser lattice of the preview grid "
+                     f"(spacing {config.spacing}): 1 / spacing must be a multiple of 1 / exact_spacing.")
   evaluate = functools.partial(accuracies, num_classes=c)
 
   posts = build_posteriors(config, ds, task_data, jax.random.key(config.seed), os.path.join(workdir, "posteriors"),
