@@ -13,6 +13,9 @@ Measured side by side in one run (the machines are shared and noisy), printing r
   (e) the full-covariance Hessian-weighted rule (Eq. 10, T [P, P] precisions) the same way (2 T P^2 + P^3 / 3 per
       alpha).
 
+The baselines call LAPACK through OpenBLAS; on a machine shared with other jobs its threaded Cholesky can be far
+slower than single-threaded, so run once as is and once with OPENBLAS_NUM_THREADS=1 (the header prints the setting).
+
 Defaults are the issue's sizes: (a)-(c) T=3, K=10, P=260,000, G=231 (simplex spacing 0.05), 10 iterations; (d)-(e)
 T=3, K=20, P=650 and 1,970, G=1,326 (spacing 0.02), 10 iterations. Slow variants are timed on slices of the grid and
 scaled to G (printed as such). `vmap` of the elementwise single-alpha EM materialises G x T x K x P floats (7 GB
@@ -24,6 +27,7 @@ here), so it is timed on `--vmap_alphas` alphas. `--nodiag` runs only (d)-(e), `
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import jax
@@ -55,7 +59,8 @@ def define_flags():
   flags.DEFINE_float("full_spacing", 0.02, "simplex spacing of (d)-(e) (G = 1,326 for T = 3)")
   flags.DEFINE_integer("full_new_alphas", 0, "time the new kernels on at most this many alphas (0: all); for "
                        "P > 1,024 at most 64 unless set")
-  flags.DEFINE_integer("full_old_alphas", 24, "alphas on which the lax.map and per-alpha-loop baselines are timed")
+  flags.DEFINE_integer("full_old_alphas", 8, "alphas on which the lax.map and per-alpha-loop baselines are timed "
+                       "(a sixth of them, at least 2, for P > 1,024)")
 
 
 def em_flops(g: int, t: int, k: int, p: int, iters: int) -> float:
@@ -171,7 +176,7 @@ def _compile(fn, *args, **static):
 
 
 def run_full(params=(650, 1970), tasks: int = 3, components: int = 20, spacing: float = 0.02, iters: int = 10,
-             new_alphas: int = 0, old_alphas: int = 24, chunk_size: int = 128, peak: float = None) -> dict:
+             new_alphas: int = 0, old_alphas: int = 8, chunk_size: int = 128, peak: float = None) -> dict:
   """(d) full-covariance mixture EM and (e) full Hessian-weighted rule for each P; prints one block per P and returns
   the numbers (for tests). Every variant is compiled first (compile times printed apart) and run once."""
   alphas_np = grid.simplex(tasks, spacing).astype(np.float32)
@@ -180,7 +185,8 @@ def run_full(params=(650, 1970), tasks: int = 3, components: int = 20, spacing: 
   peak = peak or matmul_flops()
   print(f"(d)-(e) full covariance: T={tasks} K={components} G={g} (spacing {spacing}) iters={iters} chunk_size="
         f"{chunk_size}; f32 matmul peak (2048^3) {peak / 1e9:.1f} GFLOP/s; slow variants timed on slices of the grid "
-        "and scaled to G")
+        f"and scaled to G; OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')} (the LAPACK "
+        "baselines' threads: on a shared machine OpenBLAS's threaded Cholesky can be many times slower than one thread)")
   for p in params:
     means, precs, log_weights = full_inputs(tasks, components, p)
     n_new = g if not new_alphas and p <= 1024 else min(new_alphas or 64, g)
