@@ -193,6 +193,45 @@ def _reading(summary: dict) -> str:
   return " ".join(lines)
 
 
+def _mixture_shape(posts: dict) -> str:
+  """What the fitted mixtures look like next to the full Gaussian (VON): weights, precisions, spread of the means.
+
+  A mixture whose components share the weights and the precision of VON and sit close together in VON's posterior
+  standard deviations is nearly that Gaussian, and its preview nearly VON's (generated from the posteriors).
+  """
+  if "mog" not in posts or "von" not in posts:
+    return ""
+  mog, von = posts["mog"], posts["von"]
+  if not isinstance(mog.components, bmerge.FullGaussian) or not isinstance(von, bmerge.FullGaussian):
+    return ""
+  lines = []
+  for t in range(von.mean.shape[0]):
+    w = np.asarray(jax.nn.softmax(mog.log_weights[t]))
+    ratio = np.asarray(jnp.diagonal(mog.components.precision[t], axis1=-2, axis2=-1)
+                       / jnp.diagonal(von.precision[t])[None])
+    # Distance of each component mean from the mixture's mean in VON's metric (Mahalanobis, sqrt of d^T Lambda d).
+    centre = jnp.einsum("k,kp->p", w, mog.components.mean[t])
+    d = mog.components.mean[t] - centre[None]
+    maha = np.sqrt(np.maximum(np.asarray(jnp.einsum("kp,pq,kq->k", d, von.precision[t], d)), 0.0))
+    # ... and in posterior standard deviations per coordinate (median over parameters of the largest deviation).
+    sd = 1.0 / np.sqrt(np.asarray(jnp.diagonal(von.precision[t])))
+    per_coord = np.median(np.max(np.abs(np.asarray(d)), axis=0) / sd)
+    shift = float(np.sqrt(np.asarray(jnp.einsum("p,pq,q->", centre - von.mean[t], von.precision[t],
+                                                centre - von.mean[t]))))
+    lines.append(f"| {t + 1} | {w.min():.3f}-{w.max():.3f} | {np.median(ratio):.2f} ({np.percentile(ratio, 5):.2f}-"
+                 f"{np.percentile(ratio, 95):.2f}) | {np.median(maha):.2f} ({maha.min():.2f}-{maha.max():.2f}) | "
+                 f"{per_coord:.2f} | {shift:.2f} |")
+  k = mog.log_weights.shape[-1]
+  return ("\n\n## The mixtures next to the full Gaussian\n\n"
+          f"Each task's K = {k} mixture against its VON posterior N(m, L^-1): the components' weights; the ratio of a "
+          "component's precision diagonal to VON's (median over components and parameters, 5-95 %); each component "
+          "mean's distance from the mixture's mean in VON's metric, sqrt(d^T L d) (median, range; a draw from VON "
+          f"lies about sqrt(P) = {np.sqrt(von.mean.shape[-1]):.0f} from m); the median over parameters of the largest "
+          "component deviation in VON's marginal standard deviations; and the mixture mean's distance from m.\n\n"
+          "| task | weights | precision / VON's | mean distance | largest deviation (sd) | mixture mean shift |\n"
+          "|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n")
+
+
 def run(config, workdir: str):
   """Builds the posteriors, previews every alpha, trains the exact baseline, compares; returns the Comparison."""
   os.makedirs(workdir, exist_ok=True)
@@ -246,7 +285,7 @@ def run(config, workdir: str):
       percent=True, metric="test accuracy", task_names=list(config.task_names), costs=costs, paper=_paper(config),
       title=f"{name} ({size}x{size}), {split} split: logistic regression, P = {p}", details=details,
       recommend=recommend, top_k=config.recommend_k, chunk_size=config.chunk_size)
-  note = _reading(comparison.summary)
+  note = _reading(comparison.summary) + _mixture_shape(posts)
   if "recommended_joint" in details:
     rj = details["recommended_joint"]
     note += (f" Joint training at the {len(rj['alphas'])} alphas recommended by the {recommend} preview reaches "
