@@ -187,3 +187,17 @@ def test_export_merged_writes_one_loadable_folder_per_alpha(tmp_path):
   with pytest.raises(ValueError, match="trainable"):
     interop.export_adapter(tmp_path / "bad", model, {"head.kernel": t0["head.kernel"]})
   assert math.isclose(interop.lora_modules(model)[0].scale, 2.0)
+
+
+def test_no_bmerge_module_imports_torch():
+  """Every bmerge module imports (and the PEFT / BERT paths run) without PyTorch: checked in a fresh interpreter."""
+  import pkgutil
+  import subprocess
+  import sys
+  names = [m.name for m in pkgutil.walk_packages(bmerge.__path__, "bmerge.") if not m.name.endswith("__main__")]
+  code = (f"import importlib, sys\nfor n in {names!r}:\n  importlib.import_module(n)\n"
+          "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+          f"assert not bad, bad\nprint(len({names!r}))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert int(out.stdout.split()[-1]) == len(names) > 10
