@@ -182,8 +182,8 @@ def _reading(summary: dict) -> str:
   lines = [f"Preview MSE against joint training, best first: {errors}."]
   po = summary.get("paper_ordering")
   if po:
-    lines.append(f"The paper's MSE order ({' < '.join(po['paper'])}) {'holds' if po['holds'] else 'does not hold'} "
-                 f"here ({' < '.join(po['ours'])}).")
+    lines.append(f"The paper's MSE order ({' > '.join(po['paper'])}) {'holds' if po['holds'] else 'does not hold'} "
+                 f"here ({' > '.join(po['ours'])}).")
   best = summary.get("exact_best")
   if best is not None:
     gaps = {m: best - r["exact_at_best"] for m, r in rows.items() if r.get("exact_at_best") is not None}
