@@ -150,10 +150,12 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
         with np.load(path) as f:
           for i, key in enumerate(_row_keys(f["alphas"])):
             found.setdefault(key, (path, i))
-  keys = _row_keys(alphas)
-  todo = np.asarray([i for i, k in enumerate(keys) if k not in found], dtype=np.int64)
+  keys = _row_keys(alphas) if found else []
+  todo = (np.asarray([i for i, k in enumerate(keys) if k not in found], dtype=np.int64) if found
+          else np.arange(g, dtype=np.int64))
   num_chunks = -(-len(todo) // chunk_size)
   computed: dict[int, tuple[PyTree, int]] = {}  # row -> (chunk output, index in it)
+  outs = []  # the chunk outputs in order: the result itself when nothing came from disk
   treedef = None
   bar = tqdm(total=num_chunks, desc=description or tag, disable=not progress, unit="chunk", leave=False)
   for c in range(num_chunks):
@@ -167,11 +169,15 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
     treedef = jax.tree.structure(out)
     if folder:
       _save_chunk(os.path.join(folder, f"rows-{_fingerprint.fingerprint(alphas[idx])[:16]}.npz"), alphas[idx], out)
-    leaves = jax.tree.leaves(out)
-    for j, i in enumerate(idx):
-      computed[int(i)] = (leaves, j)
+    outs.append(out)
+    if found:
+      leaves = jax.tree.leaves(out)
+      for j, i in enumerate(idx):
+        computed[int(i)] = (leaves, j)
     bar.update(1)
   bar.close()
+  if outs and not found:  # every row computed here, in order: no per-row bookkeeping
+    return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
   if treedef is None:  # everything was on disk: recover the structure from the tree shape of fn
     shape = jax.eval_shape(fn, jax.ShapeDtypeStruct((chunk_size, alphas.shape[1]), alphas.dtype))
     treedef = jax.tree.structure(shape)
