@@ -155,23 +155,39 @@ def finite(tree: Any, *, name: str) -> None:
       raise ValueError(f"`{name}{jax.tree_util.keystr(path)}` must be finite; it holds {arr[~np.isfinite(arr)].flat[0]}.")
 
 
+@jax.jit
+def _spd_stats(mats):
+  """(max |A - A^T|, max |A|, all finite, every Cholesky diagonal > 0) of [N, P, P], one matrix at a time (so the
+  check holds one matrix's temporaries, not N: T K precisions of P = 2,000 are a gigabyte)."""
+
+  def one(a):
+    diag = jnp.diagonal(jnp.linalg.cholesky(a))  # NaN where not positive definite
+    return jnp.max(jnp.abs(a - a.T)), jnp.max(jnp.abs(a)), jnp.all(jnp.isfinite(a)), jnp.all(diag > 0)
+
+  asym, scale, finite, pd = jax.lax.map(one, mats)
+  return jnp.max(asym), jnp.max(scale), jnp.all(finite), jnp.all(pd)
+
+
 def positive_definite(mats: Any, *, name: str) -> None:
-  """Symmetric positive definite [..., P, P] matrices (checked by Cholesky in float64)."""
+  """Symmetric positive definite [..., P, P] matrices, checked by Cholesky in their own precision (float32 by
+  default: the precision the merge factorises them in)."""
   if not is_concrete(mats):
     return
-  arr = np.asarray(mats, dtype=np.float64)
-  if arr.ndim < 2 or arr.shape[-1] != arr.shape[-2]:
-    raise ValueError(f"`{name}` must be square matrices [..., P, P], got shape {arr.shape}.")
-  if not np.all(np.isfinite(arr)):
+  shape = np.shape(mats)
+  if len(shape) < 2 or shape[-1] != shape[-2]:
+    raise ValueError(f"`{name}` must be square matrices [..., P, P], got shape {shape}.")
+  if not np.prod(shape):
+    return
+  arr = jnp.asarray(mats)
+  if not jnp.issubdtype(arr.dtype, jnp.floating) or arr.dtype.itemsize < 4:
+    arr = arr.astype(jnp.float32)
+  asym, scale, is_finite, pd = (np.asarray(x) for x in _spd_stats(arr.reshape((-1,) + shape[-2:])))
+  if not is_finite:
     raise ValueError(f"`{name}` must be finite.")
-  asym = np.max(np.abs(arr - np.swapaxes(arr, -1, -2))) if arr.size else 0.0
-  scale = max(np.max(np.abs(arr)), 1e-300) if arr.size else 1.0
-  if asym > 1e-5 * scale:
-    raise ValueError(f"`{name}` must be symmetric; max |A - A^T| = {asym:.3g}.")
-  try:
-    np.linalg.cholesky(arr)
-  except np.linalg.LinAlgError:
-    raise ValueError(f"`{name}` must be positive definite (a precision matrix); Cholesky failed.") from None
+  if asym > 1e-5 * max(float(scale), 1e-30):
+    raise ValueError(f"`{name}` must be symmetric; max |A - A^T| = {float(asym):.3g}.")
+  if not pd:
+    raise ValueError(f"`{name}` must be positive definite (a precision matrix); Cholesky failed.")
 
 
 def prior_as(prior, like, name="prior"):

@@ -34,6 +34,9 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import logsumexp
+from jax.sharding import PartitionSpec
+
+from bmerge import _sharding
 
 _LOG_2PI = math.log(2.0 * math.pi)
 BLOCK = 128  # columns per block of the blocked Cholesky for P > 1024 (64 below): see `_bounds`
@@ -203,14 +206,34 @@ def _stacked(precisions, centred_means, prior_precision, prior_mean, ref, bounds
   return half_panels(h, bounds), hd, jnp.sum(d * hd, axis=1)
 
 
-def _by_chunks(fn, c, *rows):
-  """fn over chunks of c rows of each [G, ...] array (padded with the first row), one compiled body."""
+def _map_chunks(fn, size, *rows):
+  """fn over chunks of size(G) rows of each [G, ...] array (padded with the first row), one compiled body."""
   g = rows[0].shape[0]
+  c = size(g)
   num = -(-g // c)
   pad = num * c - g
   rows = [jnp.concatenate([r, jnp.repeat(r[:1], pad, axis=0)]) if pad else r for r in rows]
   out = jax.lax.map(lambda xs: fn(*xs), tuple(r.reshape((num, c) + r.shape[1:]) for r in rows))
   return jax.tree.map(lambda y: y.reshape((num * c,) + y.shape[2:])[:g], out)
+
+
+def _by_chunks(fn, size, *rows):
+  """`_map_chunks` on one device; with several, each device maps over its own 1 / n of the rows (`jax.shard_map`).
+
+  Sharding propagation alone does not split a loop over chunks: every device would compute every chunk. `fn`
+  returns arrays with a leading row axis; the rows are padded to a multiple of the devices with the first row.
+  """
+  mesh = _sharding.grid_mesh()
+  n = _sharding.grid_size(mesh)
+  if n == 1:
+    return _map_chunks(fn, size, *rows)
+  g = rows[0].shape[0]
+  pad = (-g) % n
+  rows = tuple(jnp.concatenate([r, jnp.repeat(r[:1], pad, axis=0)]) if pad else r for r in rows)
+  spec = PartitionSpec(_sharding.GRID_AXIS)
+  out = jax.shard_map(lambda *rs: _map_chunks(fn, size, *rs), mesh=mesh, in_specs=(spec,) * len(rows),
+                      out_specs=spec)(*rows)
+  return jax.tree.map(lambda y: y[:g], out)
 
 
 @partial(jax.jit, static_argnames=("chunk_size", "block"))
@@ -232,8 +255,8 @@ def hessian_weighted(alphas, mean, precision, prior_mean, prior_precision, chunk
     factor = cholesky(_weighted(w, panels), bounds)
     return ref + solve(factor, w @ hd), _positive(factor)
 
-  c = chunk_alphas(alphas.shape[0], p, chunk_size, jnp.dtype(dtype).itemsize)
-  out, ok = _by_chunks(chunk, c, alphas)
+  size = lambda g: chunk_alphas(g, p, chunk_size, jnp.dtype(dtype).itemsize)
+  out, ok = _by_chunks(chunk, size, alphas)
   return out, jnp.all(ok)
 
 
@@ -259,8 +282,8 @@ def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precisi
   by_rows = _by_rows(panels)
   itemsize = jnp.dtype(dtype).itemsize
   # 1/2 log det H_n - P/2 log 2 pi of the N = TK (+1) precisions, by the same blocked Cholesky in chunks.
-  logdet = _by_chunks(lambda *pan: half_logdet(cholesky(pan, bounds)), chunk_alphas(len(hd), p, chunk_size, itemsize),
-                      *panels) - 0.5 * p * _LOG_2PI
+  size = lambda g: chunk_alphas(g, p, chunk_size, itemsize)
+  logdet = _by_chunks(lambda *pan: half_logdet(cholesky(pan, bounds)), size, *panels) - 0.5 * p * _LOG_2PI
   alphas = alphas.astype(dtype)
 
   def chunk(a, x0):
@@ -302,7 +325,7 @@ def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precisi
     return x + ref, objs.T, step
 
   x0 = init.astype(dtype) if init_given else jnp.zeros((alphas.shape[0], p), dtype)
-  return _by_chunks(chunk, chunk_alphas(alphas.shape[0], p, chunk_size, itemsize), alphas, x0)  # wrapped into an `EMResult` by `bmerge.em.find_modes`
+  return _by_chunks(chunk, size, alphas, x0)  # wrapped into an `EMResult` by `bmerge.em.find_modes`
 
 
 # ---------------------------------------------------------------------------------------------------------------

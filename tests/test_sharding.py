@@ -21,12 +21,20 @@ SETUP = textwrap.dedent("""
     diag = jax.tree.map(lambda x: x[:, 0], mix.components)
     alphas = grid.simplex(3, 0.05).astype(np.float32)  # G = 231, not a multiple of 4: padding is exercised
     evaluate = lambda p, x: jnp.sum(jnp.tanh(x @ p["w"] + p["b"]))
+    # Full-covariance components (P = 6): the kernels that loop over chunks of alphas.
+    u = rng.normal(size=(t, k, 6, 6)).astype(np.float32)
+    full_mix = bmerge.Mixture(bmerge.FullGaussian(rng.normal(size=(t, k, 6)).astype(np.float32),
+                                                  np.eye(6, dtype=np.float32) + u @ np.swapaxes(u, -1, -2) / 6),
+                              rng.normal(size=(t, k)).astype(np.float32))
+    full = jax.tree.map(lambda x: x[:, 0], full_mix.components)
 
     def compute():
       return {
           "hessian": merge.hessian_weighted(diag, alphas),
           "simple": merge.simple_average(diag.mean, alphas),
           "mixture": em.find_modes(mix, alphas, 6).params,
+          "full_hessian": merge.hessian_weighted(full, alphas, chunk_size=16),
+          "full_mixture": em.find_modes(full_mix, alphas, 6, chunk_size=16).params,
           # Chunks of 10 alphas, padded to 12 and split across the devices by the chunk driver.
           "preview": bmerge.preview(merge.hessian_weighted, diag, alphas, evaluate, np.ones((2, 5), np.float32),
                                     chunk_size=10, progress=False),
@@ -46,8 +54,19 @@ SCRIPT = textwrap.dedent("""
         seen.append(len(y.sharding.device_set))
       return y, g
     bmerge.grid_eval._sharding.shard_rows = spy
+    # The full-covariance kernels loop over chunks of alphas; each device must loop over its own quarter of the
+    # (padded) grid, not over all of it: the rows each traced loop sees.
+    rows_seen = []
+    real_map = bmerge._fullcov._map_chunks
+    def map_spy(fn, size, *rows):
+      rows_seen.append(rows[0].shape[0])
+      return real_map(fn, size, *rows)
+    bmerge._fullcov._map_chunks = map_spy
     out = compute()
     assert seen and set(seen) == {4}, seen
+    # 232 / 4 = 58 alphas per device (hessian_weighted, the mixture EM), and 12 / 4 = 3 of the T K = 12 component
+    # log-determinants.
+    assert sorted(set(rows_seen)) == [3, 58], rows_seen
     for name, tree in out.items():
       if name == "preview":
         continue
