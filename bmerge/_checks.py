@@ -178,10 +178,11 @@ def positive_definite(mats: Any, *, name: str) -> None:
     raise ValueError(f"`{name}` must be square matrices [..., P, P], got shape {shape}.")
   if not np.prod(shape):
     return
-  arr = jnp.asarray(mats)
-  if not jnp.issubdtype(arr.dtype, jnp.floating) or arr.dtype.itemsize < 4:
-    arr = arr.astype(jnp.float32)
-  asym, scale, is_finite, pd = (np.asarray(x) for x in _spd_stats(arr.reshape((-1,) + shape[-2:])))
+  with jax.ensure_compile_time_eval():  # concrete inputs give concrete answers, also while a caller traces
+    arr = jnp.asarray(mats)
+    if not jnp.issubdtype(arr.dtype, jnp.floating) or arr.dtype.itemsize < 4:
+      arr = arr.astype(jnp.float32)
+    asym, scale, is_finite, pd = (np.asarray(x) for x in _spd_stats(arr.reshape((-1,) + shape[-2:])))
   if not is_finite:
     raise ValueError(f"`{name}` must be finite.")
   if asym > 1e-5 * max(float(scale), 1e-30):

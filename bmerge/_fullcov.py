@@ -222,10 +222,11 @@ def _by_chunks(fn, size, *rows):
 
   Sharding propagation alone does not split a loop over chunks: every device would compute every chunk. `fn`
   returns arrays with a leading row axis; the rows are padded to a multiple of the devices with the first row.
+  Inside a caller's `shard_map` (or under a context mesh) the rows are already the caller's share: mapped as they are.
   """
   mesh = _sharding.grid_mesh()
   n = _sharding.grid_size(mesh)
-  if n == 1:
+  if n == 1 or not jax.sharding.get_abstract_mesh().empty:  # inside the caller's shard_map or mesh: theirs decides
     return _map_chunks(fn, size, *rows)
   g = rows[0].shape[0]
   pad = (-g) % n

@@ -67,6 +67,12 @@ SCRIPT = textwrap.dedent("""
     # 232 / 4 = 58 alphas per device (hessian_weighted, the mixture EM), and 12 / 4 = 3 of the T K = 12 component
     # log-determinants.
     assert sorted(set(rows_seen)) == [3, 58], rows_seen
+    # Inside the user's own shard_map (a data-parallel loop) the rule maps over that device's rows as they are.
+    from jax.sharding import Mesh, PartitionSpec
+    data_mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    inner = jax.jit(jax.shard_map(lambda a: merge.hessian_weighted(full, a, chunk_size=16), mesh=data_mesh,
+                                  in_specs=PartitionSpec("data"), out_specs=PartitionSpec("data")))
+    np.testing.assert_allclose(inner(alphas[:228]), out["full_hessian"][:228], rtol=1e-6, atol=1e-6)
     for name, tree in out.items():
       if name == "preview":
         continue
