@@ -227,6 +227,11 @@ def test_bad_arguments_are_named():
     resnet.make(num_classes=0)
   with pytest.raises(ValueError, match="blocks_per_stage"):
     resnet.make(blocks_per_stage=2.5)
+  with pytest.raises(ValueError, match="num_classes"):
+    resnet.make(num_classes=True)
+  # numpy integers (a config read from an array) are integers, stored as Python ints
+  m = resnet.make(num_classes=np.int64(4), blocks_per_stage=np.int32(1))
+  assert (m.num_classes, m.blocks_per_stage) == (4, 1) and type(m.num_classes) is int
   with pytest.raises(TypeError, match="model"):
     resnet.make_eval_fn(lambda p, x: x, resnet.accuracies)
   with pytest.raises(TypeError, match="metric_fn"):

@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bmerge import _checks
+
 __all__ = ["BasicBlock", "ResNet", "ResNetModel", "accuracies", "make", "make_eval_fn", "mean_cross_entropy",
            "num_params", "task_cross_entropies", "widths_for"]
 
@@ -182,10 +184,8 @@ def make(num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 3) -
     >>> num_params(params), jax.eval_shape(model.apply, params, jnp.ones((2, 8, 8, 1))).shape
     (17254, (2, 10))
   """
-  if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-    raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
-  if isinstance(blocks_per_stage, bool) or not isinstance(blocks_per_stage, int) or blocks_per_stage < 1:
-    raise ValueError(f"`blocks_per_stage` must be a positive integer, got {blocks_per_stage!r}.")
+  num_classes = _checks.integer(num_classes, "num_classes")
+  blocks_per_stage = _checks.integer(blocks_per_stage, "blocks_per_stage")
   return ResNetModel(widths_for(width), blocks_per_stage, num_classes)
 
 
