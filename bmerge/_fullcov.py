@@ -2,7 +2,8 @@
 
 For small models (P up to a few thousand) whose posteriors carry full precision matrices. Both work on a chunk of C
 alphas at a time, written as matrix products over the chunk; `bmerge.merge.hessian_weighted` and
-`bmerge.em.find_modes` validate inputs and call them.
+`bmerge.em.find_modes` validate inputs and call them. With several devices each device loops over its own share of
+the alphas (`_by_chunks`).
 
 With x = theta - ref and d_n = theta_n - ref (centred on the mean component, so float32 keeps the small
 differences between finetuned models) and N precisions H_n (the T K components, plus the prior's H_0 as one more
