@@ -212,8 +212,7 @@ def _map_chunks(fn, size, *rows):
   g = rows[0].shape[0]
   c = size(g)
   num = -(-g // c)
-  pad = num * c - g
-  rows = [jnp.concatenate([r, jnp.repeat(r[:1], pad, axis=0)]) if pad else r for r in rows]
+  rows = [_sharding.pad_rows(r, c) for r in rows]
   out = jax.lax.map(lambda xs: fn(*xs), tuple(r.reshape((num, c) + r.shape[1:]) for r in rows))
   return jax.tree.map(lambda y: y.reshape((num * c,) + y.shape[2:])[:g], out)
 
@@ -230,8 +229,7 @@ def _by_chunks(fn, size, *rows):
   if n == 1 or not jax.sharding.get_abstract_mesh().empty:  # inside the caller's shard_map or mesh: theirs decides
     return _map_chunks(fn, size, *rows)
   g = rows[0].shape[0]
-  pad = (-g) % n
-  rows = tuple(jnp.concatenate([r, jnp.repeat(r[:1], pad, axis=0)]) if pad else r for r in rows)
+  rows = tuple(_sharding.pad_rows(r, n) for r in rows)
   spec = PartitionSpec(_sharding.GRID_AXIS)
   out = jax.shard_map(lambda *rs: _map_chunks(fn, size, *rs), mesh=mesh, in_specs=(spec,) * len(rows),
                       out_specs=spec)(*rows)

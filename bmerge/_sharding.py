@@ -70,15 +70,19 @@ def shard_params(tree: Any, mesh: Optional[Mesh]) -> Any:
   return jax.tree.map(place, tree)
 
 
+def pad_rows(x: Any, multiple: int) -> Any:
+  """[G, ...] padded along axis 0 to a multiple of `multiple` with copies of its first row (for a grid: a valid
+  alpha); `x` itself when G already is one."""
+  pad = (-x.shape[0]) % multiple
+  return jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[:1], pad, axis=0)], axis=0) if pad else x
+
+
 def shard_rows(x: Any, mesh: Optional[Mesh]) -> tuple[Any, int]:
   """Pads axis 0 of `x` to a multiple of the grid axis size and places it split along that axis; returns (x, G)."""
   g = x.shape[0]
   if mesh is None or not _checks.is_concrete(x):
     return x, g
-  n = grid_size(mesh)
-  pad = (-g) % n
-  if pad:
-    x = jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[:1], pad, axis=0)], axis=0)
+  x = pad_rows(x, grid_size(mesh))
   spec = PartitionSpec(GRID_AXIS, *([None] * (x.ndim - 1)))
   return jax.device_put(x, NamedSharding(mesh, spec)), g
 
