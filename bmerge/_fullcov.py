@@ -19,7 +19,8 @@ quadratic forms (Eq. 12, Algorithm 1). Two things halve the work of the GEMM for
 S are formed (the diagonal tiles hold their strict lower part and half their diagonal, so x^T H x is twice the sum
 over those blocks and a tile is recovered as T + T^T), and the Cholesky factorisation is our own left-looking
 blocked one, batched over the chunk: its work is GEMMs of [C, rows, cols] blocks, with LAPACK nowhere (one LAPACK
-call per alpha, what `jnp.linalg.cholesky` does on the CPU, reached 3-10 % of matmul peak here).
+call per alpha, what `jnp.linalg.cholesky` does on the CPU, reached 3-10 % of matmul peak here). On a CPU the
+factorisations run a few alphas at a time so that each one's factor stays in cache (`solve_cap`, `factor_solve`).
 
 References:
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
@@ -43,6 +44,10 @@ _LOG_2PI = math.log(2.0 * math.pi)
 BLOCK = 128  # columns per block of the blocked Cholesky for P > 1024 (64 below): see `_bounds`
 _BASE = 16  # tiles up to this size are factorised column by column
 CHUNK_BYTES = 512 * 2 ** 20  # working memory per chunk of alphas
+# On a CPU each chunk's factorisations run in sub-chunks whose matrices stay near the size of a last-level cache
+# (32 MB here), at least 4 alphas (see `solve_rows`). Accelerators factorise the whole chunk at once.
+CPU_SOLVE_BYTES = 32 * 2 ** 20
+CPU_SOLVE_MIN = 4
 
 
 def _mt(x):
@@ -74,6 +79,28 @@ def chunk_alphas(g: int, p: int, chunk_size: int, itemsize: int = 4, budget: int
   c = max(1, min(chunk_size, g, budget // (2 * p * p * itemsize)))
   num = -(-g // c)
   return -(-g // num)
+
+
+def solve_cap(p: int, itemsize: int = 4, platform: str = "cpu") -> Optional[int]:
+  """The most alphas factorised at once on a CPU: those whose matrices fit `CPU_SOLVE_BYTES` (2 P^2 floats each),
+  at least `CPU_SOLVE_MIN`; None (no limit) on other platforms.
+
+  Why: the factorisation re-reads its factor once per block column. With 128 alphas at P = 650 (430 MB) that
+  streams from memory, and two JAX devices sharing the memory bus ran no faster than one (2.2 ms per alpha); 8 at a
+  time stay in cache (1.1 ms on two devices, 1.7 ms on one). At P = 1,970, 4 at a time beat 1 (25 vs 31 ms).
+  """
+  if platform != "cpu":
+    return None
+  return max(CPU_SOLVE_MIN, CPU_SOLVE_BYTES // (2 * p * p * itemsize))
+
+
+def solve_rows(c: int, p: int, itemsize: int = 4, platform: str = "cpu") -> int:
+  """Alphas per factorisation within a chunk of `c`: all of them up to `solve_cap`, else the sub-chunk size in
+  [CPU_SOLVE_MIN, solve_cap] that pads the chunk least (the larger on a tie)."""
+  cap = solve_cap(p, itemsize, platform)
+  if cap is None or c <= cap:
+    return c
+  return min(range(CPU_SOLVE_MIN, cap + 1), key=lambda s: (-(-c // s) * s - c, -s))
 
 
 def half_panels(h, bounds):
@@ -138,7 +165,7 @@ def cholesky(panels, bounds):
   Returns per block column (s, e): the factor's rows s: of those columns, L[..., s:, s:e] (its first e - s rows are
   the diagonal tile up to rounding: A[s:, s:e] L_tile^-T is computed whole, cheaper than slicing off the tile), the
   tile L[s:e, s:e] itself and its inverse. A matrix that is not positive definite gets a non-positive or NaN
-  diagonal entry (see `_positive`).
+  diagonal entry (`factor_solve` returns the diagonal).
   """
   out = []
   for j, ((s, e), a) in enumerate(zip(bounds, panels)):
@@ -157,16 +184,6 @@ def _diagonal(factor):
   return jnp.concatenate([jnp.diagonal(l_jj, axis1=-2, axis2=-1) for _, l_jj, _ in factor], axis=-1)
 
 
-def _positive(factor):
-  """[...]: whether every diagonal entry of the factor is positive (False for NaN): the matrix was SPD."""
-  return jnp.all(_diagonal(factor) > 0, axis=-1)
-
-
-def half_logdet(factor):
-  """[...]: 1/2 log det of the factored matrices."""
-  return jnp.sum(jnp.log(_diagonal(factor)), axis=-1)
-
-
 def solve(factor, rhs):
   """x with L L^T x = rhs [..., P]: blocked forward then back substitution with the inverted diagonal tiles.
 
@@ -182,6 +199,25 @@ def solve(factor, rhs):
     below = _mv(_mt(l), jnp.concatenate([jnp.zeros_like(y), x], axis=-1))  # L[e:, s:e]^T x[e:]
     x = jnp.concatenate([_mv(_mt(inv), y - below), x], axis=-1)
   return x
+
+
+def factor_solve(panels, rhs, bounds):
+  """(x with S x = rhs, the factor's diagonal) for a chunk of SPD matrices S given as half panels [C, ...]; on a CPU
+  in cache-sized sub-chunks (`solve_rows`; the chunk padded with its first row to a multiple of them)."""
+  c, p = rhs.shape
+  sub = solve_rows(c, p, rhs.dtype.itemsize, _platform())
+  if sub == c:
+    factor = cholesky(panels, bounds)
+    return solve(factor, rhs), _diagonal(factor)
+  num = -(-c // sub)
+  split = lambda x: _sharding.pad_rows(x, sub).reshape((num, sub) + x.shape[1:])
+
+  def one(xs):
+    factor = cholesky(list(xs[:-1]), bounds)
+    return solve(factor, xs[-1]), _diagonal(factor)
+
+  out = jax.lax.map(one, tuple(split(x) for x in (*panels, rhs)))
+  return jax.tree.map(lambda y: y.reshape((num * sub,) + y.shape[2:])[:c], out)
 
 
 def _weighted(w, panels):
@@ -215,6 +251,11 @@ def _map_chunks(fn, size, *rows):
   rows = [_sharding.pad_rows(r, c) for r in rows]
   out = jax.lax.map(lambda xs: fn(*xs), tuple(r.reshape((num, c) + r.shape[1:]) for r in rows))
   return jax.tree.map(lambda y: y.reshape((num * c,) + y.shape[2:])[:g], out)
+
+
+def _platform() -> str:
+  """The platform the kernels run on: that of the grid's devices (all of `jax.devices()`)."""
+  return jax.devices()[0].platform
 
 
 def _by_chunks(fn, size, *rows):
@@ -252,10 +293,14 @@ def hessian_weighted(alphas, mean, precision, prior_mean, prior_precision, chunk
 
   def chunk(a):
     w = jnp.concatenate([a, 1.0 - jnp.sum(a, axis=1, keepdims=True)], axis=1) if has_prior else a
-    factor = cholesky(_weighted(w, panels), bounds)
-    return ref + solve(factor, w @ hd), _positive(factor)
+    x, diagonal = factor_solve(_weighted(w, panels), w @ hd, bounds)
+    return ref + x, jnp.all(diagonal > 0, axis=-1)
 
-  size = lambda g: chunk_alphas(g, p, chunk_size, jnp.dtype(dtype).itemsize)
+  # Chunks no larger than one factorisation's share on a CPU: S is formed per small chunk (cheap here, T + 1
+  # precisions), not for a large chunk that would then be copied into sub-chunks.
+  itemsize = jnp.dtype(dtype).itemsize
+  cap = solve_cap(p, itemsize, _platform())
+  size = lambda g: chunk_alphas(g, p, chunk_size if cap is None else min(chunk_size, cap), itemsize)
   out, ok = _by_chunks(chunk, size, alphas)
   return out, jnp.all(ok)
 
@@ -283,7 +328,9 @@ def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precisi
   itemsize = jnp.dtype(dtype).itemsize
   # 1/2 log det H_n - P/2 log 2 pi of the N = TK (+1) precisions, by the same blocked Cholesky in chunks.
   size = lambda g: chunk_alphas(g, p, chunk_size, itemsize)
-  logdet = _by_chunks(lambda *pan: half_logdet(cholesky(pan, bounds)), size, *panels) - 0.5 * p * _LOG_2PI
+  half_logdet = lambda *pan: jnp.sum(jnp.log(factor_solve(pan, jnp.zeros(pan[0].shape[:1] + (p,), dtype),
+                                                           bounds)[1]), axis=-1)
+  logdet = _by_chunks(half_logdet, size, *panels) - 0.5 * p * _LOG_2PI
   alphas = alphas.astype(dtype)
 
   def chunk(a, x0):
@@ -294,7 +341,7 @@ def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precisi
       return jnp.concatenate([w, gamma], axis=1) if has_prior else w
 
     def m_step(w):
-      return solve(cholesky(_weighted(w, panels), bounds), w @ hd)
+      return factor_solve(_weighted(w, panels), w @ hd, bounds)[0]
 
     def e_step(x):
       """log pi + log N [C, T, K] and F [C] at x."""

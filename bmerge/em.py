@@ -229,7 +229,8 @@ def find_modes(mixtures: Mixture, alphas, num_iters: int = 10, *, prior=None, in
     init: optional starting point, params with a leading G axis; default: the Hessian-weighted merge of all component
       means with responsibilities set to the mixture weights (exactly Eq. 10 when K = 1).
     chunk_size: alphas solved at once for full-covariance components (about 2 chunk_size P^2 floats, kept within
-      512 MB); with several devices each device works through its own share of the grid in such chunks.
+      512 MB; on a CPU their factorisations run a few at a time, within 32 MB, so they stay in cache); with several
+      devices each device works through its own share of the grid in such chunks.
     block_size: parameters per block of each EM sweep for diagonal components (cache-sized; results do not depend on
       it beyond float rounding).
 

@@ -245,7 +245,8 @@ def hessian_weighted(posteriors: Union[DiagGaussian, IsoGaussian, FullGaussian],
     alphas: [G, T] (or [T]) non-negative task weights. Without `prior` every row must sum to 1 (gamma = 0).
     prior: p0, needed when rows do not sum to 1; a Gaussian over the same parameters (no T axis).
     chunk_size: for full precisions, how many alphas are factorised at once (about 2 chunk_size P^2 floats, kept
-      within 512 MB); with several devices each device works through its own share of the grid in such chunks.
+      within 512 MB; on a CPU within 32 MB, at least 4, so the factorisation stays in cache); with several devices
+      each device works through its own share of the grid in such chunks.
 
   Returns:
     The merged params pytree with a leading G axis (a [P] vector per alpha for `FullGaussian`). Computed in float32

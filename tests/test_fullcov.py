@@ -78,12 +78,37 @@ def test_blocked_cholesky_solve_and_logdet_equal_numpy(x64):
     np.testing.assert_allclose(inv @ l_jj, np.broadcast_to(np.eye(e - s), l_jj.shape), atol=1e-12)
   rhs = rng.normal(size=(4, p))
   np.testing.assert_allclose(fc.solve(factor, jnp.asarray(rhs)), np.linalg.solve(a, rhs[..., None])[..., 0], atol=1e-10)
-  np.testing.assert_allclose(fc.half_logdet(factor), 0.5 * np.linalg.slogdet(a)[1], atol=1e-10)
-  assert np.all(fc._positive(factor))
+  x, diagonal = fc.factor_solve(fc.half_panels(jnp.asarray(a), bounds), jnp.asarray(rhs), bounds)
+  np.testing.assert_allclose(x, np.linalg.solve(a, rhs[..., None])[..., 0], atol=1e-10)
+  np.testing.assert_allclose(np.sum(np.log(diagonal), -1), 0.5 * np.linalg.slogdet(a)[1], atol=1e-10)
+  assert np.all(diagonal > 0)
   not_pd = a.copy()
   not_pd[1] -= 2 * np.linalg.eigvalsh(a[1])[0] * np.eye(p)  # smallest eigenvalue flips sign
-  flags = fc._positive(fc.cholesky(fc.half_panels(jnp.asarray(not_pd), bounds), bounds))
-  assert list(np.asarray(flags)) == [True, False, True, True]
+  _, diagonal = fc.factor_solve(fc.half_panels(jnp.asarray(not_pd), bounds), jnp.asarray(rhs), bounds)
+  assert list(np.all(np.asarray(diagonal) > 0, -1)) == [True, False, True, True]
+
+
+def test_factor_solve_in_sub_chunks_equals_one_factorisation(monkeypatch):
+  """On a CPU a chunk is factorised in cache-sized sub-chunks (padded to a multiple of them): same results."""
+  assert fc.solve_rows(128, 650) == 8 and fc.solve_rows(64, 650) == 8 and fc.solve_rows(9, 650) == 9
+  assert fc.solve_rows(121, 650) == 4  # 31 sub-chunks of 4 pad 3 rows (8 would pad 7)
+  assert fc.solve_rows(16, 1970) == fc.CPU_SOLVE_MIN == 4 and fc.solve_rows(128, 650, platform="gpu") == 128
+  rng = np.random.default_rng(1)
+  p, c = 40, 7
+  bounds = fc._bounds(p, 16)
+  a = _spd(rng, (c,), p).astype(np.float32)
+  rhs = jnp.asarray(rng.normal(size=(c, p)), jnp.float32)
+  panels = fc.half_panels(jnp.asarray(a), bounds)
+  whole = fc.factor_solve(panels, rhs, bounds)
+  monkeypatch.setattr(fc, "CPU_SOLVE_BYTES", 0)
+  monkeypatch.setattr(fc, "CPU_SOLVE_MIN", 3)
+  assert fc.solve_rows(c, p) == 3  # three sub-chunks of 3, two padded rows
+  split = fc.factor_solve(panels, rhs, bounds)
+  for got, want in zip(split, whole):
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(split[0], np.linalg.solve(a.astype(np.float64), np.asarray(rhs, np.float64)[..., None])[..., 0],
+                             rtol=1e-3, atol=1e-4)
 
 
 def test_bounds_and_chunks():
