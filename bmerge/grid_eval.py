@@ -98,8 +98,10 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
                 description: str = "", mesh: Optional[Mesh] = None) -> PyTree:
   """Applies `fn(alphas_chunk [C, T]) -> pytree with leading C axis` over `alphas` [G, T] chunk by chunk.
 
-  The last chunk is padded (with its first row) to `chunk_size` so every call has one shape: one trace in all. With
-  several devices each chunk is split across them along its rows.
+  The rows are spread evenly over ceil(G / chunk_size) calls of one size (at most `chunk_size`; the last chunk padded
+  with its first row), so every call has one shape, one trace in all, and at most a few rows are padded (G = 66 with
+  chunk_size 64: two calls of 33, not 64 + 2 with 62 padded). With several devices each chunk is split across them
+  along its rows.
 
   With `workdir`, every finished chunk is saved (with its alpha rows) under `<workdir>/<tag>/<key>/`, where `key` is a
   content hash of `inputs`: everything besides the alphas that determines `fn`'s results (arrays by the hash of their
@@ -111,7 +113,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
   Args:
     fn: maps a chunk of alphas [C, T] to a pytree of arrays with a leading C axis (the same structure every call).
     alphas: [G, T] task weights.
-    chunk_size: rows per call.
+    chunk_size: the most rows per call.
     workdir: optional folder for finished chunks (created if missing).
     tag: a sub-folder name for this computation.
     inputs: named inputs that determine `fn`'s results; default `{"fn": fn}` (its code and captured values).
@@ -154,6 +156,9 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
   todo = (np.asarray([i for i, k in enumerate(keys) if k not in found], dtype=np.int64) if found
           else np.arange(g, dtype=np.int64))
   num_chunks = -(-len(todo) // chunk_size)
+  if num_chunks:  # the same number of calls, evenly filled (a multiple of the devices each)
+    chunk_size = -(-(-(-len(todo) // num_chunks)) // n_dev) * n_dev
+    num_chunks = -(-len(todo) // chunk_size)
   computed: dict[int, tuple[PyTree, int]] = {}  # row -> (chunk output, index in it)
   outs = []  # the chunk outputs in order: the result itself when nothing came from disk
   treedef = None
@@ -257,7 +262,8 @@ def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree,
       Functions a closure calls are identified by name; global values `eval_fn` reads are not part of the resume key,
       so pass them in `batch` or bind them with `functools.partial`.
     batch: the evaluation data, passed to every `eval_fn` call.
-    chunk_size: alphas merged and evaluated per compiled call (memory ~ chunk_size merged models).
+    chunk_size: the most alphas merged and evaluated per compiled call (memory ~ chunk_size merged models); the
+      grid is spread evenly over the calls, so a few rows at most are padded.
     workdir: if given, finished chunks are saved under `<workdir>/<tag>/<key>/` and reused when run again.
     tag: the sub-folder of this preview in `workdir`; default `preview_<rule name>`.
     progress: show a tqdm progress bar.

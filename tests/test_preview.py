@@ -288,3 +288,25 @@ def test_joint_train_checks_task_count():
   _, task_losses = _quadratic_tasks()
   with pytest.raises(ValueError, match=r"`task_losses` returns shape \(3,\) but `alphas` has T = 2"):
     exact.joint_train(task_losses, {"x": jnp.zeros(5)}, grid.line(0.5), optax.sgd(0.1), 1, jnp.float32(1.0))
+
+
+def test_chunked_map_spreads_rows_evenly_over_its_calls():
+  """ceil(G / chunk_size) calls of one size, at most chunk_size: G = 9 with chunk_size 8 is two calls of 5 (one row
+  padded), not 8 + 8 (seven padded); results in order, the padding dropped."""
+  shapes = []
+
+  def fn(a):
+    shapes.append(a.shape)
+    return {"sum": a.sum(axis=1), "first": a[:, 0]}
+
+  alphas = np.random.default_rng(0).dirichlet(np.ones(3), size=9).astype(np.float32)
+  out = pv.chunked_map(fn, alphas, chunk_size=8, progress=False)
+  assert shapes == [(5, 3), (5, 3)]
+  np.testing.assert_allclose(out["sum"], alphas.sum(axis=1), rtol=1e-6)
+  np.testing.assert_array_equal(out["first"], alphas[:, 0])
+  shapes.clear()
+  pv.chunked_map(fn, alphas, chunk_size=3, progress=False)
+  assert shapes == [(3, 3)] * 3  # already even
+  shapes.clear()
+  pv.chunked_map(fn, alphas, chunk_size=64, progress=False)
+  assert shapes == [(9, 3)]
