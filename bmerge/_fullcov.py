@@ -76,9 +76,7 @@ def _bounds(p: int, block: Optional[int] = None) -> tuple[tuple[int, int], ...]:
 def chunk_alphas(g: int, p: int, chunk_size: int, itemsize: int = 4, budget: int = CHUNK_BYTES) -> int:
   """Alphas per chunk: at most `chunk_size`, within `budget` bytes (each alpha holds about 2 P^2 floats: the half
   panels of its S and of its factor), spread evenly so the last chunk pads few rows."""
-  c = max(1, min(chunk_size, g, budget // (2 * p * p * itemsize)))
-  num = -(-g // c)
-  return -(-g // num)
+  return _sharding.even_chunk(g, max(1, min(chunk_size, g, budget // (2 * p * p * itemsize))))
 
 
 def solve_cap(p: int, itemsize: int = 4, platform: str = "cpu") -> Optional[int]:
@@ -206,18 +204,18 @@ def factor_solve(panels, rhs, bounds):
   in cache-sized sub-chunks (`solve_rows`; the chunk padded with its first row to a multiple of them)."""
   c, p = rhs.shape
   sub = solve_rows(c, p, rhs.dtype.itemsize, _platform())
-  if sub == c:
-    factor = cholesky(panels, bounds)
-    return solve(factor, rhs), _diagonal(factor)
-  num = -(-c // sub)
-  split = lambda x: _sharding.pad_rows(x, sub).reshape((num, sub) + x.shape[1:])
 
-  def one(xs):
-    factor = cholesky(list(xs[:-1]), bounds)
+  def one(*xs):
+    factor = cholesky(xs[:-1], bounds)
     return solve(factor, xs[-1]), _diagonal(factor)
 
-  out = jax.lax.map(one, tuple(split(x) for x in (*panels, rhs)))
-  return jax.tree.map(lambda y: y.reshape((num * sub,) + y.shape[2:])[:c], out)
+  return one(*panels, rhs) if sub == c else _map_chunks(one, lambda _: sub, *panels, rhs)
+
+
+def _solve_chunks(p: int, chunk_size: int, itemsize: int):
+  """size(G) of `_map_chunks` for chunks that are factorised whole: within `solve_cap` on a CPU."""
+  cap = solve_cap(p, itemsize, _platform())
+  return lambda g: chunk_alphas(g, p, chunk_size if cap is None else min(chunk_size, cap), itemsize)
 
 
 def _weighted(w, panels):
@@ -298,10 +296,7 @@ def hessian_weighted(alphas, mean, precision, prior_mean, prior_precision, chunk
 
   # Chunks no larger than one factorisation's share on a CPU: S is formed per small chunk (cheap here, T + 1
   # precisions), not for a large chunk that would then be copied into sub-chunks.
-  itemsize = jnp.dtype(dtype).itemsize
-  cap = solve_cap(p, itemsize, _platform())
-  size = lambda g: chunk_alphas(g, p, chunk_size if cap is None else min(chunk_size, cap), itemsize)
-  out, ok = _by_chunks(chunk, size, alphas)
+  out, ok = _by_chunks(chunk, _solve_chunks(p, chunk_size, jnp.dtype(dtype).itemsize), alphas)
   return out, jnp.all(ok)
 
 
@@ -327,10 +322,9 @@ def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precisi
   by_rows = _by_rows(panels)
   itemsize = jnp.dtype(dtype).itemsize
   # 1/2 log det H_n - P/2 log 2 pi of the N = TK (+1) precisions, by the same blocked Cholesky in chunks.
+  half_logdet = lambda *pan: jnp.sum(jnp.log(_diagonal(cholesky(pan, bounds))), axis=-1)
+  logdet = _by_chunks(half_logdet, _solve_chunks(p, chunk_size, itemsize), *panels) - 0.5 * p * _LOG_2PI
   size = lambda g: chunk_alphas(g, p, chunk_size, itemsize)
-  half_logdet = lambda *pan: jnp.sum(jnp.log(factor_solve(pan, jnp.zeros(pan[0].shape[:1] + (p,), dtype),
-                                                           bounds)[1]), axis=-1)
-  logdet = _by_chunks(half_logdet, size, *panels) - 0.5 * p * _LOG_2PI
   alphas = alphas.astype(dtype)
 
   def chunk(a, x0):

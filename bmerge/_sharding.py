@@ -77,6 +77,14 @@ def pad_rows(x: Any, multiple: int) -> Any:
   return jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[:1], pad, axis=0)], axis=0) if pad else x
 
 
+def even_chunk(g: int, most: int, multiple: int = 1) -> int:
+  """Rows per chunk when g rows go in ceil(g / most) chunks of one size: spread evenly, rounded up to a multiple of
+  `multiple` (never above `most` when `most` is itself a multiple), so the last chunk pads few rows (g = 66, most =
+  64: 33, not 64)."""
+  num = -(-g // most)
+  return -(-(-(-g // num)) // multiple) * multiple
+
+
 def shard_rows(x: Any, mesh: Optional[Mesh]) -> tuple[Any, int]:
   """Pads axis 0 of `x` to a multiple of the grid axis size and places it split along that axis; returns (x, G)."""
   g = x.shape[0]

@@ -157,7 +157,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
           else np.arange(g, dtype=np.int64))
   num_chunks = -(-len(todo) // chunk_size)
   if num_chunks:  # the same number of calls, evenly filled (a multiple of the devices each)
-    chunk_size = -(-(-(-len(todo) // num_chunks)) // n_dev) * n_dev
+    chunk_size = _sharding.even_chunk(len(todo), chunk_size, n_dev)
     num_chunks = -(-len(todo) // chunk_size)
   computed: dict[int, tuple[PyTree, int]] = {}  # row -> (chunk output, index in it)
   outs = []  # the chunk outputs in order: the result itself when nothing came from disk
