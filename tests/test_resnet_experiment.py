@@ -250,3 +250,36 @@ def test_small_run_resumes_without_recomputing(small_run):
   np.testing.assert_array_equal(again.exact, comparison.exact)
   for name, values in comparison.previews.items():
     np.testing.assert_array_equal(again.previews[name], values)
+
+
+def test_paper_variant_runs_its_cifar10_path_on_tfds_mock_data(tmp_path):
+  """`:paper` as an accelerator would run it (CIFAR-10 through tfds at 32x32x3, 20 IVON updates per finetuning step,
+  the merged models evaluated as one batch, chunks of 22), shrunk only in sizes: mock images, ResNet-8 at width
+  0.25, batches of 8, a few steps. Checked: the network sees the colour images, the vertices of the previews are the tasks' own
+  finetunes evaluated alone (the batched evaluation path), and the exact answer has a value at every alpha."""
+  import tensorflow_datasets as tfds
+  from configs import resnet20_multiivon
+  from experiments import resnet as exp
+  config = resnet20_multiivon.get_config("paper")
+  paper = config.copy_and_resolve_references()
+  config.width, config.blocks_per_stage, config.calibration_size = 0.25, 1, 32
+  config.pretrain.num_steps, config.pretrain.mc_samples, config.pretrain.batch_size = 2, 2, 8
+  config.finetune.batch_size = 8
+  config.finetune.num_seeds, config.finetune.stop_steps, config.finetune.updates_per_step = 2, (1, 2), 2
+  config.mixture_stops = ((2,), (1, 2))  # K = 2, 4
+  config.joint.num_steps, config.spacing, config.em_iters = 1, 0.5, 2
+  kept = ("dataset", "pool", "tasks", "overlap", "chunk_size", "map_over_models")
+  assert all(config[k] == paper[k] for k in kept) and config.joint.chunk_size == paper.joint.chunk_size
+  assert (config.dataset, config.pool, config.map_over_models) == ("cifar10", 1, False)
+  with tfds.testing.mock_data(num_examples=120):
+    comparison = exp.run(config, str(tmp_path))
+    model, pre, mixtures, _, eval_batch, evaluate, _ = _pipeline(config, str(tmp_path))
+  assert eval_batch[1].shape[1:] == (32, 32, 3)
+  assert pre.mean["stem_conv"]["kernel"].shape == (3, 3, 3, 4)  # the first convolution reads three colour channels
+  alphas = grid.simplex(3, config.spacing)
+  for t in range(3):
+    own = np.asarray(evaluate(jax.tree.map(lambda a, t=t: a[t, 1], mixtures.components.mean), eval_batch))
+    np.testing.assert_allclose(comparison.previews["simple"][_rows(alphas, np.eye(3)[t])], own, atol=1e-6)
+  assert set(comparison.summary["methods"]) == {"simple", "ivon_hess", "multi_ivon_k2", "multi_ivon_k4"}
+  assert comparison.exact.shape == comparison.previews["simple"].shape == (len(alphas), own.shape[0])
+  assert np.all((comparison.exact >= 0) & (comparison.exact <= 1))
