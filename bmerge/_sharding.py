@@ -82,7 +82,8 @@ def even_chunk(g: int, most: int, multiple: int = 1) -> int:
   `multiple` (never above `most` when `most` is itself a multiple), so the last chunk pads few rows (g = 66, most =
   64: 33, not 64)."""
   num = -(-g // most)
-  return -(-(-(-g // num)) // multiple) * multiple
+  rows = -(-g // num)
+  return -(-rows // multiple) * multiple
 
 
 def shard_rows(x: Any, mesh: Optional[Mesh]) -> tuple[Any, int]:

@@ -159,20 +159,15 @@ def _eq10_one_alpha(q: bmerge.FullGaussian, alpha):
 
 
 def _lapack_cholesky_seconds(q: bmerge.FullGaussian, alphas, repeats: int = 5) -> float:
-  """Seconds of LAPACK's Cholesky (the `spotrf` the Eq. 10 loop calls) of one merged precision, median over `alphas`
-  and `repeats`, with its threads limited to one or left as they are, whichever is faster."""
+  """Seconds of LAPACK's Cholesky (the `spotrf` the Eq. 10 loop calls) of one merged precision: the mean over
+  `alphas`, median of `repeats`, with its threads limited to one or left as they are, whichever is faster."""
   hs = np.asarray(q.precision, np.float32)
   mats = [np.tensordot(np.asarray(a, np.float32), hs, axes=1) for a in alphas]
+  factor_all = lambda: [scipy.linalg.cholesky(s, lower=True, check_finite=False) for s in mats]
   best = np.inf
   for threads in (1, None):
     with threadpool_limits(threads):
-      scipy.linalg.cholesky(mats[0], lower=True, check_finite=False)
-      times = []
-      for s in mats * repeats:
-        t0 = time.perf_counter()
-        scipy.linalg.cholesky(s, lower=True, check_finite=False)
-        times.append(time.perf_counter() - t0)
-    best = min(best, float(np.median(times)))
+      best = min(best, median_time(factor_all, repeats)[0] / len(mats))
   return best
 
 
