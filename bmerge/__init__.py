@@ -1,23 +1,42 @@
-"""bmerge: fast previews of weighted multitask finetuning by Bayesian model merging."""
+"""bmerge: fast previews of weighted multitask finetuning by Bayesian model merging.
 
-from bmerge import checkpoint
-from bmerge import comparison
-from bmerge import curvature
-from bmerge import data
-from bmerge import em
-from bmerge import exact
-from bmerge import fit
-from bmerge import grid
-from bmerge import interop
+The pipeline, one folder a stage:
+
+- `bmerge.optim`   learners and drivers: a task's training run in, its posterior out (IVON, AdamW + squared
+                   gradients, MultiIVON, VON, mixtures); `bmerge.fit` runs them on a user's loss and batches.
+- `bmerge.merge`   merging rules over a whole alpha grid (simple averaging, task arithmetic, Hessian-weighted,
+                   mixture-weighted with a batched EM).
+- `bmerge.grid`    alpha grids, `preview` (merge + evaluate every alpha, chunked and compiled) and the exact answer
+                   (`joint_train`).
+- `bmerge.assess`  metrics, figures, reports and `compare`.
+- `bmerge.io`      the edges: data, checkpoints, PEFT / safetensors.
+
+Posterior types (`DiagGaussian`, `FullGaussian`, `IsoGaussian`, `Mixture`, `Beta`) live in `bmerge.posteriors` and are
+exported here.
+"""
+
+from bmerge import assess
+from bmerge import io
 from bmerge import merge
-from bmerge import metrics
 from bmerge import models
 from bmerge import optim
-from bmerge import plot
-from bmerge import report
-from bmerge.comparison import compare
-from bmerge.grid_eval import chunked_map
-from bmerge.grid_eval import preview
+from bmerge import grid
+from bmerge.assess import comparison
+from bmerge.assess import metrics
+from bmerge.assess import plot
+from bmerge.assess import report
+from bmerge.assess.comparison import Comparison
+from bmerge.assess.comparison import Entry
+from bmerge.assess.comparison import compare
+from bmerge.grid import joint as exact
+from bmerge.grid.evaluate import chunked_map
+from bmerge.grid.evaluate import preview
+from bmerge.io import checkpoint
+from bmerge.io import data
+from bmerge.io import peft as interop
+from bmerge.merge import em
+from bmerge.optim import curvature
+from bmerge.optim import fit
 from bmerge.posteriors import Beta
 from bmerge.posteriors import DiagGaussian
 from bmerge.posteriors import FullGaussian
@@ -28,10 +47,13 @@ from bmerge.posteriors import unstack
 
 __all__ = [
     "Beta",
+    "Comparison",
     "DiagGaussian",
+    "Entry",
     "FullGaussian",
     "IsoGaussian",
     "Mixture",
+    "assess",
     "checkpoint",
     "chunked_map",
     "compare",
@@ -43,6 +65,7 @@ __all__ = [
     "fit",
     "grid",
     "interop",
+    "io",
     "merge",
     "metrics",
     "models",

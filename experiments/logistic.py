@@ -21,7 +21,12 @@ import numpy as np
 import optax
 
 import bmerge
-from bmerge import checkpoint, data, exact, fit, grid, merge
+from bmerge import checkpoint
+from bmerge import data
+from bmerge import exact
+from bmerge import fit
+from bmerge import grid
+from bmerge import merge
 from bmerge.models import logistic
 
 # The paper's rows (Table 1: MSE; Table 2: best preview accuracy and the exact accuracy there, in %).

@@ -28,8 +28,13 @@ import jax
 import numpy as np
 
 import bmerge
-from bmerge import checkpoint, data, exact, fit, grid, merge
-from bmerge.comparison import Entry
+from bmerge import checkpoint
+from bmerge import data
+from bmerge import exact
+from bmerge import fit
+from bmerge import grid
+from bmerge import merge
+from bmerge.assess.comparison import Entry
 from bmerge.models import resnet
 from bmerge.optim import multi_ivon
 

@@ -22,8 +22,14 @@ import optax
 from flax import nnx
 
 import bmerge
-from bmerge import checkpoint, data, exact, fit, grid, merge, report
-from bmerge.comparison import Entry
+from bmerge import checkpoint
+from bmerge import data
+from bmerge import exact
+from bmerge import fit
+from bmerge import grid
+from bmerge import merge
+from bmerge import report
+from bmerge.assess.comparison import Entry
 from bmerge.models import bert
 
 PAPER = {  # Table 1 (MSE) and Table 2 (best preview accuracy, the exact accuracy there; best exact), Fig. 6

@@ -24,8 +24,13 @@ import numpy as np
 import optax
 
 import bmerge
-from bmerge import checkpoint, exact, fit, grid, merge, plot
-from bmerge.comparison import Entry
+from bmerge import checkpoint
+from bmerge import exact
+from bmerge import fit
+from bmerge import grid
+from bmerge import merge
+from bmerge import plot
+from bmerge.assess.comparison import Entry
 from bmerge.models import toy2d
 
 METHODS = ("simple", "von", "mog")

@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 
 import bmerge
-from bmerge import comparison, grid, merge, metrics, report
+from bmerge import comparison
+from bmerge import grid
+from bmerge import merge
+from bmerge import metrics
+from bmerge import report
 
 MEANS = np.array([[0.0, 1.0], [2.0, 0.0], [1.0, 2.5]])
 PRECISIONS = np.array([[1.0, 4.0], [3.0, 0.5], [2.0, 2.0]])

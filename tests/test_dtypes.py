@@ -9,7 +9,9 @@ import pytest
 from flax import nnx
 
 import bmerge
-from bmerge import checkpoint, grid, merge
+from bmerge import checkpoint
+from bmerge import grid
+from bmerge import merge
 
 
 def _params(rng, t, dtype):

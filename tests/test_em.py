@@ -7,7 +7,9 @@ import pytest
 from scipy.special import logsumexp
 
 import bmerge
-from bmerge import em, grid, merge
+from bmerge import em
+from bmerge import grid
+from bmerge import merge
 
 
 def _mixtures(rng, t=3, k=4, shape=(6,), spread=1.0, jitter=1.0):

@@ -9,7 +9,9 @@ import optax
 import pytest
 
 import bmerge
-from bmerge import curvature, fit, optim
+from bmerge import curvature
+from bmerge import fit
+from bmerge import optim
 from bmerge.optim import mog, von
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from bmerge import _fullcov as fc
+from bmerge.merge import _fullcov as fc
 from bmerge import grid
 
 

@@ -7,7 +7,9 @@ import pytest
 import scipy.optimize
 
 import bmerge
-from bmerge import grid, merge
+from bmerge import grid
+from bmerge import merge
+from bmerge.merge import rules
 
 
 def _params(rng, t, scale=1.0, lead=()):
@@ -133,12 +135,12 @@ def test_batched_grid_equals_loop_over_alphas():
 def test_one_trace_per_shape():
   rng = np.random.default_rng(7)
   q = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), _stacked_diag(rng))
-  merge._diag_core.clear_cache()
+  rules._diag_core.clear_cache()
   for spacing in (0.1, 0.1, 0.1):
     merge.hessian_weighted(q, grid.simplex(3, spacing))
-  assert merge._diag_core._cache_size() == 1
+  assert rules._diag_core._cache_size() == 1
   merge.hessian_weighted(q, grid.simplex(3, 0.05))
-  assert merge._diag_core._cache_size() == 2
+  assert rules._diag_core._cache_size() == 2
 
 
 def test_beta_bernoulli_matches_appendix_a2(x64):

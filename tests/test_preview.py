@@ -11,7 +11,10 @@ import optax
 import pytest
 
 import bmerge
-from bmerge import exact, grid, grid_eval as pv, merge
+from bmerge import exact
+from bmerge import grid
+from bmerge.grid import evaluate as pv
+from bmerge import merge
 
 
 def _posteriors(seed=0, t=3):

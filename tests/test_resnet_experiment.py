@@ -19,7 +19,9 @@ import optax
 import pytest
 
 import bmerge
-from bmerge import exact, fit, grid
+from bmerge import exact
+from bmerge import fit
+from bmerge import grid
 from bmerge.models import resnet
 from bmerge.optim import ivon, ivon_posterior, ivon_sample
 from bmerge.optim import multi_ivon

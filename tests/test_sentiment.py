@@ -1,4 +1,4 @@
-"""The sentiment data (bmerge._sentiment via bmerge.data.load_sentiment): the sdist's archive-in-archive, the parser,
+"""The sentiment data (bmerge.io._sentiment via bmerge.data.load_sentiment): the sdist's archive-in-archive, the parser,
 the labelling rule, the split, the cache, the pip error; the real counts when the data are cached."""
 
 import io
@@ -9,7 +9,8 @@ import tarfile
 import numpy as np
 import pytest
 
-from bmerge import _sentiment, data
+from bmerge.io import _sentiment
+from bmerge import data
 
 # Per domain: (rating, text) lines; the rule keeps |rating| >= 0.5 and the first of repeated texts.
 LINES = [
@@ -141,7 +142,7 @@ REAL = _sentiment.data_dir() / _sentiment.SUBDIR
 
 
 @pytest.mark.skipif(not all((REAL / n).is_file() for n in _sentiment.FILES.values()),
-                    reason=f"the sentiment data are not cached in {REAL} (run `python -m bmerge._sentiment` once)")
+                    reason=f"the sentiment data are not cached in {REAL} (run `python -m bmerge.io._sentiment` once)")
 def test_real_data_counts_are_those_of_the_docstring():
   expect = {"movies": (10605, 4995, 5075), "amazon": (3708, 1744, 1233), "tweets": (4200, 2345, 1087),
             "nyt": (5190, 1175, 1756)}

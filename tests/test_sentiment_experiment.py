@@ -17,7 +17,12 @@ import pytest
 from flax import nnx
 
 import bmerge
-from bmerge import _fingerprint, _sentiment, checkpoint, exact, grid, merge
+from bmerge import _fingerprint
+from bmerge.io import _sentiment
+from bmerge import checkpoint
+from bmerge import exact
+from bmerge import grid
+from bmerge import merge
 from bmerge.models import bert
 from configs import sentiment as sentiment_config
 from experiments import sentiment
@@ -27,7 +32,7 @@ needs_model_and_data = pytest.mark.skipif(
     importlib.util.find_spec(bert.MINILM_PACKAGE) is None
     or not all((_CACHE / n).is_file() for n in _sentiment.FILES.values()),
     reason=f"needs the MiniLM wheel ({bert.MINILM_INSTALL}) and the sentiment data in {_CACHE} "
-           "(`python -m bmerge._sentiment`)")
+           "(`python -m bmerge.io._sentiment`)")
 
 
 @pytest.fixture(scope="module")

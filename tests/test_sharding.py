@@ -12,7 +12,9 @@ import numpy as np
 SETUP = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import bmerge
-    from bmerge import em, grid, merge
+    from bmerge import em
+    from bmerge import grid
+    from bmerge import merge
     rng = np.random.default_rng(0)
     t, k = 3, 4
     means = {"w": rng.normal(size=(t, k, 5, 3)).astype(np.float32), "b": rng.normal(size=(t, k, 3)).astype(np.float32)}
@@ -47,21 +49,21 @@ SCRIPT = textwrap.dedent("""
 """) + SETUP + textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     seen = []
-    real = bmerge.grid_eval._sharding.shard_rows
+    real = bmerge.grid.evaluate._sharding.shard_rows
     def spy(x, mesh):
       y, g = real(x, mesh)
       if not isinstance(y, jax.core.Tracer):  # the chunk driver's call, not the merge rule's inside the jit
         seen.append(len(y.sharding.device_set))
       return y, g
-    bmerge.grid_eval._sharding.shard_rows = spy
+    bmerge.grid.evaluate._sharding.shard_rows = spy
     # The full-covariance kernels loop over chunks of alphas; each device must loop over its own quarter of the
     # (padded) grid, not over all of it: the rows each traced loop sees.
     rows_seen = []
-    real_map = bmerge._fullcov._map_chunks
+    real_map = bmerge.merge._fullcov._map_chunks
     def map_spy(fn, size, *rows):
       rows_seen.append(rows[0].shape[0])
       return real_map(fn, size, *rows)
-    bmerge._fullcov._map_chunks = map_spy
+    bmerge.merge._fullcov._map_chunks = map_spy
     out = compute()
     assert seen and set(seen) == {4}, seen
     # 232 / 4 = 58 alphas per device (hessian_weighted, the mixture EM), and 12 / 4 = 3 of the T K = 12 component
@@ -103,7 +105,8 @@ def test_grid_sharded_over_four_devices_equals_single_device(tmp_path):
 MODEL_SETUP = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     import bmerge
-    from bmerge import grid, merge
+    from bmerge import grid
+    from bmerge import merge
     rng = np.random.default_rng(1)
     t = 3
     # A two-layer network whose weight matrices have axes the "model" mesh axis (size 2) divides.
@@ -126,12 +129,12 @@ MODEL_SCRIPT = textwrap.dedent("""
     assert jax.device_count() == 4
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("grid", "model"))
     placed = []
-    real = bmerge.grid_eval._sharding.shard_params
+    real = bmerge.grid.evaluate._sharding.shard_params
     def spy(tree, m):
       out = real(tree, m)
       placed.extend(str(leaf.sharding.spec) for leaf in jax.tree.leaves(out))
       return out
-    bmerge.grid_eval._sharding.shard_params = spy
+    bmerge.grid.evaluate._sharding.shard_params = spy
     out = bmerge.preview(merge.hessian_weighted, q, alphas, evaluate, x, chunk_size=8, mesh=mesh, progress=False)
     # Every weight matrix is split along "model" (each device holds half of it); b2 (3 entries) is replicated.
     assert sum("model" in s for s in placed) == 6, placed

@@ -11,20 +11,11 @@ BatchNorm statistics (how they are handled when models are merged is described i
 the trainable LoRA + head dict and `apply(trainable, batch) -> logits`.
 """
 
-from typing import Any, Callable, NamedTuple
-
-
-class Model(NamedTuple):
-  """A model as two pure functions."""
-
-  init: Callable[..., Any]  # (key, input_shape) -> params pytree
-  apply: Callable[..., Any]  # (params, x [B, ...]) -> logits [B, C]
-
-
-from bmerge.models import bert  # noqa: E402
-from bmerge.models import cnn  # noqa: E402  (the modules import Model from here)
-from bmerge.models import logistic  # noqa: E402
-from bmerge.models import mlp  # noqa: E402
-from bmerge.models import resnet  # noqa: E402
+from bmerge.models import bert
+from bmerge.models import cnn
+from bmerge.models import logistic
+from bmerge.models import mlp
+from bmerge.models import resnet
+from bmerge.models._model import Model
 
 __all__ = ["Model", "bert", "cnn", "logistic", "mlp", "resnet"]

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bmerge.models import Model
+from bmerge.models._model import Model
 
 __all__ = ["MultitaskBatch", "accuracy", "apply", "cross_entropy", "flatten", "hessian", "init", "logits", "make",
            "mean_ce", "multitask_batch", "multitask_losses", "num_params", "task_loss_fn", "unflatten"]

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bmerge.models import Model
+from bmerge.models._model import Model
 
 __all__ = ["MLP", "make", "num_params"]
 

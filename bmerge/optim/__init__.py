@@ -8,8 +8,9 @@ Flat exports (as optax does), implementation in private modules:
 - `von`: full-covariance variational online Newton -> `FullGaussian` (a module: `von.fit`, `von.step`, ...).
 - `mog`: natural-gradient mixture-of-Gaussians VI -> `Mixture` (a module: `mog.fit`, `mog.fit_diag`, ...).
 - `multi_ivon`: IVON posteriors over seeds x stopping steps -> an equally weighted `Mixture` (a module).
-
-`bmerge.fit` runs these learners on a user's `(key, loss_fn, params, batches)` and returns the posteriors.
+- `fit`: drivers that run these learners on a user's `(key, loss_fn, params, batches)` and return the posteriors
+  (`fit.ivon`, `fit.adamw_sg`, `fit.multi_ivon`, `fit.von`, `fit.mog`; also `bmerge.fit`).
+- `curvature`: squared-gradient Fisher diagonals from per-example gradients (also `bmerge.curvature`).
 
 Example:
   >>> import jax.numpy as jnp
@@ -20,6 +21,8 @@ Example:
   True
 """
 
+from bmerge.optim import curvature
+from bmerge.optim import fit
 from bmerge.optim import mog
 from bmerge.optim import multi_ivon
 from bmerge.optim import von
@@ -32,6 +35,8 @@ from bmerge.optim._ivon import ivon_sample
 
 __all__ = [
     "IVONState",
+    "curvature",
+    "fit",
     "find_ivon_state",
     "ivon",
     "ivon_posterior",

@@ -24,7 +24,8 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from bmerge import exact, grid
+from bmerge import exact
+from bmerge import grid
 from experiments.benchmarks import preview_grid as pg
 from experiments.benchmarks.common import block, matmul_flops
 

@@ -40,7 +40,10 @@ import numpy as np
 from absl import app, flags
 
 import bmerge
-from bmerge import _fullcov, em, grid, merge
+from bmerge.merge import _fullcov
+from bmerge import em
+from bmerge import grid
+from bmerge import merge
 from experiments.benchmarks.common import block, matmul_flops, median_time
 
 FLAGS = flags.FLAGS

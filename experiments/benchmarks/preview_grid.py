@@ -37,7 +37,9 @@ from threadpoolctl import threadpool_limits
 from jax.flatten_util import ravel_pytree
 
 import bmerge
-from bmerge import data, grid, merge
+from bmerge import data
+from bmerge import grid
+from bmerge import merge
 from bmerge.models import logistic
 from experiments.benchmarks.common import block, matmul_flops, median_time
 

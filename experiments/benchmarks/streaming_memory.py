@@ -30,7 +30,8 @@ import psutil
 from absl import app, flags
 
 import bmerge
-from bmerge import grid, merge
+from bmerge import grid
+from bmerge import merge
 
 FLAGS = flags.FLAGS
 GB = 1e9

@@ -222,7 +222,7 @@ def diagonal_fisher(key: Optional[jax.Array], logits_fn: Callable[[PyTree, Any],
     zero weights (uniform predictions over C = 2 classes) each example adds 0.25 to both bias entries:
 
     >>> import jax.numpy as jnp
-    >>> from bmerge.curvature import diagonal_fisher
+    >>> from bmerge.optim.curvature import diagonal_fisher
     >>> logits_fn = lambda p, x: x @ p["w"] + p["b"]
     >>> params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
     >>> x, y = jnp.ones((4, 3)), jnp.array([0, 1, 1, 0])

@@ -31,7 +31,7 @@ from jax.scipy.special import logsumexp
 
 from bmerge import _checks
 from bmerge import _tree
-from bmerge import _fullcov
+from bmerge.merge import _fullcov
 from bmerge import _sharding
 from bmerge import posteriors as post
 from bmerge.posteriors import DiagGaussian, FullGaussian, IsoGaussian, Mixture

@@ -36,8 +36,8 @@ import matplotlib.tri as mtri
 import numpy as np
 
 from bmerge import _checks
-from bmerge import grid as grid_lib
-from bmerge import metrics
+from bmerge.grid import lattice as grid_lib
+from bmerge.assess import metrics
 
 __all__ = ["CORNERS", "barycentric_to_cartesian", "histograms", "pair_curves", "pareto_fronts", "scaling_curves",
            "solutions_2d", "surrogates_2d", "ternary_contours", "two_task_curves"]

@@ -42,9 +42,9 @@ import numpy as np
 import optax
 
 from bmerge import _checks
-from bmerge import curvature
-from bmerge import optim
+from bmerge.optim import _ivon as optim
 from bmerge.optim import _learner
+from bmerge.optim import curvature
 from bmerge.optim import mog as _mog
 from bmerge.optim import multi_ivon as _multi_ivon
 from bmerge.optim import von as _von

@@ -18,7 +18,7 @@ stratified by label, per domain.
 Fetching. On first use the sdist is downloaded with `python -m pip download --no-binary :all: --no-deps
 vadersentiment==3.3.2` (the running interpreter's pip, so the package registry configured for pip) and the four files
 are extracted into the data cache: `cache_dir` if given, else the environment variable BMERGE_DATA_DIR, else
-~/.cache/bmerge; later calls read the cache only. `python -m bmerge._sentiment` fetches ahead (e.g. at install time,
+~/.cache/bmerge; later calls read the cache only. `python -m bmerge.io._sentiment` fetches ahead (e.g. at install time,
 so tests and experiments need no network).
 
 References:
@@ -42,7 +42,7 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from bmerge import _checks
-from bmerge.data import Dataset
+from bmerge.io._dataset import Dataset
 
 PathLike = Union[str, pathlib.Path]
 
@@ -208,7 +208,7 @@ def load(domains: Union[None, str, Sequence[str]] = None, *, seed: int = 0, test
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-  """`python -m bmerge._sentiment [--cache_dir DIR]`: fetches the data into the cache and prints the counts."""
+  """`python -m bmerge.io._sentiment [--cache_dir DIR]`: fetches the data into the cache and prints the counts."""
   parser = argparse.ArgumentParser(description=main.__doc__)
   parser.add_argument("--cache_dir", default=None, help=f"default: ${ENV_VAR}, else ~/.cache/bmerge")
   args = parser.parse_args(argv)

@@ -22,9 +22,9 @@ import jax
 import numpy as np
 
 from bmerge import _checks
-from bmerge import grid_eval
-from bmerge import metrics
-from bmerge import report
+from bmerge.grid import evaluate as grid_eval
+from bmerge.assess import metrics
+from bmerge.assess import report
 
 __all__ = ["Comparison", "Entry", "compare"]
 

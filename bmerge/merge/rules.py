@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from bmerge import _checks
-from bmerge import _fullcov
+from bmerge.merge import _fullcov
 from bmerge import _sharding
 from bmerge import _tree
-from bmerge import em
+from bmerge.merge import em
 from bmerge import posteriors as post
 from bmerge.posteriors import Beta, DiagGaussian, FullGaussian, IsoGaussian, Mixture
 

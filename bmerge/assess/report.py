@@ -19,7 +19,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from bmerge import _checks
-from bmerge import plot
+from bmerge.assess import plot
 
 __all__ = ["figures", "markdown", "table", "write"]
 

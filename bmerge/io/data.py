@@ -30,27 +30,14 @@ from typing import Iterator, NamedTuple, Optional, Sequence
 import numpy as np
 
 from bmerge import _checks
+from bmerge.io import _sentiment
+from bmerge.io._dataset import Dataset
 
 __all__ = ["BALANCED", "CIFAR10_TASKS", "Dataset", "IMBALANCED", "MNIST5K_RESOURCE", "NAMES", "OVERLAP", "avg_pool",
            "load", "load_sentiment", "minibatches", "split_by_classes", "split_fraction", "task_membership"]
 
 NAMES = ("digits", "mnist5k", "mnist", "cifar10")
 _TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10"}
-
-
-class Dataset(NamedTuple):
-  """Train and test arrays (numpy) and the number of classes."""
-
-  train_x: np.ndarray  # [N_train, ...] float32 in [0, 1]
-  train_y: np.ndarray  # [N_train] int32 class ids
-  test_x: np.ndarray  # [N_test, ...] float32
-  test_y: np.ndarray  # [N_test] int32
-  num_classes: int
-
-  @property
-  def num_features(self) -> int:
-    """Features per example once flattened (64 for digits, 784 for MNIST, 3072 for CIFAR-10)."""
-    return int(np.prod(self.train_x.shape[1:]))
 
 
 def load(name: str, *, seed: int = 0, test_fraction: float = 0.2, data_dir: Optional[str] = None,
@@ -333,8 +320,6 @@ def load_sentiment(domains=None, **kwargs) -> dict:
   """Binary sentiment tasks in four domains (movies, amazon, tweets, nyt): {domain: Dataset of texts and labels}.
 
   Human-rated snippets of Hutto & Gilbert (ICWSM 2014) from the vadersentiment 3.3.2 sdist, fetched into a data cache
-  on first use; the rule, the counts and the arguments are in `bmerge._sentiment.load`.
+  on first use; the rule, the counts and the arguments are in `bmerge.io._sentiment.load`.
   """
-  from bmerge import _sentiment  # pylint: disable=g-import-not-at-top  (it imports Dataset from here)
-
   return _sentiment.load(domains, **kwargs)

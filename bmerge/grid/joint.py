@@ -16,8 +16,8 @@ import numpy as np
 import optax
 
 from bmerge import _checks
-from bmerge import fit
-from bmerge.grid_eval import chunked_map, compute_dtype
+from bmerge.optim import fit
+from bmerge.grid.evaluate import chunked_map, compute_dtype
 
 __all__ = [
     "joint_train",

@@ -1,0 +1,17 @@
+"""How good is a preview: metrics against the exact answer, figures, reports, and `compare` that does all three.
+
+- `bmerge.assess.metrics`: MSE, Spearman, best alpha and regret, histograms, Pareto fronts, hypervolume, IGD+.
+- `bmerge.assess.plot`: ternary contours, two-task curves, histograms, Pareto fronts (matplotlib).
+- `bmerge.assess.report`: a report folder (markdown table, figures, metrics.json).
+- `bmerge.assess.comparison`: `compare(entries, alphas, exact, ...)` -> `Comparison`, one call for all of it.
+"""
+
+from bmerge.assess import comparison
+from bmerge.assess import metrics
+from bmerge.assess import plot
+from bmerge.assess import report
+from bmerge.assess.comparison import Comparison
+from bmerge.assess.comparison import Entry
+from bmerge.assess.comparison import compare
+
+__all__ = ["Comparison", "Entry", "compare", "comparison", "metrics", "plot", "report"]
