@@ -287,3 +287,124 @@ def test_errors_name_the_argument():
     metrics.pareto_front(np.array([1.0, 2.0]))
   with pytest.raises(TypeError, match="`maximize`"):
     metrics.best(ALPHAS, PREVIEW, EXACT, maximize="yes")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-example results: per-task accuracy, bootstrap and t intervals.
+
+
+def test_per_task_accuracy_matches_loops_with_overlapping_and_empty_tasks():
+  rng = np.random.default_rng(3)
+  n, t = 40, 4
+  onehot = (rng.random((n, t)) < 0.4).astype(np.float64)
+  onehot[:, 3] = 0.0  # a task without examples reads 0
+  correct = rng.random((2, 3, n)) < 0.7  # leading batch axes
+  out = metrics.per_task_accuracy(correct, onehot)
+  assert out.shape == (2, 3, 1 + t) and out.dtype == np.float64
+  for i in range(2):
+    for j in range(3):
+      c = correct[i, j]
+      assert out[i, j, 0] == pytest.approx(sum(c) / n, abs=1e-15)
+      for k in range(t):
+        members = [c[m] for m in range(n) if onehot[m, k] == 1]
+        assert out[i, j, 1 + k] == pytest.approx(sum(members) / len(members) if members else 0.0, abs=1e-15)
+
+
+def test_per_task_accuracy_under_jit_equals_numpy():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  onehot = np.eye(3)[rng.integers(0, 3, 30)]
+  correct = (rng.random((5, 30)) < 0.5).astype(np.float32)
+  on_device = jax.jit(metrics.per_task_accuracy)(jnp.asarray(correct), jnp.asarray(onehot))
+  assert isinstance(on_device, jax.Array) and on_device.shape == (5, 4)
+  np.testing.assert_allclose(on_device, metrics.per_task_accuracy(correct, onehot), rtol=1e-6)
+  with pytest.raises(ValueError, match="`correct` must have shape"):
+    metrics.per_task_accuracy(correct[:, :29], onehot)
+  with pytest.raises(ValueError, match="`task_onehot` must have shape"):
+    metrics.per_task_accuracy(correct, onehot[:, 0])
+  with pytest.raises(ValueError, match="`task_onehot` must hold 0 or 1"):
+    metrics.per_task_accuracy(correct, 2 * onehot)
+
+
+def test_bootstrap_resamples_are_paired_and_the_interval_is_their_percentiles():
+  n = 25
+  x, y = np.arange(n, dtype=np.float64), 10.0 * np.arange(n)
+  seen = []
+
+  def stat(a, b):
+    np.testing.assert_array_equal(b, 10.0 * a)  # the same example indices in both arrays
+    assert np.all(np.isin(a, x))
+    seen.append(a.mean())
+    return a.mean()
+
+  est, lo, hi = metrics.bootstrap_interval(stat, x, y, seed=5, num_samples=300, level=0.9)
+  assert est == pytest.approx(x.mean()) and len(seen) == 301  # the full arrays, then 300 resamples
+  assert (lo, hi) == pytest.approx(tuple(np.quantile(seen[1:], [0.05, 0.95])), rel=1e-12)
+  # Deterministic for a seed; the vectorised form draws the same resamples.
+  assert metrics.bootstrap_interval(np.mean, x, seed=5, num_samples=300, level=0.9) == (est, lo, hi)
+  vec = metrics.bootstrap_interval(lambda a: a.mean(axis=-1), x, seed=5, num_samples=300, level=0.9, vectorized=True)
+  assert vec == pytest.approx((est, lo, hi), rel=1e-12)
+  assert metrics.bootstrap_interval(np.mean, x, seed=6, num_samples=300, level=0.9)[1:] != (lo, hi)
+  # Paired differences of arrays that differ by a constant have no spread at all.
+  d = metrics.bootstrap_interval(lambda a, b: np.mean(a - b), x + 2.0, x, num_samples=50)
+  assert d == pytest.approx((2.0, 2.0, 2.0))
+
+
+def test_bootstrap_vector_statistics_and_other_axes():
+  rng = np.random.default_rng(7)
+  data = rng.normal(size=(3, 60))
+  est, lo, hi = metrics.bootstrap_interval(lambda a: a.mean(axis=-1), data, num_samples=200)
+  np.testing.assert_allclose(est, data.mean(axis=1))
+  assert est.shape == lo.shape == hi.shape == (3,) and np.all(lo < est) and np.all(est < hi)
+  # The examples on axis 0, vectorised: the resample axis comes first, the examples axis is then axis 1.
+  est0, lo0, hi0 = metrics.bootstrap_interval(lambda a: a.mean(axis=1), data.T, num_samples=200, axis=0,
+                                              vectorized=True)
+  np.testing.assert_allclose(np.stack([est0, lo0, hi0]), np.stack([est, lo, hi]), rtol=1e-12)
+  # nan resamples are left out; an all-nan statistic gives nan.
+  _, lo, hi = metrics.bootstrap_interval(lambda a: np.nan, data[0], num_samples=20)
+  assert math.isnan(lo) and math.isnan(hi)
+  with pytest.raises(ValueError, match="same positive number of examples"):
+    metrics.bootstrap_interval(lambda a, b: 0.0, data[0], data[0, :10])
+  with pytest.raises(ValueError, match="`level`"):
+    metrics.bootstrap_interval(np.mean, data[0], level=95)
+  with pytest.raises(ValueError, match="`num_samples`"):
+    metrics.bootstrap_interval(np.mean, data[0], num_samples=0)
+  with pytest.raises(ValueError, match="`statistic` must return a scalar or a \\[k\\] vector"):
+    metrics.bootstrap_interval(lambda a: np.zeros((2, 2)), data[0])
+
+
+def test_t_interval_closed_form_and_errors():
+  # n = 3: mean 2, s = 1, t_{0.975, 2} = 4.3027 (tables): 2 -+ 4.3027 / sqrt(3)
+  mean, lo, hi = metrics.t_interval([1.0, 2.0, 3.0])
+  assert mean == 2.0 and (lo, hi) == pytest.approx((2.0 - 4.3027 / math.sqrt(3), 2.0 + 4.3027 / math.sqrt(3)),
+                                                   abs=1e-4)
+  # n = 5 at 90 %: t_{0.95, 4} = 2.1318
+  values = np.array([0.80, 0.82, 0.79, 0.85, 0.84])
+  mean, lo, hi = metrics.t_interval(values, level=0.9)
+  assert hi - mean == pytest.approx(2.1318 * values.std(ddof=1) / math.sqrt(5), rel=1e-4)
+  both = metrics.t_interval(np.stack([values, 2 * values], axis=1), level=0.9)
+  np.testing.assert_allclose(np.stack(both)[:, 0], [mean, lo, hi], rtol=1e-12)
+  with pytest.raises(ValueError, match="n >= 2"):
+    metrics.t_interval([0.8])
+  with pytest.raises(ValueError, match="`level`"):
+    metrics.t_interval([0.8, 0.9], level=1.0)
+
+
+def _covers(intervals, truth) -> float:
+  return float(np.mean([lo <= truth <= hi for lo, hi in intervals]))
+
+
+def test_intervals_cover_the_truth_at_close_to_the_nominal_rate():
+  """Simulated coverage over 400 data sets: within 3 binomial standard errors of 95 % (a slightly low rate for the
+  percentile bootstrap, whose variance is that of the data divided by n rather than n - 1)."""
+  reps, level = 400, 0.95
+  tol = 3 * math.sqrt(level * (1 - level) / reps)
+  rng = np.random.default_rng(11)
+  p, n = 0.3, 100  # a Bernoulli accuracy on 100 test examples
+  boot = [metrics.bootstrap_interval(lambda a: a.mean(axis=-1), rng.random(n) < p, seed=i, vectorized=True)[1:]
+          for i in range(reps)]
+  assert abs(_covers(boot, p) - level) <= tol
+  for size in (3, 5):  # seeds
+    t = [metrics.t_interval(rng.normal(1.0, 0.5, size))[1:] for _ in range(reps)]
+    assert abs(_covers(t, 1.0) - level) <= tol

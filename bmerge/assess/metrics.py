@@ -19,8 +19,11 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping, NamedTuple, Optional, Sequence
 
+import jax
+import jax.numpy as jnp
 import moocore
 import numpy as np
 import scipy.stats
@@ -32,15 +35,18 @@ __all__ = [
     "FrontComparison",
     "Histogram",
     "best",
+    "bootstrap_interval",
     "compare_fronts",
     "histogram",
     "hypervolume",
     "igd_plus",
     "mse",
     "pareto_front",
+    "per_task_accuracy",
     "regret_at_k",
     "spearman",
     "summarize",
+    "t_interval",
 ]
 
 
@@ -405,6 +411,194 @@ def compare_fronts(alphas, preview, exact, maximize: bool = True) -> FrontCompar
                          igd_plus=igd_plus(exact[p_front], exact[e_front], maximize),
                          hypervolume_exact=hypervolume(exact[e_front], ref, maximize),
                          hypervolume_preview=hypervolume(exact[p_front], ref, maximize), reference=ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# From per-example results to metrics, and how sure they are.
+
+
+def per_task_accuracy(correct, task_onehot):
+  r"""The accuracy on all test examples and on each task's examples, from per-example results.
+
+  With :math:`c_n \in \{0, 1\}` (or any per-example score) and the membership :math:`z_{nt} \in \{0, 1\}` of example
+  n in task t (tasks may overlap),
+
+  .. math:: a_0 = \frac{1}{N} \sum_{n=1}^N c_n, \qquad
+            a_t = \frac{\sum_n c_n z_{nt}}{\max(1, \sum_n z_{nt})}, \quad t = 1..T,
+
+  so a task without examples reads 0. Column 0 is the "overall" metric and columns 1..T the per-task metrics of
+  `bmerge.compare`'s default layout (`overall="first"`). Leading axes of `correct` are batch axes (alphas, bootstrap
+  resamples). Numpy inputs give a float64 numpy result; jax inputs (also tracers, inside `jit`) a jax array, so an
+  `eval_fn` can call it on the device.
+
+  Args:
+    correct: [..., N] per test example: bool or 0/1 (any float score is averaged the same way).
+    task_onehot: [N, T] task membership, 0/1.
+
+  Returns:
+    [..., 1 + T]: the mean over all N examples, then the mean over each task's examples.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import metrics
+    >>> correct = np.array([1, 0, 1, 1])
+    >>> onehot = np.array([[1, 0], [1, 0], [0, 1], [0, 1]])   # examples 0, 1 in task 1; 2, 3 in task 2
+    >>> metrics.per_task_accuracy(correct, onehot).tolist()
+    [0.75, 0.5, 1.0]
+  """
+  on_device = isinstance(correct, jax.Array) or isinstance(task_onehot, jax.Array)
+  xp = jnp if on_device else np
+  if on_device:
+    correct = jnp.asarray(correct)
+    correct = correct.astype(jnp.result_type(float)) if not jnp.issubdtype(correct.dtype, jnp.floating) else correct
+    task_onehot = jnp.asarray(task_onehot, correct.dtype)
+  else:
+    correct, task_onehot = _checks.numeric(correct, "correct"), _checks.numeric(task_onehot, "task_onehot")
+  if task_onehot.ndim != 2:
+    raise ValueError(f"`task_onehot` must have shape [N, T] (task membership of each example), got shape "
+                     f"{task_onehot.shape}.")
+  if correct.ndim < 1 or correct.shape[-1] != task_onehot.shape[0] or task_onehot.shape[0] == 0:
+    raise ValueError(f"`correct` must have shape [..., N] with N = {task_onehot.shape[0]} (the rows of "
+                     f"`task_onehot`, at least one), got shape {correct.shape}.")
+  if not on_device and not np.all((task_onehot == 0) | (task_onehot == 1)):
+    bad = tuple(int(i) for i in np.argwhere((task_onehot != 0) & (task_onehot != 1))[0])
+    raise ValueError(f"`task_onehot` must hold 0 or 1 (membership); entry {bad} is {task_onehot[bad]}.")
+  per_task = (correct @ task_onehot) / xp.maximum(xp.sum(task_onehot, axis=0), 1.0)
+  return xp.concatenate([xp.mean(correct, axis=-1, keepdims=True), per_task], axis=-1)
+
+
+def _level(level) -> float:
+  if isinstance(level, bool) or not isinstance(level, (int, float, np.floating)) or not 0.0 < float(level) < 1.0:
+    raise ValueError(f"`level` must be a probability strictly between 0 and 1 (e.g. 0.95), got {level!r}.")
+  return float(level)
+
+
+# Resamples are drawn and evaluated this many example indices at a time (B * N <= _BATCH_ELEMENTS).
+_BATCH_ELEMENTS = 1 << 22
+
+
+def bootstrap_interval(statistic, *arrays, seed: int = 0, num_samples: int = 1000, level: float = 0.95,
+                       axis: int = -1, vectorized: bool = False):
+  r"""A paired percentile bootstrap interval over the examples axis of one or more arrays.
+
+  Resample b draws N example indices :math:`i^{(b)}_1, \dots, i^{(b)}_N` uniformly with replacement and applies the
+  *same* indices to every array (paired: a difference between two methods evaluated on the same examples keeps its
+  correlation). With :math:`s_b = S(x_{i^{(b)}}, y_{i^{(b)}}, \dots)` the statistic of resample b, the interval is
+  the percentile interval (Efron & Tibshirani, 1993, Sec. 13.3)
+
+  .. math:: [\,q_{(1 - \ell)/2}(s_1..s_B),\; q_{(1 + \ell)/2}(s_1..s_B)\,]
+
+  with :math:`\ell` the `level` and q the empirical quantile (linear interpolation). Resamples whose statistic is
+  `nan` (e.g. a rank correlation of a constant surface) are left out of the quantiles; all `nan` gives `nan`. The
+  indices come from `np.random.default_rng(seed)` in batches of resamples, so the result is deterministic for a seed.
+
+  Args:
+    statistic: `statistic(*resampled_arrays)` -> a scalar or a [k] vector. With `vectorized=True` it receives the
+      resampled arrays with one more leading axis [B, ...] (B resamples at once) and returns [B] or [B, k].
+    *arrays: one or more arrays with the same number N of examples along `axis`.
+    seed: seed of the resampling.
+    num_samples: B, the number of resamples.
+    level: the interval's coverage, e.g. 0.95.
+    axis: the examples axis of every array.
+    vectorized: whether `statistic` takes a leading axis of resamples (faster: one call per batch).
+
+  Returns:
+    (estimate, lo, hi): the statistic of the full arrays and the interval's ends, Python floats for a scalar statistic,
+    else [k] float64 arrays.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import metrics
+    >>> correct = np.arange(400) % 5 != 0                          # 400 test examples, accuracy 0.8
+    >>> est, lo, hi = metrics.bootstrap_interval(np.mean, correct)
+    >>> est, bool(lo < est < hi), abs(hi - lo - 2 * 1.96 * (0.8 * 0.2 / 400) ** 0.5) < 0.01   # normal approximation
+    (0.8, True, True)
+  """
+  if not callable(statistic):
+    raise TypeError(f"`statistic` must be callable as statistic(*arrays), got {type(statistic).__name__}.")
+  if not arrays:
+    raise ValueError("`arrays` is empty; pass at least one array to resample.")
+  num_samples = _checks.positive_int(num_samples, "num_samples")
+  level = _level(level)
+  seed = _checks.integer(seed, "seed", minimum=0)
+  vectorized = _checks.flag(vectorized, "vectorized")
+  arrs = []
+  for i, a in enumerate(arrays):
+    a = np.asarray(a)
+    if a.ndim == 0 or not -a.ndim <= axis < a.ndim:
+      raise ValueError(f"`arrays[{i}]` has shape {a.shape}, which has no axis {axis} (the examples axis).")
+    arrs.append(np.moveaxis(a, axis, -1))
+  n = arrs[0].shape[-1]
+  sizes = [a.shape[-1] for a in arrs]
+  if n == 0 or any(s != n for s in sizes):
+    raise ValueError(f"`arrays` must have the same positive number of examples along axis {axis}; got {sizes}.")
+
+  def back(a):  # the examples axis where the caller had it (a leading resample axis shifts a non-negative one)
+    return np.moveaxis(a, -1, axis + 1 if (vectorized and axis >= 0) else axis)
+
+  if vectorized:  # the full arrays as a batch of one resample
+    estimate = np.asarray(statistic(*(back(a[None]) for a in arrs)), np.float64)[0]
+  else:
+    estimate = np.asarray(statistic(*(np.moveaxis(a, -1, axis) for a in arrs)), np.float64)
+  if estimate.ndim > 1:
+    raise ValueError(f"`statistic` must return a scalar or a [k] vector, got shape {estimate.shape}.")
+  rng = np.random.default_rng(seed)
+  per_batch = max(1, min(num_samples, _BATCH_ELEMENTS // max(1, max(a.size for a in arrs))))
+  stats = []
+  for start in range(0, num_samples, per_batch):
+    idx = rng.integers(0, n, size=(min(per_batch, num_samples - start), n))
+    if vectorized:
+      out = np.asarray(statistic(*(back(np.moveaxis(a[..., idx], -2, 0)) for a in arrs)), np.float64)
+      stats.append(out.reshape(idx.shape[0], *estimate.shape))
+    else:
+      stats += [np.asarray(statistic(*(np.moveaxis(a[..., row], -1, axis) for a in arrs)), np.float64).reshape(
+          estimate.shape) for row in idx]
+  stats = np.stack(stats) if not vectorized else np.concatenate(stats)
+  tail = (1.0 - level) / 2
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns give nan
+    lo, hi = np.nanquantile(stats, [tail, 1.0 - tail], axis=0)
+  if estimate.ndim == 0:
+    return float(estimate), float(lo), float(hi)
+  return estimate, lo, hi
+
+
+def t_interval(values, level: float = 0.95):
+  r"""Student's t interval for the mean of a few independent runs (e.g. seeds).
+
+  With n values :math:`x_1..x_n`, mean :math:`\bar x` and sample standard deviation
+  :math:`s = \sqrt{\sum_i (x_i - \bar x)^2 / (n - 1)}`,
+
+  .. math:: \bar x \pm t_{(1 + \ell)/2,\, n - 1} \, s / \sqrt{n},
+
+  exact for normally distributed values (`scipy.stats.t` gives the quantile).
+
+  Args:
+    values: [n] one value per run, n >= 2 (or [n, k]: k intervals at once, over axis 0).
+    level: the interval's coverage, e.g. 0.95.
+
+  Returns:
+    (mean, lo, hi), Python floats for [n] values, else [k] arrays.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> mean, lo, hi = metrics.t_interval([1.0, 2.0, 3.0])      # s = 1, t_{0.975, 2} = 4.303
+    >>> mean, round(lo, 3), round(hi, 3)
+    (2.0, -0.484, 4.484)
+  """
+  level = _level(level)
+  x = _checks.numeric(values, "values")
+  if x.ndim not in (1, 2) or x.shape[0] < 2:
+    raise ValueError(f"`values` must have shape [n] or [n, k] with n >= 2 runs (an interval needs a spread), got "
+                     f"shape {x.shape}.")
+  if not np.all(np.isfinite(x)):
+    raise ValueError("`values` must be finite.")
+  n = x.shape[0]
+  mean = x.mean(axis=0)
+  half = scipy.stats.t.ppf((1.0 + level) / 2, n - 1) * x.std(axis=0, ddof=1) / math.sqrt(n)
+  if x.ndim == 1:
+    return float(mean), float(mean - half), float(mean + half)
+  return mean, mean - half, mean + half
 
 
 # ----------------------------------------------------------------------------------------------------------------
