@@ -25,7 +25,14 @@ MODEL_AXIS = "model"
 
 
 def grid_mesh(devices: Optional[list] = None) -> Optional[Mesh]:
-  """A 1-D mesh over `devices` (default: all) named "grid", or None with a single device."""
+  """A 1-D mesh over `devices` (default: all) named "grid", or None with a single device.
+
+  Example:
+    >>> import jax
+    >>> from bmerge import _sharding
+    >>> _sharding.grid_mesh(jax.devices()[:1]) is None, _sharding.grid_size(None)
+    (True, 1)
+  """
   devices = jax.devices() if devices is None else devices
   if len(devices) <= 1:
     return None
@@ -72,15 +79,27 @@ def shard_params(tree: Any, mesh: Optional[Mesh]) -> Any:
 
 def pad_rows(x: Any, multiple: int) -> Any:
   """[G, ...] padded along axis 0 to a multiple of `multiple` with copies of its first row (for a grid: a valid
-  alpha); `x` itself when G already is one."""
+  alpha); `x` itself when G already is one.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge import _sharding
+    >>> _sharding.pad_rows(jnp.array([[1.0], [2.0], [3.0]]), 2)[:, 0].tolist()
+    [1.0, 2.0, 3.0, 1.0]
+  """
   pad = (-x.shape[0]) % multiple
   return jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[:1], pad, axis=0)], axis=0) if pad else x
 
 
 def even_chunk(g: int, most: int, multiple: int = 1) -> int:
-  """Rows per chunk when g rows go in ceil(g / most) chunks of one size: spread evenly, rounded up to a multiple of
-  `multiple` (never above `most` when `most` is itself a multiple), so the last chunk pads few rows (g = 66, most =
-  64: 33, not 64)."""
+  """Rows per chunk when g rows go in n = ceil(g / most) chunks of one size: ceil(g / n) rounded up to a multiple of
+  `multiple` (never above `most` when `most` is itself a multiple), so the last chunk pads few rows.
+
+  Example:
+    >>> from bmerge import _sharding
+    >>> _sharding.even_chunk(66, 64), _sharding.even_chunk(66, 64, multiple=4), _sharding.even_chunk(10, 64)
+    (33, 36, 10)
+  """
   num = -(-g // most)
   rows = -(-g // num)
   return -(-rows // multiple) * multiple

@@ -23,7 +23,14 @@ from bmerge import _checks
 
 
 def compute_dtype(*dtypes) -> jnp.dtype:
-  """The dtype a merge of leaves of `dtypes` is computed in: their common type, at least float32."""
+  """The dtype a merge of leaves of `dtypes` is computed in: their common type, at least float32.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge import _tree
+    >>> _tree.compute_dtype(jnp.bfloat16), _tree.compute_dtype(jnp.float32, jnp.int32)
+    (dtype('float32'), dtype('float32'))
+  """
   return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
 
 
@@ -33,6 +40,14 @@ def flatten(tree: Any, num_lead: int, dtype=None) -> tuple[jax.Array, Callable[[
   Returns the matrix (in `dtype`, default `compute_dtype` of the leaves) and `unflatten(x)`, which maps any
   `[*other_lead, P]` array back to the pytree structure, each leaf shaped `[*other_lead, *leaf_shape]` and cast back to
   the dtype of the corresponding leaf of `tree`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge import _tree
+    >>> tree = {"b": jnp.zeros((3, 2)), "w": jnp.ones((3, 2, 2), jnp.bfloat16)}   # T = 3 stacked models, P = 6
+    >>> flat, unflatten = _tree.flatten(tree, 1)
+    >>> flat.shape, flat.dtype, unflatten(flat[0])["w"].dtype
+    ((3, 6), dtype('float32'), dtype(bfloat16))
   """
   leaves, treedef = jax.tree.flatten(tree)
   lead = leaves[0].shape[:num_lead]
@@ -76,6 +91,14 @@ def split_floating(tree: Any, num_lead: int, name: str) -> tuple[Any, Callable[[
   models (the leading `num_lead` axes, e.g. T tasks or T x K components); otherwise a `ValueError` names the leaf.
   `restore(merged, lead)` fills them back into `merged` (the merge of the floating part, leading axes `lead`, e.g.
   (G,) or () for one alpha), broadcast to `lead`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge import _tree
+    >>> stacked = {"step": jnp.array([7, 7]), "w": jnp.array([[0.0], [2.0]])}    # T = 2 models
+    >>> floating, restore = _tree.split_floating(stacked, 1, "means")
+    >>> floating["step"] is None, restore({"step": None, "w": jnp.array([1.0])}, ())["step"].tolist()
+    (True, 7)
   """
   _check_no_rng_state(tree, name)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
