@@ -266,23 +266,45 @@ def test_jit_traces_once_and_state_keeps_structure():
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-def test_state_dtype_is_stable_under_lax_cond(dtype):
-  with jax.enable_x64(dtype == "float64"):
-    params, loss = _problem(jnp.dtype(dtype))
-    tx = ivon(0.1, 10.0)
-    inner = _ivon_step(tx, loss)
-
-    @jax.jit
-    def step(key, params, state):
-      pred = jax.random.randint(key, (), 0, 2) == 0  # a lax.cond only compiles if both branches agree
-      return jax.lax.cond(pred, lambda: inner(key, params, state), lambda: (params, state))
-
-    state = tx.init(params)
-    for key in jax.random.split(jax.random.key(1), 2):
-      params, new_state = step(key, params, state)
-      state = jax.lax.cond(True, lambda: state, lambda: new_state)  # noqa: B023
-      assert jax.tree.leaves(params)[0].dtype == jnp.dtype(dtype)
-    assert state.hess["w"].dtype == jnp.promote_types(dtype, jnp.float32)
+def test_steps_on_low_precision_params_move_the_state_and_keep_its_dtypes(dtype):
+  # Three real steps on params of `dtype`: each matches the float64 hand formula on the same gradients and noise, the
+  # state keeps its structure and dtype (a lax.cond between the old and the new state compiles), and it moves.
+  dtype = jnp.dtype(dtype)
+  with jax.enable_x64(dtype == jnp.float64):
+    params0, loss = _problem(dtype)
+    hp = dict(lr=0.1, ess=10.0, h0=1.0, b1=0.9, b2=0.9, wd=1e-4)
+    tx = ivon(hp["lr"], hp["ess"], hp["h0"], hp["b1"], hp["b2"], hp["wd"])
+    update = jax.jit(tx.update)
+    pick = jax.jit(lambda take, old, new: jax.lax.cond(take, lambda: new, lambda: old))
+    state_dtype = jnp.promote_types(dtype, jnp.float32)
+    state_tol = 1e-12 if state_dtype == jnp.float64 else 1e-5
+    params, state = params0, tx.init(params0)
+    struct = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    for t, key in enumerate(jax.random.split(jax.random.key(1), 3)):
+      samples, noise = ivon_sample(key, state, params, hp["ess"], hp["wd"], 2)
+      grads = jax.vmap(jax.grad(lambda p: loss(p).astype(jnp.float32)))(samples)
+      updates, new_state = update(grads, state, params, noise=noise)
+      u, h, m = _hand_step(hp, params, state.hess, state.momentum, t, grads, noise)
+      chex.assert_trees_all_close(new_state.hess, h, rtol=state_tol)
+      chex.assert_trees_all_close(new_state.momentum, m, rtol=state_tol, atol=state_tol)
+      # The updates are rounded to the params' dtype: half an ulp of it, relative.
+      chex.assert_trees_all_close(jax.tree.map(lambda x: np.asarray(x, np.float64), updates), u,
+                                  rtol=max(float(jnp.finfo(dtype).eps), state_tol), atol=1e-12)
+      assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == struct
+      assert all(x.dtype == dtype for x in jax.tree.leaves((updates, samples)))
+      state = pick(jnp.asarray(t >= 0), state, new_state)  # traced predicate: both branches must agree
+      params = optax.apply_updates(params, updates)
+      assert all(x.dtype == dtype for x in jax.tree.leaves(params))
+    assert update._cache_size() == 1 and pick._cache_size() == 1  # one trace: the state's types never changed
+    assert isinstance(state, IVONState) and int(state.count) == 3 and state.count.dtype == jnp.int32
+    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == struct
+    assert all(x.dtype == state_dtype for x in jax.tree.leaves((state.hess, state.momentum)))
+    # The state and the params moved: h away from h0, a momentum, params by many ulps.
+    assert min(float(jnp.max(jnp.abs(x - hp["h0"]))) for x in jax.tree.leaves(state.hess)) > 0.05
+    assert min(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(state.momentum)) > 0.05
+    moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))), params,
+                         params0)
+    assert min(jax.tree.leaves(moved)) > 0.05, moved
 
 
 def _hand_trajectory(hp, params, loss, keys, num_samples=2):
