@@ -1,8 +1,10 @@
 """bmerge.checkpoint: exact round trips of every posterior type, the config fingerprint, the cache, atomic saves."""
 
+import functools
 import hashlib
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -186,7 +188,12 @@ def test_config_fingerprint_of_a_config_dict():
   assert checkpoint.config_fingerprint(cfg) == checkpoint.config_fingerprint({"model": {"width": 64}, "lr": 0.1})
 
 
-def test_cached_posterior_builds_once_per_config(tmp_path):
+def _cache_dirs(folder, name):
+  return sorted(p.name for p in folder.iterdir() if p.name.startswith(f"{name}-"))
+
+
+def test_cached_builds_once_per_content_of_its_inputs(tmp_path):
+  """A changed config value, data array (one element), seed or bound function argument misses; the same hits."""
   calls = []
   posterior = _posteriors()["diag"]
 
@@ -194,27 +201,71 @@ def test_cached_posterior_builds_once_per_config(tmp_path):
     calls.append(1)
     return jax.tree.map(lambda x: x * len(calls), posterior)
 
-  config = {"lr": 0.1, "steps": 10}
-  first = checkpoint.cached_posterior(tmp_path, "task0", config, build)
-  again = checkpoint.cached_posterior(tmp_path, "task0", {"steps": 10, "lr": 0.1}, build)
-  assert len(calls) == 1
-  _assert_identical(again, first)
-  changed = checkpoint.cached_posterior(tmp_path, "task0", {"lr": 0.2, "steps": 10}, build)
-  assert len(calls) == 2
-  _assert_identical(changed, jax.tree.map(lambda x: x * 2, posterior))
-  other_name = checkpoint.cached_posterior(tmp_path, "task1", config, build)
-  assert len(calls) == 3
-  _assert_identical(other_name, jax.tree.map(lambda x: x * 3, posterior))
-  # Switching back to the first config restores, without building.
-  _assert_identical(checkpoint.cached_posterior(tmp_path, "task0", config, build), first)
-  assert len(calls) == 3
-  stored = [p for p in tmp_path.iterdir() if p.name.startswith("task0-")]
-  assert len(stored) == 2
-  _, meta = checkpoint.restore_posterior(tmp_path / f"task0-{checkpoint.config_fingerprint(config)[:16]}")
-  assert meta["config"] == config and meta["fingerprint"] == checkpoint.config_fingerprint(config)
-  json.dumps(meta)
+  def loss(theta, x, scale):
+    return scale * jnp.sum((x - theta) ** 2)
+
+  x = np.linspace(0.0, 1.0, 12, dtype=np.float32).reshape(4, 3)
+  inputs = lambda **kw: {"config": {"lr": 0.1, "steps": 10}, "x": x, "seed": 0,
+                         "loss": functools.partial(loss, scale=2.0), **kw}
+  first = checkpoint.cached(tmp_path, "task0", inputs(), build)
+  assert not first.loaded and first.seconds > 0 and len(calls) == 1
+  x_copy = x.copy()  # equal content, another object: a hit
+  again = checkpoint.cached(tmp_path, "task0", inputs(x=x_copy, config={"steps": 10, "lr": 0.1}), build)
+  assert again.loaded and len(calls) == 1
+  _assert_identical(again.value, first.value)
+  # A resumed call reports the first build's seconds and machine exactly, not the time to load.
+  assert again.seconds == first.seconds and again.machine == first.machine
+  assert set(first.machine) >= {"hostname", "cpu", "backend", "device_kind", "device_count", "date", "run"}
+  one_changed = x.copy()
+  one_changed[2, 1] += 1e-3
+  misses = [inputs(config={"lr": 0.2, "steps": 10}), inputs(x=one_changed), inputs(seed=1),
+            inputs(loss=functools.partial(loss, scale=3.0)), inputs(x=x.astype(np.float64))]
+  for k, changed in enumerate(misses):
+    out = checkpoint.cached(tmp_path, "task0", changed, build)
+    assert not out.loaded and len(calls) == 2 + k, k
+    _assert_identical(out.value, jax.tree.map(lambda v: v * (2 + k), posterior))
+  assert len(_cache_dirs(tmp_path, "task0")) == 1 + len(misses)
+  # Another name is another entry; switching back to the first inputs restores without building.
+  assert not checkpoint.cached(tmp_path, "task1", inputs(), build).loaded
+  back = checkpoint.cached(tmp_path, "task0", inputs(), build)
+  assert back.loaded and back.seconds == first.seconds and len(calls) == 2 + len(misses)
+  _assert_identical(back.value, first.value)
+
+
+def test_cached_stores_its_fingerprint_and_checks_it(tmp_path):
+  value = {"w": np.arange(3.0), "b": jnp.ones(2, jnp.bfloat16)}
+  out = checkpoint.cached(tmp_path, "v", {"a": 1}, lambda: value)
+  (path,) = [tmp_path / n for n in _cache_dirs(tmp_path, "v")]
+  _assert_identical(out.value, value)
+  _assert_identical(checkpoint.cached(tmp_path, "v", {"a": 1}, lambda: None).value, value)
+  # A directory whose stored fingerprint disagrees with its name is refused, not loaded.
+  other = tmp_path / "other"
+  checkpoint.cached(other, "v", {"a": 2}, lambda: value)
+  (stored,) = list(other.iterdir())
+  os.rename(stored, other / path.name)
+  with pytest.raises(ValueError, match="`path_dir`"):
+    checkpoint.cached(other, "v", {"a": 1}, lambda: value)
   with pytest.raises(ValueError, match="`name`"):
-    checkpoint.cached_posterior(tmp_path, "a/b", config, build)
+    checkpoint.cached(tmp_path, "a/b", {}, lambda: value)
+  with pytest.raises(TypeError, match="`build_fn`"):
+    checkpoint.cached(tmp_path, "v", {}, value)
+
+
+def test_cached_posterior_is_the_value_of_cached(tmp_path):
+  posterior = _posteriors()["iso"]
+  built = checkpoint.cached_posterior(tmp_path, "t", {"a": 1}, lambda: posterior)
+  _assert_identical(built, posterior)
+  restored = checkpoint.cached(tmp_path, "t", {"a": 1}, lambda: None)
+  assert restored.loaded
+  _assert_identical(restored.value, posterior)
+
+
+def test_timed_adds_the_seconds_of_each_call():
+  costs = {"other": 1.0}
+  assert checkpoint.timed(costs, "stage", lambda: jnp.arange(3).sum()) == 3
+  first = costs["stage"]
+  checkpoint.timed(costs, "stage", lambda: time.sleep(0.05))
+  assert first > 0 and costs["stage"] >= first + 0.05 and costs["other"] == 1.0
 
 
 def test_cached_posterior_rebuilds_after_a_crashed_save(tmp_path, monkeypatch):
@@ -235,4 +286,4 @@ def test_cached_posterior_rebuilds_after_a_crashed_save(tmp_path, monkeypatch):
   checkpoint.cached_posterior(tmp_path, "t", {"a": 1}, build)
   assert len(calls) == 2
   assert not any(".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir())
-  assert os.path.isdir(tmp_path / f"t-{checkpoint.config_fingerprint({'a': 1})[:16]}")
+  assert len(_cache_dirs(tmp_path, "t")) == 1

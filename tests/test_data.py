@@ -230,3 +230,43 @@ def test_minibatches_cover_each_epoch_once_and_repeat_by_seed():
   assert [len(b[0]) for b in data.minibatches(0, (x,), 4, drop_remainder=True)] == [4, 4]
   with pytest.raises(ValueError, match="batch_size"):
     next(data.minibatches(0, (x,), 0))
+
+
+def test_minibatch_indices_cover_each_epoch_once_and_repeat_by_seed():
+  sizes = [10, 7, 12]
+  idx = data.minibatch_indices(3, sizes, 20, 3)
+  assert idx.shape == (3, 20, 3) and idx.dtype == np.int32
+  for t, n in enumerate(sizes):
+    per_epoch = n // 3
+    epochs = idx[t, :per_epoch * (20 // per_epoch)].reshape(-1, per_epoch * 3)
+    for e in epochs:  # no example twice within an epoch; all of them when the batch size divides n
+      assert len(set(e.tolist())) == len(e) and e.min() >= 0 and e.max() < n
+      if n % 3 == 0:
+        assert sorted(e.tolist()) == list(range(n))
+    assert len({tuple(e) for e in epochs}) == len(epochs)  # reshuffled every epoch
+  np.testing.assert_array_equal(data.minibatch_indices(3, sizes, 20, 3), idx)
+  assert not np.array_equal(data.minibatch_indices(4, sizes, 20, 3), idx)
+  # Windows of the stream are its rows, wherever they start (across epoch boundaries too).
+  for start, k in ((0, 5), (5, 9), (13, 7), (20, 0)):
+    np.testing.assert_array_equal(data.minibatch_indices(3, sizes, k, 3, first_step=start), idx[:, start:start + k])
+
+
+def test_minibatch_indices_with_replacement_are_uniform_draws():
+  idx = data.minibatch_indices(0, [5, 2], 2000, 4, replace=True)  # batch_size 4 > n = 2 is allowed here
+  assert idx.shape == (2, 2000, 4)
+  for t, n in enumerate((5, 2)):
+    counts = np.bincount(idx[t].ravel(), minlength=n)
+    assert len(counts) == n and np.all(np.abs(counts / idx[t].size - 1 / n) < 0.02)
+  # repeats inside a batch occur (not a permutation)
+  assert any(len(set(b.tolist())) < 4 for b in idx[0])
+  np.testing.assert_array_equal(data.minibatch_indices(0, [5, 2], 30, 4, replace=True, first_step=100),
+                                idx[:, 100:130])
+
+
+def test_minibatch_indices_errors_name_the_argument():
+  for kwargs, name in (({"seed": -1}, "seed"), ({"num_steps": -2}, "num_steps"), ({"batch_size": 0}, "batch_size"),
+                       ({"batch_size": 8}, "batch_size"), ({"sizes": []}, "sizes"), ({"sizes": [4, 0]}, "sizes"),
+                       ({"first_step": -1}, "first_step"), ({"sizes": 5}, "sizes")):
+    args = {"seed": 0, "sizes": [6, 7], "num_steps": 3, "batch_size": 2, **kwargs}
+    with pytest.raises(ValueError, match=f"`{name}"):
+      data.minibatch_indices(**args)

@@ -1,4 +1,4 @@
-"""The one orbax adapter: posteriors, result arrays and a config-keyed cache of trained posteriors on disk.
+"""The one orbax adapter: posteriors, result arrays, and a content-keyed cache of built values with their costs.
 
 A checkpoint is one orbax directory with two items, written together by `ocp.Checkpointer(CompositeCheckpointHandler)`:
 
@@ -20,20 +20,26 @@ host, as any orbax save.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import importlib
 import json
 import logging
 import os
 import pathlib
+import platform
+import socket
 import sys
-from typing import Any, Callable, Mapping
+import time
+import uuid
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from bmerge import _fingerprint
 from bmerge.posteriors import Beta
 from bmerge.posteriors import DiagGaussian
 from bmerge.posteriors import FullGaussian
@@ -41,12 +47,16 @@ from bmerge.posteriors import IsoGaussian
 from bmerge.posteriors import Mixture
 
 __all__ = [
+    "Cached",
+    "cached",
     "cached_posterior",
     "config_fingerprint",
+    "machine",
     "restore_arrays",
     "restore_posterior",
     "save_arrays",
     "save_posterior",
+    "timed",
 ]
 
 _log = logging.getLogger(__name__)
@@ -359,40 +369,128 @@ def config_fingerprint(config: Any) -> str:
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cached_posterior(path_dir: PathLike, name: str, config: Any, build_fn: Callable[[], Any]):
-  """The posterior for `(name, config)`: restored if one was saved for this config, else `build_fn()`, saved.
+class Cached(NamedTuple):
+  """What `cached` returns: the value and the honest cost of building it, wherever it was built."""
 
-  The checkpoint lives in `path_dir/<name>-<first 16 hex of config_fingerprint(config)>`, so re-running an experiment
-  skips training already done, a changed config trains again (and keeps the old one, so switching back is free), and
-  an interrupted save leaves no checkpoint (it is rebuilt next time). The full fingerprint and the config are stored
-  in the metadata and checked on restore.
+  value: Any  # what build_fn returned (or its restored copy: same structure, dtypes and shapes)
+  seconds: float  # wall-clock seconds of the build, measured when it ran (never the time to load it)
+  loaded: bool  # True when restored from the cache, False when built by this call
+  machine: dict  # where and when the build ran: hostname, cpu, backend, device_kind, device_count, date, run
+
+
+_RUN = uuid.uuid4().hex[:12]  # one id per process: figures of one run share it
+
+
+def machine() -> dict:
+  """Where this process runs: hostname, CPU model, jax backend, device kind and count, UTC date, and a run id.
+
+  The run id is drawn once per process, so stored costs can tell figures of one run from those of another.
+
+  Example:
+    >>> sorted(machine())
+    ['backend', 'cpu', 'date', 'device_count', 'device_kind', 'hostname', 'run']
+  """
+  devices = jax.devices()
+  return {"hostname": socket.gethostname(), "cpu": _cpu_model(), "backend": jax.default_backend(),
+          "device_kind": devices[0].device_kind, "device_count": len(devices),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "run": _RUN}
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.partition(":")[2].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _check_name(name: Any) -> None:
+  if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name in (".", ".."):
+    raise ValueError(f"`name` must be a non-empty file name without path separators, got {name!r}.")
+
+
+def cached(path_dir: PathLike, name: str, inputs: Any, build_fn: Callable[[], Any]) -> Cached:
+  """`build_fn()` keyed by the content of `inputs`: restored if built before for the same inputs, else built and saved.
+
+  The key is `bmerge._fingerprint.fingerprint(inputs)`: configs (dicts, ConfigDicts) by their values, numpy and jax
+  arrays (PRNG keys included) by dtype, shape and bytes, functions by qualified name, code, defaults and closure
+  values, `functools.partial` objects by their bound arguments. So a changed config value, data set (one element is
+  enough), seed or bound argument misses the cache and builds again, and the old entry stays (switching back is free).
+  Pass in `inputs` everything `build_fn` depends on; globals it reads by name are not seen.
+
+  On a miss the build runs, `jax.block_until_ready` waits for its arrays, and its wall-clock seconds are stored with
+  the value in `path_dir/<name>-<first 16 hex of the fingerprint>` (an orbax checkpoint, written atomically), with
+  the full fingerprint and `machine()` (hostname, CPU, backend, devices, date, run id). On a hit the value is restored
+  and the *stored* seconds and machine are returned with `loaded=True`: a resumed run reports what the build cost
+  where it ran, never the time to load it.
 
   Args:
     path_dir: directory holding the cache.
-    name: what the posterior is, e.g. "task0-ivon"; letters, digits, `-`, `_`, `.`.
-    config: the dict or ConfigDict that determines the posterior (everything `build_fn` depends on).
-    build_fn: `() -> posterior`, called only on a cache miss.
+    name: what the value is, e.g. "task0-ivon"; letters, digits, `-`, `_`, `.` (a file name).
+    inputs: anything that determines the value; e.g. `{"config": config, "x": train_x, "seed": 0}`.
+    build_fn: `() -> value`, a pytree of arrays (posteriors, dicts, NamedTuples, NNX states), called only on a miss.
 
   Returns:
-    The posterior (same type, structure, dtypes whether built or restored).
+    `Cached(value, seconds, loaded, machine)`.
+
+  Example:
+    >>> import tempfile
+    >>> x = np.arange(3.0)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   first = cached(d, "double", {"x": x, "scale": 2}, lambda: {"y": 2 * x})
+    ...   again = cached(d, "double", {"x": x, "scale": 2}, lambda: {"y": 2 * x})
+    ...   changed = cached(d, "double", {"x": x + [0, 0, 1], "scale": 2}, lambda: {"y": 2 * x})
+    >>> first.loaded, again.loaded, changed.loaded, again.seconds == first.seconds
+    (False, True, False, True)
+    >>> again.value["y"].tolist()
+    [0.0, 2.0, 4.0]
   """
-  if not isinstance(name, str) or not name or any(c in name for c in "/\\") or name in (".", ".."):
-    raise ValueError(f"`name` must be a non-empty file name without path separators, got {name!r}.")
+  _check_name(name)
   if not callable(build_fn):
-    raise TypeError(f"`build_fn` must be a callable () -> posterior, got {type(build_fn).__name__}.")
-  fingerprint = config_fingerprint(config)
-  path = _final_path(path_dir, "path_dir") / f"{name}-{fingerprint[:16]}"
+    raise TypeError(f"`build_fn` must be a callable () -> value, got {type(build_fn).__name__}.")
+  key = _fingerprint.fingerprint(inputs)
+  path = _final_path(path_dir, "path_dir") / f"{name}-{key[:16]}"
   if path.is_dir():
-    posterior, metadata = restore_posterior(path)
-    if metadata.get("fingerprint") != fingerprint:
-      raise ValueError(f"`path_dir` holds {str(path)!r} for fingerprint {metadata.get('fingerprint')!r}, not "
-                       f"{fingerprint!r}; remove it.")
-    _log.info("cached_posterior: restored %s", path)
-    return posterior
-  posterior = build_fn()
-  metadata = {"name": name, "fingerprint": fingerprint, "config": json.loads(
-      json.dumps(_config_dict(config), default=_jsonable))}
+    value, info = _restore_tree(path, "cached")
+    meta = info["metadata"]
+    if meta.get("fingerprint") != key:
+      raise ValueError(f"`path_dir` holds {str(path)!r} for fingerprint {meta.get('fingerprint')!r}, not {key!r}; "
+                       "remove it.")
+    _log.info("cached: restored %s (built in %.2f s on %s)", path, meta["seconds"], meta["machine"]["hostname"])
+    return Cached(value, float(meta["seconds"]), True, meta["machine"])
+  t0 = time.perf_counter()
+  value = jax.block_until_ready(build_fn())
+  seconds = time.perf_counter() - t0
+  where = machine()
   if not path.exists():  # another process may have finished the same build meanwhile
-    save_posterior(path, posterior, metadata)
-    _log.info("cached_posterior: built and saved %s", path)
-  return posterior
+    parts = _fingerprint.fingerprints(inputs) if isinstance(inputs, Mapping) else {}
+    meta = {"name": name, "fingerprint": key, "inputs": parts, "seconds": seconds, "machine": where}
+    _save_tree(path, value, kind="cached", type_name=type(value).__name__, metadata=meta, overwrite=False,
+               where="the value of `build_fn`")
+    _log.info("cached: built and saved %s", path)
+  return Cached(value, seconds, False, where)
+
+
+def cached_posterior(path_dir: PathLike, name: str, inputs: Any, build_fn: Callable[[], Any]):
+  """`cached(path_dir, name, inputs, build_fn).value`: the posterior alone, for callers that keep no costs."""
+  return cached(path_dir, name, inputs, build_fn).value
+
+
+def timed(costs: dict, name: str, fn: Callable[[], Any]) -> Any:
+  """Runs `fn()`, waits for its arrays (`jax.block_until_ready`) and adds its wall-clock seconds to `costs[name]`.
+
+  For stages with no cache of their own (figures, tokenisation); cached builds carry their stored cost in
+  `Cached.seconds` instead.
+
+  Example:
+    >>> costs = {}
+    >>> timed(costs, "sum", lambda: int(np.arange(4).sum())), sorted(costs)
+    (6, ['sum'])
+  """
+  t0 = time.perf_counter()
+  out = jax.block_until_ready(fn())
+  costs[name] = costs.get(name, 0.0) + time.perf_counter() - t0
+  return out

@@ -34,7 +34,8 @@ from bmerge.io import _sentiment
 from bmerge.io._dataset import Dataset
 
 __all__ = ["BALANCED", "CIFAR10_TASKS", "Dataset", "IMBALANCED", "MNIST5K_RESOURCE", "NAMES", "OVERLAP", "avg_pool",
-           "load", "load_sentiment", "minibatches", "split_by_classes", "split_fraction", "task_membership"]
+           "load", "load_sentiment", "minibatch_indices", "minibatches", "split_by_classes", "split_fraction",
+           "task_membership"]
 
 NAMES = ("digits", "mnist5k", "mnist", "cifar10")
 _TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10"}
@@ -314,6 +315,70 @@ def minibatches(seed: int, arrays: Sequence[np.ndarray], batch_size: int, *, num
     for start in range(0, stop, batch_size):
       idx = order[start:start + batch_size]
       yield tuple(a[idx] for a in arrays)
+
+
+def minibatch_indices(seed: int, sizes: Sequence[int], num_steps: int, batch_size: int, *, replace: bool = False,
+                      first_step: int = 0) -> np.ndarray:
+  """Per-task minibatch index streams: [T, num_steps, batch_size] int32 indices into each task's n_t examples.
+
+  Without replacement (the default), task t's stream is a sequence of epochs; epoch e is a permutation of
+  range(n_t) drawn by `np.random.default_rng([seed, t, e])`, cut into floor(n_t / batch_size) full batches of
+  consecutive entries. The last n_t mod batch_size entries of every epoch are dropped (drop_remainder; a different
+  remainder each epoch), so within an epoch every example appears at most once, and exactly once when batch_size
+  divides n_t. With `replace=True` every batch is batch_size uniform draws from range(n_t) (epoch e's
+  max(1, floor(n_t / batch_size)) batches from the same generator), and batch_size may exceed n_t.
+
+  The stream depends on `seed` only, and step s depends on s, not on where a window starts: rows
+  `first_step : first_step + num_steps` of a longer stream are `minibatch_indices(..., num_steps,
+  first_step=first_step)`, so streams too long for memory can be produced a window at a time.
+
+  Args:
+    seed: non-negative integer seed.
+    sizes: the T tasks' example counts n_t (positive integers).
+    num_steps: steps in the window (>= 0).
+    batch_size: examples per step and task (positive; at most min n_t without replacement).
+    replace: draw with replacement instead of epoch-wise permutations.
+    first_step: the window's first step in the whole stream (>= 0).
+
+  Returns:
+    int32 [T, num_steps, batch_size]; `x_t[idx[t, s]]` is task t's minibatch at step first_step + s.
+
+  Example:
+    >>> idx = minibatch_indices(0, [4, 6], num_steps=4, batch_size=2)
+    >>> idx.shape, idx.dtype
+    ((2, 4, 2), dtype('int32'))
+    >>> sorted(idx[0, :2].ravel().tolist()), sorted(idx[1, :3].ravel().tolist())  # epoch 0 of each task
+    ([0, 1, 2, 3], [0, 1, 2, 3, 4, 5])
+    >>> bool((minibatch_indices(0, [4, 6], 2, 2, first_step=2) == idx[:, 2:]).all())
+    True
+  """
+  _checks.integer(seed, "seed", minimum=0)
+  _checks.integer(num_steps, "num_steps", minimum=0)
+  _checks.integer(batch_size, "batch_size")
+  _checks.integer(first_step, "first_step", minimum=0)
+  if isinstance(sizes, (int, np.integer)) or not len(sizes):
+    raise ValueError(f"`sizes` must be a non-empty list of per-task example counts, got {sizes!r}.")
+  for t, n in enumerate(sizes):
+    _checks.integer(n, f"sizes[{t}]")
+  if not replace and batch_size > min(sizes):
+    raise ValueError(f"`batch_size` = {batch_size} exceeds the smallest task's {min(sizes)} examples (`sizes` = "
+                     f"{list(sizes)}); without replacement every batch is drawn from one epoch.")
+  out = np.empty((len(sizes), num_steps, batch_size), np.int32)
+  stop = first_step + num_steps
+  for t, n in enumerate(int(n) for n in sizes):
+    per_epoch = max(1, n // batch_size)
+    first, last = first_step // per_epoch, -(-stop // per_epoch)
+    epochs = []
+    for e in range(first, last):
+      rng = np.random.default_rng([int(seed), t, e])
+      if replace:
+        epochs.append(rng.integers(0, n, (per_epoch, batch_size)))
+      else:
+        epochs.append(rng.permutation(n)[:per_epoch * batch_size].reshape(per_epoch, batch_size))
+    if num_steps:
+      offset = first_step - first * per_epoch
+      out[t] = np.concatenate(epochs)[offset:offset + num_steps]
+  return out
 
 
 def load_sentiment(domains=None, **kwargs) -> dict:
