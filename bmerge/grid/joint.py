@@ -98,7 +98,7 @@ def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: Py
     task_losses: `task_losses(params, batch) -> [T]`, the per-task losses (each including its share of any
       regulariser, so that with sum(alpha) = 1 the objective is the weighted multitask loss plus the regulariser).
     init_params: the common initialisation (e.g. the pretrained model).
-    alphas: [G, T] task weights.
+    alphas: [G, T] task weights, or one vector [T] (then the result has no leading G axis).
     optimizer: an optax transformation, applied for `num_steps` steps (same budget for every alpha).
     num_steps: the number of steps; with `stepwise=True` it must equal the leading axis of `batch` (or be None).
     batch: the training data passed to `task_losses` at every step (or, stepwise, one slice per step).
@@ -119,7 +119,8 @@ def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: Py
       convolutional networks on the CPU, and with `chunk_size=1` it is the per-alpha loop.
 
   Returns:
-    The trained params with a leading G axis, or the metrics [G, ...] when `eval_fn` is given (numpy).
+    The trained params with a leading G axis, or the metrics [G, ...] when `eval_fn` is given (numpy); without the
+    G axis for one alpha vector.
   """
   if stepwise:
     sizes = {int(np.shape(x)[0]) if np.ndim(x) else -1 for x in jax.tree.leaves(batch)}
@@ -133,15 +134,12 @@ def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: Py
   num_steps = _checks.positive_int(num_steps, "num_steps", allow_zero=True)
   if workdir is not None:
     _checks.workdir(workdir)
-  a = np.asarray(alphas)
-  if a.ndim != 2:
-    raise ValueError(f"`alphas` must be a [G, T] grid, got shape {a.shape}.")
+  a, single = _grid(alphas)
   first = jax.tree.map(lambda x: x[0], batch) if stepwise else batch
   losses0 = jax.eval_shape(task_losses, init_params, first)
   if losses0.shape != (a.shape[1],):
     raise ValueError(f"`task_losses` returns shape {losses0.shape} but `alphas` has T = {a.shape[1]} columns; "
                      f"expected task_losses(params, batch) -> [{a.shape[1]}].")
-  _checks.alphas(a, a.shape[1])
   _checks.finite(init_params, name="init_params")
   if step_loop not in ("scan", "python"):
     raise ValueError(f"`step_loop` must be 'scan' or 'python', got {step_loop!r}.")
@@ -149,9 +147,18 @@ def joint_train(task_losses: Callable[[PyTree, Any], jax.Array], init_params: Py
   chunk_fn = partial(train, task_losses, optimizer, num_steps, bool(stepwise), eval_fn)
   inputs = dict(task_losses=task_losses, optimizer=optimizer, num_steps=num_steps, stepwise=bool(stepwise),
                 init_params=init_params, batch=batch, eval_fn=eval_fn, eval_batch=eval_batch)
-  return chunked_map(lambda chunk: chunk_fn(chunk, init_params, batch, eval_batch), a.astype(compute_dtype()),
-                     chunk_size=chunk_size, workdir=workdir, tag=tag, inputs=inputs, progress=progress,
-                     description=f"joint training {tag}")
+  out = chunked_map(lambda chunk: chunk_fn(chunk, init_params, batch, eval_batch), a.astype(compute_dtype()),
+                    chunk_size=chunk_size, workdir=workdir, tag=tag, inputs=inputs, progress=progress,
+                    description=f"joint training {tag}")
+  return jax.tree.map(lambda x: x[0], out) if single else out
+
+
+def _grid(alphas) -> tuple[np.ndarray, bool]:
+  """`alphas` as a checked [G, T] grid, and whether it was one vector [T] (then results lose the G axis)."""
+  a = np.asarray(alphas)
+  if a.ndim not in (1, 2):
+    raise ValueError(f"`alphas` must be one weight vector [T] or a grid [G, T], got shape {a.shape}.")
+  return _checks.alphas(a, a.shape[-1])
 
 
 def _alpha_weighted(task_losses, params, batch):
@@ -186,7 +193,7 @@ def joint_train_ivon(key: jax.Array, task_losses: Callable[[PyTree, Any], jax.Ar
     task_losses: `task_losses(params, batch) -> [T]` per-task minibatch losses, e.g. the per-task cross-entropies of
       one mixed minibatch (`bmerge.models.resnet.task_cross_entropies`).
     params: the common start (with `init_posterior`, its mean).
-    alphas: [G, T] task weights.
+    alphas: [G, T] task weights, or one vector [T] (then the result has no leading G axis).
     batches: a list of batches (a stream, one compiled step per batch from Python: the fast form for convolutional
       networks on the CPU) or a pytree with a leading steps axis (one `lax.scan`). Not an iterator: every alpha
       reads the same batches.
@@ -204,7 +211,8 @@ def joint_train_ivon(key: jax.Array, task_losses: Callable[[PyTree, Any], jax.Ar
       init_posterior, ...).
 
   Returns:
-    The trained means with a leading G axis, or the metrics [G, ...] when `eval_fn` is given (numpy).
+    The trained means with a leading G axis, or the metrics [G, ...] when `eval_fn` is given (numpy); without the
+    G axis for one alpha vector.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np
@@ -231,10 +239,7 @@ def joint_train_ivon(key: jax.Array, task_losses: Callable[[PyTree, Any], jax.Ar
     raise TypeError(f"`eval_fn` must be callable as eval_fn(params, eval_batch), got {type(eval_fn).__name__}.")
   if workdir is not None:
     _checks.workdir(workdir)
-  a = np.asarray(alphas)
-  if a.ndim != 2:
-    raise ValueError(f"`alphas` must be a [G, T] grid, got shape {a.shape}.")
-  _checks.alphas(a, a.shape[1])
+  a, single = _grid(alphas)
   if hasattr(batches, "__next__"):
     raise ValueError("`batches` is an iterator; every alpha trains on the same batches: pass a list of batches or a "
                      "pytree with a leading steps axis.")
@@ -264,5 +269,6 @@ def joint_train_ivon(key: jax.Array, task_losses: Callable[[PyTree, Any], jax.Ar
   inputs = dict(key=key, task_losses=task_losses, params=params, batches=batches, ess=ess,
                 learning_rate=learning_rate, ivon_kwargs=dict(sorted(ivon_kwargs.items())), eval_fn=eval_fn,
                 eval_batch=eval_batch)
-  return chunked_map(chunk_fn, a.astype(compute_dtype()), chunk_size=chunk_size, workdir=workdir, tag=tag,
-                     inputs=inputs, progress=progress, description=f"IVON joint training {tag}")
+  out = chunked_map(chunk_fn, a.astype(compute_dtype()), chunk_size=chunk_size, workdir=workdir, tag=tag,
+                    inputs=inputs, progress=progress, description=f"IVON joint training {tag}")
+  return jax.tree.map(lambda x: x[0], out) if single else out

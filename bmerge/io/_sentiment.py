@@ -192,7 +192,8 @@ def load(domains: Union[None, str, Sequence[str]] = None, *, seed: int = 0, test
   Returns:
     A dict domain -> `bmerge.data.Dataset`, in the order of `domains`.
   """
-  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
+  train_test_split = _checks.optional_import("sklearn.model_selection", "experiments", "bmerge.data.load_sentiment",
+                                             "scikit-learn").train_test_split
 
   domains = _check_domains(domains)
   if isinstance(test_fraction, bool) or not isinstance(test_fraction, (float, int)) or not 0 < test_fraction < 1:
