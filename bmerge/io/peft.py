@@ -11,7 +11,7 @@ PEFT layout (Hugging Face `peft`, LoRA on a `BertModel`): `adapter_model.safeten
 and `adapter_config.json` holds r and lora_alpha; the layer computes W x + b + (lora_alpha / r) B A x (lora_alpha /
 sqrt(r) with use_rslora). In bmerge's NNX convention (y = x @ kernel) the same layer is x @ kernel + bias + scale *
 x @ lora_a @ lora_b with kernel = W^T, lora_a = A^T [in, r], lora_b = B^T [r, out]: every matrix is transposed once,
-by the key table of `bmerge.models.bert` (`HF_TABLE`). bmerge's classification head (on the mean-pooled states) is
+by the key table `HF_TABLE` of `bmerge.models.bert.params`. bmerge's classification head (on the mean-pooled states) is
 stored as PEFT stores a `modules_to_save` classifier, `base_model.model.classifier.weight` [C, H] and `.bias` [C].
 
 Posteriors from elsewhere. A per-task diagonal Fisher or IVON Hessian saved under the SAME keys and layout as the
