@@ -25,6 +25,7 @@ from bmerge.assess import comparison
 from bmerge.assess import metrics
 from bmerge.assess import plot
 from bmerge.assess import report
+from bmerge.assess.comparison import CompareOptions
 from bmerge.assess.comparison import Comparison
 from bmerge.assess.comparison import Entry
 from bmerge.assess.comparison import compare
@@ -47,6 +48,7 @@ from bmerge.posteriors import unstack
 
 __all__ = [
     "Beta",
+    "CompareOptions",
     "Comparison",
     "DiagGaussian",
     "Entry",

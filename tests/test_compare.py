@@ -122,7 +122,7 @@ def test_recommendation_costs_and_files(coarse_run):
   assert "## Per-task metrics: Pareto fronts" in text
   assert "Joint training: 0.2 s per alpha (3.0 s for 15 alphas)" in text
   assert s["paper_ordering"] == {"paper": ["simple", "hessian"], "ours": ["simple", "hessian"], "holds": True}
-  assert all(f"![{p.name}]({p.name})" in text for k, p in out.paths.items() if k not in ("report", "metrics"))
+  assert all(f"![{p.name}]({p.name})" in text for k, p in out.paths.items() if k not in ("report", "metrics", "surfaces"))
   lines = report.table(s).splitlines()
   assert lines[1].split()[0] == "simple" and lines[-1].startswith("exact (joint)")
 

@@ -10,8 +10,9 @@ from bmerge.assess import comparison
 from bmerge.assess import metrics
 from bmerge.assess import plot
 from bmerge.assess import report
+from bmerge.assess.comparison import CompareOptions
 from bmerge.assess.comparison import Comparison
 from bmerge.assess.comparison import Entry
 from bmerge.assess.comparison import compare
 
-__all__ = ["Comparison", "Entry", "compare", "comparison", "metrics", "plot", "report"]
+__all__ = ["CompareOptions", "Comparison", "Entry", "compare", "comparison", "metrics", "plot", "report"]
