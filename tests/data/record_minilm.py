@@ -2,7 +2,7 @@
 
 Not part of the package and never imported by the tests: it runs in a scratch environment with PyTorch and
 sentence-transformers, and writes only JSON (tests/data/minilm_reference.json), which the tests compare with
-`bmerge.models.bert.sentence_embeddings` (max abs difference <= 1e-4).
+`bmerge.models.bert.sentence_embeddings` (max abs difference <= 1e-5).
 
   python3 -m venv /tmp/scratch
   /tmp/scratch/bin/pip install torch==2.13.0 sentence-transformers
