@@ -8,7 +8,8 @@ The pipeline, one folder a stage:
                    mixture-weighted with a batched EM).
 - `bmerge.grid`    alpha grids, `preview` (merge + evaluate every alpha, chunked and compiled) and the exact answer
                    (`joint_train`).
-- `bmerge.assess`  metrics, figures, reports and `compare`.
+- `bmerge.assess`  metrics, figures, reports, `compare`, and `pareto.estimate` (the Pareto front from a preview
+                   and a few real runs).
 - `bmerge.io`      the edges: data, checkpoints, PEFT / safetensors.
 
 Posterior types (`DiagGaussian`, `FullGaussian`, `IsoGaussian`, `Mixture`, `Beta`) live in `bmerge.posteriors` and are
@@ -23,12 +24,14 @@ from bmerge import optim
 from bmerge import grid
 from bmerge.assess import comparison
 from bmerge.assess import metrics
+from bmerge.assess import pareto
 from bmerge.assess import plot
 from bmerge.assess import report
 from bmerge.assess.comparison import CompareOptions
 from bmerge.assess.comparison import Comparison
 from bmerge.assess.comparison import Entry
 from bmerge.assess.comparison import compare
+from bmerge.assess.pareto import ParetoEstimate
 from bmerge.grid import joint as exact
 from bmerge.grid.evaluate import chunked_map
 from bmerge.grid.evaluate import preview
@@ -55,6 +58,7 @@ __all__ = [
     "FullGaussian",
     "IsoGaussian",
     "Mixture",
+    "ParetoEstimate",
     "assess",
     "checkpoint",
     "chunked_map",
@@ -72,6 +76,7 @@ __all__ = [
     "metrics",
     "models",
     "optim",
+    "pareto",
     "plot",
     "preview",
     "report",

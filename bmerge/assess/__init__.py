@@ -4,15 +4,19 @@
 - `bmerge.assess.plot`: ternary contours, two-task curves, histograms, Pareto fronts (matplotlib).
 - `bmerge.assess.report`: a report folder (markdown table, figures, metrics.json).
 - `bmerge.assess.comparison`: `compare(entries, alphas, exact, ...)` -> `Comparison`, one call for all of it.
+- `bmerge.assess.pareto`: `estimate(alphas, preview, exact_fn, budget)`: the Pareto front from a preview and a few
+  real runs chosen where they matter.
 """
 
 from bmerge.assess import comparison
 from bmerge.assess import metrics
+from bmerge.assess import pareto
 from bmerge.assess import plot
 from bmerge.assess import report
 from bmerge.assess.comparison import CompareOptions
 from bmerge.assess.comparison import Comparison
 from bmerge.assess.comparison import Entry
 from bmerge.assess.comparison import compare
+from bmerge.assess.pareto import ParetoEstimate
 
 __all__ = ["CompareOptions", "Comparison", "Entry", "compare", "comparison", "metrics", "plot", "report"]
