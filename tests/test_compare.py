@@ -9,6 +9,7 @@ computation (numpy, float64, loops over the matched rows).
 import functools
 import json
 import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +123,8 @@ def test_recommendation_costs_and_files(coarse_run):
   assert "## Per-task metrics: Pareto fronts" in text
   assert "Joint training: 0.2 s per alpha (3.0 s for 15 alphas)" in text
   assert s["paper_ordering"] == {"paper": ["simple", "hessian"], "ours": ["simple", "hessian"], "holds": True}
-  assert all(f"![{p.name}]({p.name})" in text for k, p in out.paths.items() if k not in ("report", "metrics", "surfaces"))
+  figures = [p for k, p in out.paths.items() if k not in ("report", "metrics", "surfaces")]
+  assert all(f"![{p.name}]({p.name})" in text for p in figures)
   lines = report.table(s).splitlines()
   assert lines[1].split()[0] == "simple" and lines[-1].startswith("exact (joint)")
 
@@ -166,6 +168,13 @@ def test_weighted_overall_metric_for_losses_and_two_tasks(tmp_path):
   assert out.summary["exact_best"] == pytest.approx(exact_loss.min())
   assert out.summary["methods"]["hessian"]["mse"] < 1e-10
   assert {"curves", "histograms", "pareto"} <= set(out.paths) and "contours" not in out.paths
+  # The report says what "best alpha" compares: both bests minimise the weighted objective, each alpha by its weights.
+  text = out.paths["report"].read_text()
+  assert '"Best alpha", of the preview and of joint training alike, minimises the weighted objective' in text
+  assert "each alpha is scored with its own weights" in text
+  with np.load(out.paths["surfaces"]) as f:  # the per-task losses as computed, and the exact ones as given
+    np.testing.assert_array_equal(f["exact"], exact)
+    np.testing.assert_array_equal(f["preview/simple"], out.previews["simple"])
 
 
 def test_task_arithmetic_on_the_simplex_is_simple_averaging_and_off_it_the_scaled_sweep(tmp_path, x64):
@@ -237,3 +246,169 @@ def test_errors_name_the_argument(tmp_path):
   (tmp_path / "file").write_text("")
   with pytest.raises(ValueError, match="`folder`"):
     bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, folder=tmp_path / "file")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Options, per-example results, intervals and saved surfaces.
+
+
+def test_options_object_and_keyword_overrides_give_the_same_comparison(tmp_path):
+  alphas = grid.simplex(3, 0.25)
+  exact = _exact(alphas)
+  settings = dict(metric="negative loss", percent=False, task_names=TASKS, top_k=2, title="same", progress=False,
+                  recommend="simple")
+  by_name = bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact=exact, **settings)
+  by_options = bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact=exact,
+                              options=bmerge.CompareOptions(**settings))
+  # Overrides replace the fields of `options`.
+  mixed = bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact=exact,
+                         options=bmerge.CompareOptions(**dict(settings, top_k=4, title="other")), top_k=2, title="same")
+  drop = lambda s: {k: v for k, v in s.items() if k != "costs"}  # seconds differ from run to run
+  assert drop(by_name.summary) == drop(by_options.summary) == drop(mixed.summary)
+  assert by_name.summary["title"] == "same" and len(by_name.summary["recommendation"]["alphas"]) == 2
+  assert bmerge.CompareOptions().progress is True
+  assert bmerge.CompareOptions is comparison.CompareOptions and "CompareOptions" in bmerge.__all__
+  with pytest.raises(TypeError, match=r"unexpected keyword argument 'metrics'.*metric, task_metric, percent"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, metrics="accuracy")
+  with pytest.raises(TypeError, match="`options` must be a bmerge.CompareOptions"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, options={"metric": "accuracy"})
+
+
+# Per-example results: example n of task t is "right" when the merged theta lies within tol_n of its point x_n.
+# The points scatter around the task means, so the accuracy per task rises as theta approaches that task's mean.
+_RNG = np.random.default_rng(0)
+N_EXAMPLES = 90
+TASK_OF = np.repeat(np.arange(3), N_EXAMPLES // 3)
+POINTS = MEANS[TASK_OF] + _RNG.normal(0.0, 0.6, (N_EXAMPLES, 2))
+TOL = _RNG.uniform(0.3, 2.0, N_EXAMPLES)
+MEMBERS = np.eye(3)[TASK_OF]
+MEMBERS[::7, (TASK_OF[::7] + 1) % 3] = 1.0  # every 7th example belongs to a second task too (overlapping tasks)
+EXAMPLE_BATCH = (jnp.asarray(POINTS, jnp.float32), jnp.asarray(TOL, jnp.float32))
+
+
+def right(theta, batch):
+  points, tol = batch
+  return (jnp.sqrt(jnp.sum((theta - points) ** 2, axis=1)) < tol).astype(jnp.float32)
+
+
+def _exact_per_example(alphas):
+  """[G, N] 1.0 where the closed-form joint-training solution is within tolerance, float64."""
+  theta = (alphas @ (PRECISIONS * MEANS)) / (alphas @ PRECISIONS)
+  return (np.linalg.norm(theta[:, None, :] - POINTS[None], axis=2) < TOL[None]).astype(np.float64)
+
+
+def _per_task_by_loops(correct):
+  """[G, 1 + T] from [G, N]: the mean over all examples, then over each task's members, with plain loops."""
+  out = np.zeros((correct.shape[0], 4))
+  for g, row in enumerate(np.asarray(correct, np.float64).tolist()):
+    out[g, 0] = sum(row) / len(row)
+    for t in range(3):
+      members = [row[n] for n in range(len(row)) if MEMBERS[n, t] == 1]
+      out[g, 1 + t] = sum(members) / len(members)
+  return out
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("examples")
+  alphas, exact_alphas = grid.simplex(3, 0.125), grid.simplex(3, 0.25)
+  entries = ENTRIES + [comparison.Entry("simple again", _posteriors(), simple, "the same rule twice")]
+  run = functools.partial(bmerge.compare, entries, right, EXAMPLE_BATCH, alphas, exact=_exact_per_example(exact_alphas),
+                          exact_alphas=exact_alphas, folder=folder, workdir=folder / "chunks", examples=MEMBERS,
+                          options=bmerge.CompareOptions(task_names=TASKS, percent=True, num_samples=300,
+                                                        progress=False, paper={"methods": {
+                                                            "simple": {"mse": 0.2}, "hessian": {"mse": 0.1}}}))
+  return folder, alphas, exact_alphas, run(), run
+
+
+def test_per_example_surfaces_and_scores_match_loops(example_run):
+  _, alphas, exact_alphas, out, _ = example_run
+  exact = _per_task_by_loops(_exact_per_example(exact_alphas))
+  np.testing.assert_allclose(out.surfaces["exact"], exact, rtol=0, atol=1e-15)
+  rows = [int(np.flatnonzero(np.all(np.abs(alphas - a) < 1e-12, axis=1))[0]) for a in exact_alphas]
+  for name in ("simple", "hessian"):
+    assert out.previews[name].shape == (45, N_EXAMPLES)  # as computed: one result per example
+    surface = _per_task_by_loops(out.previews[name])
+    np.testing.assert_allclose(out.surfaces[name], surface, rtol=0, atol=1e-15)
+    m = out.summary["methods"][name]
+    assert m["mse"] == pytest.approx(np.mean((surface[rows, 0] - exact[:, 0]) ** 2), rel=1e-12, abs=1e-15)
+    fc = metrics.compare_fronts(exact_alphas, surface[rows, 1:], exact[:, 1:])
+    assert out.summary["pareto"][name]["recall"] == fc.recall
+  assert out.summary["num_examples"] == N_EXAMPLES
+  # The Hessian-weighted merge is joint training here (up to float32 at the tolerance edges); simple averaging is not.
+  assert out.summary["methods"]["hessian"]["mse"] < out.summary["methods"]["simple"]["mse"]
+
+
+def test_per_example_intervals_contain_their_estimates_and_differences_are_paired(example_run):
+  _, _, _, out, _ = example_run
+  s = out.summary
+  assert s["interval"] == {"kind": "bootstrap over test examples", "seeds": 1, "samples": 300, "level": 0.95}
+  for name, m in s["methods"].items():
+    for key in ("mse", "spearman", "regret_at_1"):
+      lo, hi = m[f"{key}_ci"]
+      assert lo <= m[key] + 1e-12 and m[key] - 1e-12 <= hi, (name, key)
+  names = list(s["methods"])
+  assert set(s["differences"]) == {f"{a}-{b}" for a in names for b in names if a != b}
+  for a in names:
+    for b in names:
+      if a != b:
+        d, back = s["differences"][f"{a}-{b}"], s["differences"][f"{b}-{a}"]
+        assert d["mse"] == pytest.approx(s["methods"][a]["mse"] - s["methods"][b]["mse"], abs=1e-12)
+        assert d["ci"] == pytest.approx([-back["ci"][1], -back["ci"][0]], abs=1e-12)
+  # The same rule twice: every resample gives the same MSE for both, so the difference is exactly 0 and unresolved.
+  assert s["differences"]["simple-simple again"] == {"mse": 0.0, "ci": [0.0, 0.0]}
+  lo, hi = s["differences"]["simple-hessian"]["ci"]
+  resolved = lo > 0
+  assert s["paper_ordering"]["verdict"] == ("holds" if resolved else "not resolved")
+  text = (pathlib.Path(out.paths["report"])).read_text()
+  assert "| simple > simple again | 0 | [0, 0] | not resolved |" in text
+  assert f"| simple > hessian | {s['differences']['simple-hessian']['mse']:.3g} | [{lo:.3g}, {hi:.3g}] | " + (
+      "holds |" if resolved else "not resolved |") in text
+  m = s["methods"]["simple"]
+  assert f"| {m['mse']:.4g} [{m['mse_ci'][0]:.3g}, {m['mse_ci'][1]:.3g}] |" in text
+  assert "bootstrap over test examples (300 resamples, paired" in text
+
+
+def test_resampled_surfaces_equal_per_task_accuracy_of_the_resampled_examples():
+  rng = np.random.default_rng(1)
+  results = (rng.random((5, N_EXAMPLES)) < 0.6).astype(np.float64)
+  members = np.concatenate([np.ones((N_EXAMPLES, 1)), MEMBERS], axis=1)
+  idx = rng.integers(0, N_EXAMPLES, (4, N_EXAMPLES))
+  counts = np.stack([np.bincount(i, minlength=N_EXAMPLES) for i in idx]).astype(np.float64)
+  fast = comparison._resampled_surfaces(results, members, counts)  # pylint: disable=protected-access
+  for b in range(4):
+    np.testing.assert_allclose(fast[b], metrics.per_task_accuracy(results[:, idx[b]], MEMBERS[idx[b]]), atol=1e-14)
+
+
+def test_surfaces_npz_round_trips_and_a_second_call_resumes(example_run):
+  folder, alphas, exact_alphas, out, run = example_run
+  assert json.loads((folder / "metrics.json").read_text())["surfaces"] == "surfaces.npz"
+  with np.load(folder / "surfaces.npz") as f:
+    np.testing.assert_array_equal(f["alphas"], alphas)
+    np.testing.assert_array_equal(f["exact_alphas"], exact_alphas)
+    np.testing.assert_array_equal(f["exact"], _exact_per_example(exact_alphas))
+    np.testing.assert_array_equal(f["examples"], MEMBERS)
+    np.testing.assert_array_equal(f["surface/exact"], out.surfaces["exact"])
+    for name in out.previews:
+      np.testing.assert_array_equal(f[f"preview/{name}"], out.previews[name])
+      np.testing.assert_array_equal(f[f"surface/{name}"], out.surfaces[name])
+  chunks = folder / "chunks"
+  stamps = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(chunks) for f in fs}
+  again = run()
+  assert {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
+          for d, _, fs in os.walk(chunks) for f in fs} == stamps  # nothing recomputed
+  drop = lambda s: {k: v for k, v in s.items() if k != "costs"}
+  assert drop(again.summary) == drop(out.summary)  # the same previews and the same seeded resamples
+
+
+def test_per_example_errors_name_the_argument():
+  alphas = grid.simplex(3, 0.25)
+  exact = _exact_per_example(alphas)
+  with pytest.raises(ValueError, match=r"with `examples` it must return \[N\] = \[90\]"):
+    bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact=exact, examples=MEMBERS, progress=False)
+  with pytest.raises(ValueError, match=r"`exact` has shape \(15, 4\); with `examples`"):
+    bmerge.compare(ENTRIES, right, EXAMPLE_BATCH, alphas, exact=_exact(alphas), examples=MEMBERS)
+  with pytest.raises(ValueError, match="`examples` has 2 columns"):
+    bmerge.compare(ENTRIES, right, EXAMPLE_BATCH, alphas, examples=MEMBERS[:, :2])
+  with pytest.raises(ValueError, match="`examples` must hold 0 or 1"):
+    bmerge.compare(ENTRIES, right, EXAMPLE_BATCH, alphas, examples=2 * MEMBERS)

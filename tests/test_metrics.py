@@ -9,6 +9,7 @@ import hypothesis.extra.numpy as hnp
 import hypothesis.strategies as st
 import numpy as np
 import pytest
+import scipy.stats
 
 from bmerge import metrics
 
@@ -59,6 +60,25 @@ def test_spearman_by_hand():
   assert metrics.spearman([1.0, 1.0, 2.0], [1.0, 2.0, 3.0]) == pytest.approx(math.sqrt(3) / 2)
   assert metrics.spearman(EXACT, EXACT) == pytest.approx(1.0)
   assert metrics.spearman(-EXACT, EXACT) == pytest.approx(-1.0)
+
+
+def test_spearman_and_regret_of_many_rows_equal_scipy_and_the_loop():
+  """The row-wise forms the bootstrap uses: rho against scipy.stats.spearmanr row by row (ties and a constant row
+  included), regret@k against a sort of each row."""
+  rng = np.random.default_rng(2)
+  preview, exact = rng.integers(0, 4, (20, 9)).astype(float), rng.random((20, 9))  # integer previews: many ties
+  preview[3] = 1.0
+  rho = metrics._spearman_rows(preview, exact)  # pylint: disable=protected-access
+  for p, e, r in zip(preview, exact, rho):
+    if np.all(p == p[0]):
+      assert math.isnan(r)
+    else:
+      assert r == pytest.approx(scipy.stats.spearmanr(p, e).statistic, abs=1e-12)
+  for sign in (1.0, -1.0):
+    regret = metrics._regret_rows(preview, exact, 2, sign)  # pylint: disable=protected-access
+    for p, e, r in zip(preview, exact, regret):
+      top = sorted(range(9), key=lambda g: (-sign * p[g], g))[:2]  # best first, ties by the first index
+      assert r == pytest.approx(max(sign * e) - max(sign * e[g] for g in top), abs=1e-15)
 
 
 def test_spearman_of_a_constant_surface_is_nan_without_warning():

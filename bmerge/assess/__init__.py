@@ -1,9 +1,11 @@
 """How good is a preview: metrics against the exact answer, figures, reports, and `compare` that does all three.
 
-- `bmerge.assess.metrics`: MSE, Spearman, best alpha and regret, histograms, Pareto fronts, hypervolume, IGD+.
+- `bmerge.assess.metrics`: MSE, Spearman, best alpha and regret, histograms, Pareto fronts, hypervolume, IGD+;
+  per-task accuracy from per-example results, bootstrap and t intervals.
 - `bmerge.assess.plot`: ternary contours, two-task curves, histograms, Pareto fronts (matplotlib).
 - `bmerge.assess.report`: a report folder (markdown table, figures, metrics.json).
-- `bmerge.assess.comparison`: `compare(entries, alphas, exact, ...)` -> `Comparison`, one call for all of it.
+- `bmerge.assess.comparison`: `compare(entries, eval_fn, batch, alphas, ...)` -> `Comparison`, one call for all of it,
+  its settings in `CompareOptions`.
 - `bmerge.assess.pareto`: `estimate(alphas, preview, exact_fn, budget)`: the Pareto front from a preview and a few
   real runs chosen where they matter.
 """

@@ -421,21 +421,19 @@ def _intervals(p: _Previews, ex: Optional[_Exact], s: _Setup, opts: CompareOptio
   members = np.concatenate([np.ones((s.examples.shape[0], 1)), s.examples], axis=1)
   results = [np.asarray(ex.raw, np.float64)] + [np.asarray(p.raw[k], np.float64)[ex.rows] for k in names]
   pairs = list(itertools.permutations(range(len(names)), 2))
+  sign = 1.0 if s.maximize else -1.0
+  spearman_rows, regret_rows = metrics._spearman_rows, metrics._regret_rows  # pylint: disable=protected-access
 
-  def overall(accuracy):  # [G', 1 + T] -> [G'] overall metric
-    return _layout(_scored(accuracy, s.overall), ex.alphas, s.overall, "resample", "")[0]
+  def overall(accuracy):  # [B, G', 1 + T] -> [B, G'] overall metric, as `_layout`
+    return accuracy[..., 0] if s.overall == "first" else np.sum(ex.alphas * accuracy[..., 1:], axis=-1)
 
   def statistic(idx):  # [B, N] example indices -> [B, 3 M + M (M - 1)]
     b, n = idx.shape
     counts = np.bincount((idx + n * np.arange(b)[:, None]).ravel(), minlength=b * n).reshape(b, n).astype(float)
-    surfaces = [_resampled_surfaces(r, members, counts) for r in results]
-    out = []
-    for r in range(b):
-      e = overall(surfaces[0][r])
-      scores = [(metrics.mse(overall(v[r]), e), metrics.spearman(overall(v[r]), e),
-                 metrics.regret_at_k(overall(v[r]), e, 1, s.maximize)) for v in surfaces[1:]]
-      out.append([x for sc in scores for x in sc] + [scores[i][0] - scores[j][0] for i, j in pairs])
-    return np.asarray(out)
+    exact_b, *previews = [overall(_resampled_surfaces(r, members, counts)) for r in results]
+    mses = [np.mean((v - exact_b) ** 2, axis=-1) for v in previews]
+    cols = [c for v, m in zip(previews, mses) for c in (m, spearman_rows(v, exact_b), regret_rows(v, exact_b, 1, sign))]
+    return np.stack(cols + [mses[i] - mses[j] for i, j in pairs], axis=-1)
 
   est, lo, hi = metrics.bootstrap_interval(statistic, np.arange(s.examples.shape[0]), seed=opts.seed,
                                            num_samples=opts.num_samples, level=opts.level, vectorized=True)

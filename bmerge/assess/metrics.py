@@ -3,6 +3,10 @@
 A *surface* is one metric per grid point: `preview[g]` is the metric of the model merged with weights `alphas[g]`,
 `exact[g]` that of the model jointly trained with the same weights (paper Sec. 4). Everything here is numpy/scipy on
 concrete arrays, pure, and returns plain Python numbers or numpy arrays; `summarize` returns the `metrics.json` dict.
+`per_task_accuracy` (per-example results -> overall and per-task accuracy) also runs on jax arrays inside `jit`.
+
+How sure a score is: `bootstrap_interval` resamples the test examples (one training run), `t_interval` spreads over
+a few runs (seeds).
 
 With `maximize=True` (accuracy, BLEU) larger is better; with `maximize=False` (a loss) smaller is better. Ties are
 always broken by the first grid index, so every result is deterministic. Grids need not lie on the simplex: the
@@ -140,16 +144,16 @@ def best(alphas, preview, exact, maximize: bool = True) -> Best:
 
 
 def spearman(preview, exact) -> float:
-  r"""Spearman's rank correlation between the preview and the exact surface (`scipy.stats.spearmanr`).
+  r"""Spearman's rank correlation between the preview and the exact surface.
 
   .. math:: \rho = \mathrm{corr}(\mathrm{rank}(\hat m), \mathrm{rank}(m)) \in [-1, 1]
 
-  with average ranks for ties. A rank correlation asks only whether the preview *orders* the alphas like joint training
-  does, which is what choosing a weight needs.
+  with average ranks for ties (`scipy.stats.rankdata`), as `scipy.stats.spearmanr`. A rank correlation asks only
+  whether the preview *orders* the alphas like joint training does, which is what choosing a weight needs.
 
   Returns:
     rho as a Python float. If either surface is constant (or G < 2) the correlation is undefined and the result is
-    `nan`, without scipy's warning; `summarize` writes it as `null`.
+    `nan`, without a warning; `summarize` writes it as `null`.
 
   Example:
     >>> from bmerge import metrics
@@ -157,9 +161,16 @@ def spearman(preview, exact) -> float:
     1.0
   """
   preview, exact = _pair(preview, exact)
-  if preview.shape[0] < 2 or np.all(preview == preview[0]) or np.all(exact == exact[0]):
-    return float("nan")
-  return float(scipy.stats.spearmanr(preview, exact).statistic)
+  return float(_spearman_rows(preview[None], exact[None])[0])
+
+
+def _spearman_rows(preview: np.ndarray, exact: np.ndarray) -> np.ndarray:
+  """[B] rho of each row of [B, G] surfaces (bootstrap resamples): Pearson's correlation of the average ranks."""
+  ranks = [r - r.mean(axis=-1, keepdims=True) for r in (scipy.stats.rankdata(preview, axis=-1),
+                                                          scipy.stats.rankdata(exact, axis=-1))]
+  num, sp, se = np.sum(ranks[0] * ranks[1], -1), np.sum(ranks[0] ** 2, -1), np.sum(ranks[1] ** 2, -1)
+  defined = (sp > 0) & (se > 0)  # a constant row has all ranks equal
+  return np.where(defined, np.clip(num / np.sqrt(np.where(defined, sp * se, 1.0)), -1.0, 1.0), np.nan)
 
 
 def regret_at_k(preview, exact, k: int, maximize: bool = True) -> float:
@@ -188,9 +199,14 @@ def regret_at_k(preview, exact, k: int, maximize: bool = True) -> float:
   sign = _sign(maximize)
   preview, exact = _pair(preview, exact)
   k = _checks.positive_int(k, "k")
-  order = np.argsort(-sign * preview, kind="stable")  # best first; stable keeps the first index among ties
-  top = order[:min(int(k), preview.shape[0])]
-  return float(np.max(sign * exact) - np.max(sign * exact[top]))
+  return float(_regret_rows(preview[None], exact[None], k, sign)[0])
+
+
+def _regret_rows(preview: np.ndarray, exact: np.ndarray, k: int, sign: float) -> np.ndarray:
+  """[B] regret@k of each row of [B, G] surfaces (bootstrap resamples); `sign` is +1 to maximise, -1 to minimise."""
+  order = np.argsort(-sign * preview, axis=-1, kind="stable")  # best first; stable keeps the first index among ties
+  top = np.take_along_axis(sign * exact, order[..., :min(k, preview.shape[-1])], axis=-1)
+  return np.max(sign * exact, axis=-1) - np.max(top, axis=-1)
 
 
 class Histogram(NamedTuple):

@@ -139,6 +139,14 @@ def _spearman(v) -> str:
   return "n/a" if v is None else f"{v:.3f}"
 
 
+def _mse(m: Mapping[str, Any]) -> str:
+  """A method's MSE, with its interval "[lo, hi]" where the summary has one."""
+  if m.get("mse") is None:
+    return "n/a"
+  ci = m.get("mse_ci")
+  return f"{m['mse']:.4g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+
+
 def table(summary: Mapping[str, Any]) -> str:
   """The Table 1/2 rows of a summary as text: MSE, Spearman, best preview alpha, its preview and exact metric.
 
@@ -153,13 +161,14 @@ def table(summary: Mapping[str, Any]) -> str:
     exact (joint)                                  (0.00, 1.00)              90.0
   """
   fmt = _formatter(summary)
-  rows = [f"{'method':<14} {'MSE':>9} {'spearman':>9} {'best alpha (preview)':>24} {'preview':>8} {'exact':>8}"]
+  mses = {name: _mse(m) for name, m in summary["methods"].items()}
+  w = max([9] + [len(v) for v in mses.values()])
+  rows = [f"{'method':<14} {'MSE':>{w}} {'spearman':>9} {'best alpha (preview)':>24} {'preview':>8} {'exact':>8}"]
   for name, m in summary["methods"].items():
-    mse = f"{m['mse']:.3g}" if m.get("mse") is not None else "n/a"
-    rows.append(f"{name:<14} {mse:>9} {_spearman(m.get('spearman')):>9} {_alpha(m['best_alpha']):>24} "
+    rows.append(f"{name:<14} {mses[name]:>{w}} {_spearman(m.get('spearman')):>9} {_alpha(m['best_alpha']):>24} "
                 f"{fmt(m.get('best_preview')):>8} {fmt(m.get('exact_at_best')):>8}")
   if summary.get("exact_best") is not None:
-    rows.append(f"{'exact (joint)':<14} {'':>9} {'':>9} {_alpha(summary['exact_best_alpha']):>24} {'':>8} "
+    rows.append(f"{'exact (joint)':<14} {'':>{w}} {'':>9} {_alpha(summary['exact_best_alpha']):>24} {'':>8} "
                 f"{fmt(summary['exact_best']):>8}")
   return "\n".join(rows)
 
@@ -179,6 +188,20 @@ def _grid_sentence(summary: Mapping[str, Any]) -> str:
   if ge:
     text += (f" MSE, Spearman's rank correlation and regret@k (what is lost by jointly training only the preview's top "
              f"k alphas) are over the {ge} alphas with exact results.")
+  if summary.get("overall") == "weighted":
+    best = "maximises" if summary.get("maximize", True) else "minimises"
+    text += (f" \"Best alpha\", of the preview and of joint training alike, {best} the weighted objective "
+             "sum_t alpha_t m_t(alpha) over the grid: each alpha is scored with its own weights, the preview's with "
+             "its predicted per-task metrics and joint training's with the measured ones. Both bests answer the same "
+             "question, but the objective changes with alpha (at a corner it is one task's metric alone), so a best "
+             "alpha favours the weighting whose tasks are easiest; the per-task metrics and Pareto fronts compare "
+             "trade-offs without that.")
+  interval = summary.get("interval")
+  if interval:
+    text += (f" Intervals in [brackets] are {100 * interval.get('level', 0.95):g} % intervals from a "
+             f"{interval.get('kind', 'bootstrap')} ({interval.get('samples')} resamples, paired: the same resample for "
+             f"every method and the exact results; {interval.get('seeds', 1)} training seed, so they cover the test "
+             "set's sampling only).")
   return text
 
 
@@ -195,7 +218,7 @@ def _main_table(summary, fmt) -> list[str]:
     desc = entries.get(name, {}).get("description", "")
     if has_exact:
       r1 = m.get("regret_at_1")
-      lines.append(f"| {name} | {desc} | {m['mse']:.4g} | {_spearman(m.get('spearman'))} | {_alpha(m['best_alpha'])} "
+      lines.append(f"| {name} | {desc} | {_mse(m)} | {_spearman(m.get('spearman'))} | {_alpha(m['best_alpha'])} "
                    f"| {fmt(m['best_preview'])} | {fmt(m['exact_at_best'])} | {fmt(r1) if r1 is not None else ''} |")
     else:
       lines.append(f"| {name} | {desc} | {_alpha(m['best_alpha'])} | {fmt(m['best_preview'])} |")
@@ -226,7 +249,7 @@ def _paper_section(summary, fmt) -> list[str]:
     if name not in methods:
       continue
     m = methods[name]
-    ours_mse = f"{m['mse']:.4g}" if m.get("mse") is not None else "n/a"
+    ours_mse = _mse(m)
     paper_mse = f"{p['mse']:.4g}" if p.get("mse") is not None else (
         f"rank {p['mse_rank']}" if p.get("mse_rank") is not None else "")
     paper_best = (f"{p['best_preview']} ({p['exact_at_best']})" if p.get("best_preview") is not None else "")
@@ -237,10 +260,38 @@ def _paper_section(summary, fmt) -> list[str]:
   lines.append("")
   order = summary.get("paper_ordering")
   if order:
-    ours_text = ", ".join(f"{n} {methods[n]['mse']:.4g}" for n in order["ours"])
-    lines += [f"The paper's ordering of the MSEs ({' > '.join(order['paper'])}) "
-              f"**{'holds' if order['holds'] else 'does not hold'}** here ({ours_text}).", ""]
+    ours_text = ", ".join(f"{n} {_mse(methods[n])}" for n in order["ours"])
+    verdict = order.get("verdict", "holds" if order["holds"] else "does not hold")
+    why = ("" if "verdict" not in order else ": the interval of every pair's difference excludes 0" if
+           verdict == "holds" else ": the interval of some pair's difference contains 0" if verdict == "not resolved"
+           else ": the interval of some pair's difference lies on the other side of 0")
+    lines += [f"The paper's ordering of the MSEs ({' > '.join(order['paper'])}) **{verdict}** here ({ours_text}){why}.",
+              ""]
   return lines
+
+
+def _differences_section(summary) -> list[str]:
+  """Each pair of methods once, the larger MSE first, with the interval of the difference and whether it is resolved."""
+  differences = summary.get("differences")
+  if not differences:
+    return []
+  level = summary.get("interval", {}).get("level", 0.95)
+  lines = ["## Which preview is closer", "",
+           f"MSE of one method minus another's, with its {100 * level:g} % interval over the same resamples of the "
+           "test examples. An ordering holds only when the interval excludes 0.", "",
+           "| ordering | MSE difference | interval | |", "|---|---|---|---|"]
+  names = list(summary["methods"])
+  for i, first in enumerate(names):
+    for second in names[i + 1:]:
+      if f"{first}-{second}" not in differences:
+        continue
+      a, b = (second, first) if differences[f"{first}-{second}"]["mse"] < 0 else (first, second)  # larger first
+      d = differences[f"{a}-{b}"]
+      ci = d.get("ci")
+      holds = ci is not None and (ci[0] > 0 or ci[1] < 0)
+      interval = f"[{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "n/a"
+      lines.append(f"| {a} > {b} | {d['mse']:.3g} | {interval} | {'holds' if holds else 'not resolved'} |")
+  return lines + [""]
 
 
 def _pareto_section(summary) -> list[str]:
@@ -328,6 +379,7 @@ def markdown(summary: Mapping[str, Any], figure_paths: Sequence[Any] = ()) -> st
   fmt = _formatter(summary)
   lines = [f"# {summary.get('title', 'Preview comparison')}", "", _grid_sentence(summary), ""]
   lines += _main_table(summary, fmt)
+  lines += _differences_section(summary)
   lines += _paper_section(summary, fmt)
   lines += _pareto_section(summary)
   lines += _cost_section(summary)
