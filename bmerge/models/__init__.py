@@ -9,6 +9,14 @@ BatchNorm statistics (how they are handled when models are merged is described i
 
 `bert` is a Flax NNX BERT loaded from Hugging Face safetensors, with LoRA; `bert.split(model)` gives its pair:
 the trainable LoRA + head dict and `apply(trainable, batch) -> logits`.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from bmerge import models
+  >>> model = models.mlp.make(hidden=(8,), num_classes=3)
+  >>> params = model.init(jax.random.key(0), (4,))
+  >>> model.apply(params, jnp.ones((2, 4))).shape
+  (2, 3)
 """
 
 from bmerge.models import bert

@@ -1,7 +1,19 @@
 """A small convolutional classifier (Flax Linen) for 28x28 / 32x32 images (MNIST, CIFAR-10) or 8x8 digits.
 
-[Conv 3x3 -> ReLU -> 2x2 average pool] per stage, global average pool, Dense to logits. No batch normalisation, so
-`apply` is a pure function of (params, x) and per-example gradients (`bmerge.curvature`) are well defined.
+[Conv 3x3 -> ReLU -> 2x2 average pool] per stage, global average pool, Dense to logits:
+
+  h_s = avgpool_2x2(relu(conv_3x3(h_{s-1}))),   logits = mean_{i,j} h_S[i, j] W + b.
+
+No batch normalisation, so `apply` is a pure function of (params, x) and per-example gradients (`bmerge.curvature`)
+are well defined.
+
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from bmerge.models import cnn
+  >>> model = cnn.make(features=(4,), num_classes=10, image_shape=(8, 8, 1))     # flat 8x8 digits
+  >>> params = model.init(jax.random.key(0), (64,))
+  >>> model.apply(params, jnp.zeros((2, 64))).shape
+  (2, 10)
 """
 
 from __future__ import annotations
@@ -18,7 +30,16 @@ __all__ = ["CNN", "make"]
 
 
 class CNN(nn.Module):
-  """x [B, H, W, C] (or [B, H, W], or digits [B, 64] reshaped by `make`) -> logits [B, num_classes]."""
+  """x [B, H, W, C] (or [B, H, W], or digits [B, 64] reshaped by `make`) -> logits [B, num_classes].
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.models import cnn
+    >>> module = cnn.CNN(features=(2,), num_classes=3)
+    >>> variables = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4, 4)))   # grey [B, H, W]
+    >>> jax.eval_shape(module.apply, variables, jnp.ones((5, 4, 4))).shape
+    (5, 3)
+  """
 
   features: Sequence[int] = (32, 64)
   num_classes: int = 10
@@ -36,7 +57,24 @@ class CNN(nn.Module):
 
 
 def make(features: Sequence[int] = (32, 64), num_classes: int = 10, image_shape: Sequence[int] | None = None) -> Model:
-  """`Model(init, apply)` for a `CNN`. `image_shape` (H, W, C) reshapes flat inputs, e.g. (8, 8, 1) for digits."""
+  """`Model(init, apply)` for a `CNN`.
+
+  Args:
+    features: channels of each convolution stage.
+    num_classes: C, the width of the logits.
+    image_shape: (H, W, C) to reshape flat inputs to, e.g. (8, 8, 1) for digits; None for image-shaped inputs.
+
+  Returns:
+    A `bmerge.models.Model`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.models import cnn
+    >>> model = cnn.make(features=(2, 4), num_classes=3)
+    >>> params = jax.eval_shape(lambda key: model.init(key, (8, 8, 1)), jax.random.key(0))   # shapes only
+    >>> params["Conv_1"]["kernel"].shape, jax.eval_shape(model.apply, params, jnp.ones((2, 8, 8, 1))).shape
+    ((3, 3, 2, 4), (2, 3))
+  """
   module = CNN(features=tuple(features), num_classes=num_classes)
   shape = None if image_shape is None else tuple(image_shape)
 

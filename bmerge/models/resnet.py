@@ -29,6 +29,14 @@ Params are a plain Linen params dict, so they go straight into IVON, the merge r
 training mode the loss of one example depends on the rest of its batch, so per-example squared gradients
 (`bmerge.curvature`) need `apply_with` and fixed statistics.
 
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from bmerge.models import resnet
+  >>> model = resnet.make(num_classes=10)                                          # ResNet-20
+  >>> params = jax.eval_shape(lambda key: model.init(key, (32, 32, 3)), jax.random.key(0))   # shapes only
+  >>> resnet.num_params(params)
+  269722
+
 References:
   He, Zhang, Ren, Sun, "Deep Residual Learning for Image Recognition", CVPR 2016 (Sec. 4.2, option A shortcuts).
   He, Zhang, Ren, Sun, "Delving Deep into Rectifiers", ICCV 2015 (the N(0, 2 / fan_in) initialisation).
@@ -70,7 +78,19 @@ def _norm(train: bool, name: str) -> nn.BatchNorm:
 
 
 class BasicBlock(nn.Module):
-  """Two 3x3 conv + BatchNorm layers and a parameter-free shortcut (stride `s` subsampling, zero channels)."""
+  """Two 3x3 conv + BatchNorm layers and a parameter-free shortcut (stride `s` subsampling, zero channels).
+
+  y = relu(x' + BN(conv(relu(BN(conv_s(x)))))), x' = x[:, ::s, ::s] padded with zero channels to `width`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.models import resnet
+    >>> block = resnet.BasicBlock(width=8, stride=2)
+    >>> x = jnp.ones((1, 6, 6, 4))
+    >>> variables = jax.eval_shape(lambda k: block.init(k, x, train=False), jax.random.key(0))
+    >>> jax.eval_shape(lambda v: block.apply(v, x, train=False), variables).shape
+    (1, 3, 3, 8)
+  """
 
   width: int
   stride: int = 1
@@ -90,7 +110,17 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """x [B, H, W, C] (or grey [B, H, W]) -> logits [B, num_classes]; `train` picks the source of BN statistics."""
+  """x [B, H, W, C] (or grey [B, H, W]) -> logits [B, num_classes]; `train` picks the source of BN statistics.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.models import resnet
+    >>> net = resnet.ResNet(widths=(2, 4, 8), blocks_per_stage=1, num_classes=3)
+    >>> x = jnp.ones((2, 8, 8))
+    >>> variables = jax.eval_shape(lambda k: net.init(k, x, train=False), jax.random.key(0))
+    >>> sorted(variables), jax.eval_shape(lambda v: net.apply(v, x, train=False), variables).shape
+    (['batch_stats', 'params'], (2, 3))
+  """
 
   widths: Sequence[int] = (16, 32, 64)
   blocks_per_stage: int = 3
@@ -111,7 +141,19 @@ class ResNet(nn.Module):
 
 
 def widths_for(width: float) -> tuple[int, int, int]:
-  """Stage widths round(width x (16, 32, 64)), at least 1 channel each: (8, 16, 32) for width 0.5."""
+  """Stage widths round(width x (16, 32, 64)), at least 1 channel each.
+
+  Args:
+    width: the width multiplier, > 0 (1 for ResNet-20).
+
+  Returns:
+    (w_1, w_2, w_3).
+
+  Example:
+    >>> from bmerge.models import resnet
+    >>> resnet.widths_for(0.5), resnet.widths_for(0.01)
+    ((8, 16, 32), (1, 1, 1))
+  """
   if isinstance(width, bool) or not isinstance(width, (int, float)) or not width > 0:
     raise ValueError(f"`width` must be a positive number, got {width!r}.")
   return tuple(max(1, int(round(width * w))) for w in (16, 32, 64))
@@ -123,6 +165,18 @@ class ResNetModel:
 
   A frozen dataclass: hashable and equal by value, so it can be a static argument of `jax.jit` and a bound
   argument of a `functools.partial`, and its repr names its sizes.
+
+  Example:
+    The statistics of a calibration batch, then evaluation with them, equal a training-mode pass on that batch:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.models import resnet
+    >>> model = resnet.make(width=0.25, blocks_per_stage=1)                   # ResNet-8, 10 classes
+    >>> params = model.init(jax.random.key(0), (8, 8, 1))
+    >>> x = jax.random.normal(jax.random.key(1), (3, 8, 8, 1))
+    >>> gap = jax.jit(lambda p, x: model.apply_with(p, model.statistics(p, x), x) - model.apply(p, x))
+    >>> float(jnp.max(jnp.abs(gap(params, x)))) < 1e-5
+    True
   """
 
   widths: tuple[int, ...] = (16, 32, 64)
@@ -180,7 +234,7 @@ def make(num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 3) -
 
   Example:
     >>> model = make(num_classes=10, width=0.25)
-    >>> params = model.init(jax.random.key(0), (8, 8, 1))
+    >>> params = jax.eval_shape(lambda key: model.init(key, (8, 8, 1)), jax.random.key(0))   # shapes only
     >>> num_params(params), jax.eval_shape(model.apply, params, jnp.ones((2, 8, 8, 1))).shape
     (17254, (2, 10))
   """
@@ -190,7 +244,14 @@ def make(num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 3) -
 
 
 def num_params(params: PyTree) -> int:
-  """Number of scalars in a params pytree."""
+  """Number of scalars in a params pytree (arrays or shape structs).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.models import resnet
+    >>> resnet.num_params({"a": jnp.zeros((3, 3)), "b": [jnp.zeros(2)]})
+    11
+  """
   return sum(int(leaf.size) for leaf in jax.tree.leaves(params))
 
 
@@ -240,9 +301,9 @@ def make_eval_fn(model: ResNetModel, metric_fn: Callable[..., Any], *,
     model: a `ResNetModel`.
     metric_fn: `metric_fn(logits [N, C], *targets) -> metric`, e.g. `accuracies` with targets (y, membership).
     map_over_models: under `jax.vmap` (as `bmerge.preview` applies it to a chunk of merged models) evaluate the
-      models one after the other with `lax.map`, inside the same compiled call. On CPU this is about 4x faster per
-      model than batching the convolutions over models (ResNet-20 at width 0.5 on 14x14 inputs, 8 models: 219 ms
-      against 842 ms per model). Pass False where batching over models pays (accelerators, large chunks).
+      models one after the other with `lax.map`, inside the same compiled call: on a CPU, XLA runs convolutions
+      batched over a leading axis of kernels (grouped convolutions) slower per model than one model after the
+      other. Pass False where batching over models pays (accelerators, large chunks).
 
   Returns:
     A `functools.partial` (hashable; its bound arguments identify the model and the metric).
@@ -266,6 +327,23 @@ def mean_cross_entropy(model: ResNetModel, params: PyTree, batch: tuple) -> jax.
   """Training loss of a minibatch batch = (x [B, ...], y [B]): mean -log softmax(apply(params, x))[y] (batch BN).
 
   Bind the model for `bmerge.fit`: `functools.partial(mean_cross_entropy, model)` is a `loss_fn(params, batch)`.
+
+  Args:
+    model: a `ResNetModel`.
+    params: its params.
+    batch: (x [B, ...], y [B] int labels).
+
+  Returns:
+    The scalar mean cross-entropy.
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp
+    >>> from bmerge.models import resnet
+    >>> model = resnet.make(width=0.25, blocks_per_stage=1)                   # ResNet-8, 10 classes
+    >>> params = jax.tree.map(jnp.zeros_like, model.init(jax.random.key(0), (8, 8, 1)))   # zero logits
+    >>> loss_fn = jax.jit(functools.partial(resnet.mean_cross_entropy, model))
+    >>> round(float(loss_fn(params, (jnp.ones((2, 8, 8, 1)), jnp.array([0, 3])))), 4)   # log 10
+    2.3026
   """
   x, y = batch
   return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y))
@@ -279,6 +357,23 @@ def task_cross_entropies(model: ResNetModel, params: PyTree, batch: tuple) -> ja
   of a class shared by two tasks counts in both (`bmerge.data.task_membership`). With sum(alpha) = 1,
   alpha . task_cross_entropies is the weighted multitask loss (paper Eq. 1): bind the model,
   `functools.partial(task_cross_entropies, model)`, for `bmerge.exact.joint_train`.
+
+  Args:
+    model: a `ResNetModel`.
+    params: its params.
+    batch: (x [B, ...], y [B], membership [B, T]), membership 1 where example i belongs to task t.
+
+  Returns:
+    [T] per-task mean cross-entropies (0 for a task without examples in the batch).
+
+  Example:
+    >>> import functools, jax, jax.numpy as jnp
+    >>> from bmerge.models import resnet
+    >>> model = resnet.make(width=0.25, blocks_per_stage=1)                   # ResNet-8, 10 classes
+    >>> params = jax.eval_shape(lambda key: model.init(key, (8, 8, 1)), jax.random.key(0))   # shapes only
+    >>> batch = (jnp.ones((3, 8, 8, 1)), jnp.array([0, 1, 1]), jnp.array([[1, 0], [0, 1], [0, 1]]))   # T = 2
+    >>> jax.eval_shape(functools.partial(resnet.task_cross_entropies, model), params, batch).shape
+    (2,)
   """
   x, y, membership = batch
   ce = optax.softmax_cross_entropy_with_integer_labels(model.apply(params, x), y)  # [B]
@@ -289,8 +384,24 @@ def task_cross_entropies(model: ResNetModel, params: PyTree, batch: tuple) -> ja
 def accuracies(logits: jax.Array, y: jax.Array, membership: jax.Array) -> jax.Array:
   """[overall accuracy, accuracy on the examples of task 1, ..., task T] ([1 + T]).
 
-  `membership` [N, T] is 1 where example i belongs to task t (`bmerge.data.task_membership`; a class shared by two
-  tasks counts for both). A task without examples gets accuracy 0.
+  acc_t = sum_i m_it [argmax logits_i = y_i] / sum_i m_it. `membership` [N, T] is 1 where example i belongs to
+  task t (`bmerge.data.task_membership`; a class shared by two tasks counts for both). A task without examples gets
+  accuracy 0.
+
+  Args:
+    logits: [N, C].
+    y: [N] int labels.
+    membership: [N, T].
+
+  Returns:
+    [1 + T].
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.models import resnet
+    >>> logits = jnp.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])            # predicts 0, 0, 1
+    >>> resnet.accuracies(logits, jnp.array([0, 1, 1]), jnp.array([[1, 0], [0, 1], [0, 1]])).tolist()
+    [0.6666666865348816, 1.0, 0.5]
   """
   correct = (jnp.argmax(logits, axis=-1) == y).astype(logits.dtype)
   membership = membership.astype(logits.dtype)

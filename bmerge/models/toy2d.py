@@ -30,7 +30,14 @@ __all__ = ["Tasks", "log_density", "make_tasks", "task_loss", "task_losses"]
 
 
 class Tasks(NamedTuple):
-  """The affine pieces of every task's log-sum-exp."""
+  """The affine pieces a_it, b_it of every task's log-sum-exp l_t(theta) = log sum_i exp(a_it^T theta + b_it).
+
+  Example:
+    >>> import jax
+    >>> from bmerge.models import toy2d
+    >>> toy2d.make_tasks(jax.random.key(0), num_terms=5)._fields
+    ('a', 'b')
+  """
 
   a: jax.Array  # [T, N, 2] slopes a_it
   b: jax.Array  # [T, N] offsets b_it
@@ -40,6 +47,16 @@ def make_tasks(key: jax.Array, num_terms: int = 8, normal_std: float = 1.0, unif
                uniform_b: float = 2.0) -> Tasks:
   """Three tasks as in App. B.1: a_it, b_it ~ N(0, std^2) for t = 1, 2; a_it ~ U[-uniform_a, uniform_a]^2 and
   b_it ~ U[-uniform_b, uniform_b] for t = 3.
+
+  Args:
+    key: PRNG key of the draws.
+    num_terms: N, affine pieces per task.
+    normal_std: std of the normal draws (tasks 1 and 2).
+    uniform_a: half-width of the uniform slopes (task 3).
+    uniform_b: half-width of the uniform offsets (task 3).
+
+  Returns:
+    `Tasks(a [3, N, 2], b [3, N])`.
 
   Example:
     >>> import jax
@@ -65,6 +82,15 @@ def _draw(key, n, std, uniform_a, uniform_b):
 def task_loss(theta: jax.Array, a: jax.Array, b: jax.Array, l2: float) -> jax.Array:
   """One task's loss log sum_i exp(a_i^T theta + b_i) + l2 / 2 |theta|^2 at theta [2] (a [N, 2], b [N]).
 
+  Args:
+    theta: the point [2].
+    a: slopes [N, 2].
+    b: offsets [N].
+    l2: the L2 weight (a N(0, 1/l2) prior).
+
+  Returns:
+    The scalar loss.
+
   Example:
     >>> import jax.numpy as jnp
     >>> from bmerge.models import toy2d
@@ -75,7 +101,23 @@ def task_loss(theta: jax.Array, a: jax.Array, b: jax.Array, l2: float) -> jax.Ar
 
 
 def task_losses(theta: jax.Array, tasks: Tasks, l2: float) -> jax.Array:
-  """[T] every task's loss at theta [2]: the `task_losses(params, batch)` of `bmerge.exact.joint_train`."""
+  """[T] every task's loss l_t(theta) at theta [2]: the `task_losses(params, batch)` of `bmerge.exact.joint_train`.
+
+  Args:
+    theta: the point [2].
+    tasks: the `Tasks` (a [T, N, 2], b [T, N]).
+    l2: the L2 weight of every loss.
+
+  Returns:
+    [T] losses.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.models import toy2d
+    >>> tasks = toy2d.Tasks(jnp.zeros((3, 2, 2)), jnp.zeros((3, 2)))      # every loss is log 2 at theta = 0
+    >>> print(toy2d.task_losses(jnp.zeros(2), tasks, 0.1).round(4))
+    [0.6931 0.6931 0.6931]
+  """
   a, b = tasks
   return jax.vmap(task_loss, in_axes=(None, 0, 0, None))(theta, a, b, l2)
 
@@ -89,6 +131,16 @@ def _gauss_logpdf(theta, mean, precision):
 
 def log_density(q: Union[FullGaussian, Mixture], theta: jax.Array) -> jax.Array:
   """log q(theta) of one `FullGaussian` (mean [P], precision [P, P]) or one `Mixture` of them, at theta [..., P].
+
+  log N(theta | m, H^-1) = -1/2 (theta - m)^T H (theta - m) + 1/2 log det H - P/2 log 2 pi; a mixture adds its
+  normalised log weights and takes the logsumexp over components (Eq. 11).
+
+  Args:
+    q: a `FullGaussian` or a `Mixture` of `FullGaussian` components.
+    theta: points [..., P].
+
+  Returns:
+    log q at every point, shape [...].
 
   Example:
     >>> import jax.numpy as jnp
