@@ -219,6 +219,8 @@ def test_previews_without_exact_results(tmp_path):
 
 def test_errors_name_the_argument(tmp_path):
   alphas = grid.simplex(3, 0.25)
+  with pytest.raises(ValueError, match="`entries` names must not be 'exact'"):
+    bmerge.compare([("exact", _posteriors(), simple)], per_task_and_overall, BATCH, alphas)
   with pytest.raises(ValueError, match="`entries` names must be unique"):
     bmerge.compare([ENTRIES[0], ENTRIES[0]], per_task_and_overall, BATCH, alphas)
   with pytest.raises(TypeError, match=r"`entries\[0\].rule`"):

@@ -139,6 +139,8 @@ def _entries(entries) -> list[Entry]:
       raise TypeError(f"`entries[{i}].description` must be a string, got {type(e.description).__name__}.")
     out.append(e)
   names = [e.name for e in out]
+  if "exact" in names:
+    raise ValueError("`entries` names must not be 'exact', the name of the exact results in figures and surfaces.")
   dup = sorted({n for n in names if names.count(n) > 1})
   if dup:
     raise ValueError(f"`entries` names must be unique; repeated: {dup}.")
@@ -352,6 +354,20 @@ def _preview_entries(entries: list[Entry], eval_fn, batch, workdir, s: _Setup, o
 
 # ----------------------------------------------------------------------------------------------------------------
 # Stage 3: scores against the exact results, and Pareto fronts.
+
+
+def _header(entries: list[Entry], ex: Optional[_Exact], s: _Setup, opts: CompareOptions) -> dict:
+  """What was compared: the settings, the grid's and the test set's sizes, the entries' descriptions."""
+  g, t = s.alphas.shape
+  out: dict[str, Any] = {
+      "title": opts.title, "metric": opts.metric, "maximize": s.maximize, "percent": bool(opts.percent),
+      "overall": s.overall, "num_tasks": t, "task_names": s.task_names, "num_alphas": g,
+      "num_exact_alphas": 0 if ex is None else len(ex.rows),
+      "on_simplex": bool(np.all(np.abs(s.alphas.sum(axis=1) - 1.0) <= 1e-6)),
+      "entries": {e.name: {"description": e.description} for e in entries}}
+  if s.examples is not None:
+    out["num_examples"] = int(s.examples.shape[0])
+  return out
 
 
 def _best(values: np.ndarray, maximize: bool) -> int:
@@ -654,15 +670,7 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   s = _setup(entries, eval_fn, alphas, overall, maximize, examples, folder, opts)
   ex = _exact(exact, exact_alphas, s)
   p = _preview_entries(entries, eval_fn, batch, workdir, s, opts)
-  g, t = s.alphas.shape
-  summary: dict[str, Any] = {
-      "title": opts.title, "metric": opts.metric, "maximize": s.maximize, "percent": bool(opts.percent),
-      "overall": s.overall, "num_tasks": t, "task_names": s.task_names, "num_alphas": g,
-      "num_exact_alphas": 0 if ex is None else len(ex.rows),
-      "on_simplex": bool(np.all(np.abs(s.alphas.sum(axis=1) - 1.0) <= 1e-6)),
-      "entries": {e.name: {"description": e.description} for e in entries}}
-  if s.examples is not None:
-    summary["num_examples"] = int(s.examples.shape[0])
+  summary = _header(entries, ex, s, opts)
   summary.update(_scores(p, ex, s, summary["entries"]))
   summary.update(_pareto(p, ex, s))
   summary.update(_intervals(p, ex, s, opts, summary["methods"]))
