@@ -99,11 +99,11 @@ def _crash_after(monkeypatch, n):
   real = pv._save_chunk
   calls = []
 
-  def save(path, rows, tree):
+  def save(path, rows, tree, *cost):
     if len(calls) >= n:
       raise _Crash(path)
     calls.append(path)
-    real(path, rows, tree)
+    real(path, rows, tree, *cost)
 
   monkeypatch.setattr(pv, "_save_chunk", save)
   return calls
@@ -190,12 +190,17 @@ def test_chunked_map_keys_its_folder_by_the_inputs_and_names_what_changed(tmp_pa
   assert len(calls) == 2
   pv.chunked_map(fn, alphas, inputs={"data": np.arange(3), "scale": 1.0}, **kw)
   assert len(calls) == 2  # same inputs: loaded
-  with caplog.at_level("WARNING"):
+  with caplog.at_level("INFO"):
     again = pv.chunked_map(fn, alphas, inputs={"data": np.arange(3) + 1, "scale": 1.0}, **kw)
   assert len(calls) == 4  # changed inputs: computed again, into another folder
   assert "changed: data" in caplog.text and "scale" not in caplog.text.split("changed:")[1].split(")")[0]
   folders = sorted(p.name for p in (tmp_path / "m").iterdir())
   assert len(folders) == 2
+  # Logged at INFO (a different eval_fn in one workdir is normal use), naming the new folder it computes into.
+  (record,) = [r for r in caplog.records if "inputs differ" in r.getMessage()]
+  new = [f for f in folders if f not in record.getMessage().split("computing into")[0]]
+  assert record.levelname == "INFO" and len(new) == 1
+  assert record.getMessage().endswith(f"computing into {tmp_path / 'm' / new[0]}.")
   np.testing.assert_array_equal(out, again)
   with pytest.raises(ValueError, match="`tag` must be a non-empty name"):
     pv.chunked_map(fn, alphas, inputs={}, chunk_size=4, workdir=str(tmp_path), tag="../x", progress=False)

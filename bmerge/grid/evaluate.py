@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from bmerge import _checks
 from bmerge import _fingerprint
 from bmerge import _sharding
+from bmerge import _timing
 
 __all__ = [
     "chunked_map",
@@ -46,10 +47,12 @@ def _row_keys(alphas: np.ndarray) -> list[bytes]:
   return [r.tobytes() for r in rows]
 
 
-def _save_chunk(path: str, rows: np.ndarray, tree: PyTree) -> None:
+def _save_chunk(path: str, rows: np.ndarray, tree: PyTree, seconds: float) -> None:
+  """The rows, their outputs, and what computing them cost (run seconds without compilation, run, machine)."""
   leaves = jax.tree.leaves(tree)
   tmp = path + ".tmp.npz"
-  np.savez(tmp, alphas=np.asarray(rows, np.float64), **{f"out_{i}": np.asarray(x) for i, x in enumerate(leaves)})
+  np.savez(tmp, alphas=np.asarray(rows, np.float64), seconds=np.float64(seconds), run=np.str_(_timing.RUN),
+           machine=np.str_(_timing.machine()), **{f"out_{i}": np.asarray(x) for i, x in enumerate(leaves)})
   os.replace(tmp, path)  # atomic: a chunk file either is complete or does not exist
 
 
@@ -84,8 +87,8 @@ def _run_folder(workdir: str, tag: str, parts: dict[str, str]) -> str:
     with open(manifest) as f:
       old = json.load(f).get("inputs", {})
     changed = sorted(k for k in set(old) | set(parts) if old.get(k) != parts.get(k))
-    _log.warning("%s: the inputs differ from the run in %s (changed: %s); computing into %s.", tag,
-                 os.path.join(parent, name), ", ".join(changed), folder)
+    _log.info("%s: the inputs differ from the run in %s (changed: %s); computing into %s.", tag,
+              os.path.join(parent, name), ", ".join(changed), folder)  # INFO: a new eval_fn in one workdir is normal
   os.makedirs(folder, exist_ok=True)
   with open(os.path.join(folder, _MANIFEST + ".tmp"), "w") as f:
     json.dump({"tag": tag, "inputs": parts}, f, indent=1)
@@ -107,8 +110,8 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
   content hash of `inputs`: everything besides the alphas that determines `fn`'s results (arrays by the hash of their
   bytes, functions by qualified name, code and bound or captured values; see `bmerge.preview`, which fills it in).
   A later run with the same inputs loads the rows it finds there, whatever grid or `chunk_size` they were computed
-  with, and computes only the missing rows; a run whose inputs differ in anything gets another folder, and a warning
-  names the inputs that changed. Finished rows are never overwritten.
+  with, and computes only the missing rows; a run whose inputs differ in anything gets another folder, and a message
+  logged at INFO names the inputs that changed and the folder it computes into. Finished rows are never overwritten.
 
   Args:
     fn: maps a chunk of alphas [C, T] to a pytree of arrays with a leading C axis (the same structure every call).
@@ -142,6 +145,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
   chunk_size = min(chunk_size, -(-g // n_dev) * n_dev)
   folder = None
   found: dict[bytes, tuple[str, int]] = {}
+  stored: dict[str, tuple[float, str, str]] = {}  # chunk file -> (seconds per row, run, machine)
   if workdir is not None:
     _check_name(tag, "tag")
     parts = _fingerprint.fingerprints({"fn": fn} if inputs is None else inputs)
@@ -150,8 +154,13 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
       if name.endswith(".npz") and not name.endswith(".tmp.npz"):
         path = os.path.join(folder, name)
         with np.load(path) as f:
-          for i, key in enumerate(_row_keys(f["alphas"])):
+          rows = f["alphas"]
+          for i, key in enumerate(_row_keys(rows)):
             found.setdefault(key, (path, i))
+          if "seconds" in f.files:
+            stored[path] = (float(f["seconds"]) / max(len(rows), 1), str(f["run"]), str(f["machine"]))
+          else:  # written without its cost: unknown
+            stored[path] = (float("nan"), "unknown", "unknown")
   keys = _row_keys(alphas) if found else []
   todo = (np.asarray([i for i, k in enumerate(keys) if k not in found], dtype=np.int64) if found
           else np.arange(g, dtype=np.int64))
@@ -159,6 +168,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
   if num_chunks:  # the same number of calls, evenly filled (a multiple of the devices each)
     chunk_size = _sharding.even_chunk(len(todo), chunk_size, n_dev)
     num_chunks = -(-len(todo) // chunk_size)
+  seconds = compile_seconds = 0.0
   computed: dict[int, tuple[PyTree, int]] = {}  # row -> (chunk output, index in it)
   outs = []  # the chunk outputs in order: the result itself when nothing came from disk
   treedef = None
@@ -170,10 +180,13 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
     if n < chunk_size:
       rows = np.concatenate([rows, np.repeat(rows[:1], chunk_size - n, axis=0)])
     sharded, _ = _sharding.shard_rows(rows, mesh)  # numpy rows go straight into the compiled call
-    out = jax.tree.map(lambda x: np.asarray(x)[:n], fn(sharded))
+    with _timing.stopwatch() as watch:
+      out = jax.tree.map(lambda x: np.asarray(x)[:n], fn(sharded))  # numpy: computed by the end of the block
+    seconds, compile_seconds = seconds + watch.wall - watch.compile_seconds, compile_seconds + watch.compile_seconds
     treedef = jax.tree.structure(out)
     if folder:
-      _save_chunk(os.path.join(folder, f"rows-{_fingerprint.fingerprint(alphas[idx])[:16]}.npz"), alphas[idx], out)
+      _save_chunk(os.path.join(folder, f"rows-{_fingerprint.fingerprint(alphas[idx])[:16]}.npz"), alphas[idx], out,
+                  watch.wall - watch.compile_seconds)
     outs.append(out)
     if found:
       leaves = jax.tree.leaves(out)
@@ -181,6 +194,10 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
         computed[int(i)] = (leaves, j)
     bar.update(1)
   bar.close()
+  from_disk = [found[k][0] for i, k in enumerate(keys) if k in found and i not in computed]
+  costs = [_timing.Cost(tag, seconds, compile_seconds, len(todo), 0, _timing.RUN, _timing.machine())]
+  costs += [_timing.Cost(tag, stored[p][0], 0.0, 0, 1, stored[p][1], stored[p][2]) for p in from_disk]
+  _timing.report(_timing.combine(tag, costs))
   if outs and not found:  # every row computed here, in order: no per-row bookkeeping
     return jax.tree.map(lambda *xs: np.concatenate(xs, axis=0), *outs)
   if treedef is None:  # everything was on disk: recover the structure from the tree shape of fn
