@@ -1,8 +1,10 @@
 """bmerge.interop: PEFT adapters and precisions in (transposes and scale against numpy in PyTorch layout), adapters and
-fused models out, round trips, one folder per merged alpha."""
+fused models out, round trips, one folder per merged alpha; against peft itself through the files and outputs that
+tests/data/record_peft.py recorded with PyTorch, transformers and peft (tests/data/peft_tiny)."""
 
 import json
 import math
+import pathlib
 import re
 
 import chex
@@ -16,6 +18,7 @@ import bmerge
 from bmerge import interop
 from bmerge.models import bert
 
+PEFT_TINY = pathlib.Path(__file__).resolve().parent / "data" / "peft_tiny"
 TINY = bert.Config(vocab_size=40, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
                    max_position_embeddings=16)
 P = interop.PEFT_PREFIX
@@ -187,6 +190,63 @@ def test_export_merged_writes_one_loadable_folder_per_alpha(tmp_path):
   with pytest.raises(ValueError, match="trainable"):
     interop.export_adapter(tmp_path / "bad", model, {"head.kernel": t0["head.kernel"]})
   assert math.isclose(interop.lora_modules(model)[0].scale, 2.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Against peft itself: a tiny random BERT (2 layers, hidden 32) with bmerge's head (a linear classifier on the
+# mean-pooled last hidden states), its adapters and outputs recorded with PyTorch by tests/data/record_peft.py.
+
+
+@pytest.fixture(scope="module")
+def recorded():
+  return json.loads((PEFT_TINY / "outputs.json").read_text())
+
+
+def _recorded_model(recorded, adapter):
+  """bmerge's Classifier on the recorded base weights, with the LoRA layout of a PEFT adapter folder."""
+  model = bert.Classifier(bert.load(PEFT_TINY / "base"), recorded["num_classes"], rngs=nnx.Rngs(0))
+  return interop.add_peft_lora(model, adapter, rngs=nnx.Rngs(1))
+
+
+def _recorded_tokens(recorded) -> bert.Tokens:
+  return bert.Tokens(np.asarray(recorded["input_ids"], np.int32), np.asarray(recorded["attention_mask"], np.int32))
+
+
+def test_an_adapter_written_by_peft_gives_peft_outputs(recorded):
+  adapter = PEFT_TINY / "peft_adapter"
+  model = _recorded_model(recorded, adapter)
+  # peft adapted every linear layer of the encoder (target_modules query, key, value, dense), r 4, lora_alpha 8.
+  assert interop.lora_modules(model) == [interop.LoRAModule(i, t, 4, 2.0) for i in range(2) for t in bert.TARGETS]
+  trainable = interop.import_adapter(adapter, model)
+  tokens = _recorded_tokens(recorded)
+  apply, _ = bert.split(model)
+  np.testing.assert_allclose(apply(trainable, tokens), recorded["peft"]["logits"], atol=1e-5, rtol=0)
+  bert.merge_trainable(model, trainable)
+  hidden = np.asarray(model.encoder(tokens.input_ids, tokens.attention_mask))
+  np.testing.assert_allclose(hidden, recorded["peft"]["last_hidden_state"], atol=1e-5, rtol=0)
+  # The adapter matters: the base encoder alone is far from peft's outputs.
+  base = np.asarray(bert.load(PEFT_TINY / "base")(tokens.input_ids, tokens.attention_mask))
+  assert np.max(np.abs(base - hidden)) > 0.1
+
+
+def test_an_adapter_bmerge_exports_is_what_peft_loaded_and_reproduced(recorded, tmp_path):
+  accepted = PEFT_TINY / "bmerge_adapter"
+  peft_check = recorded["bmerge_adapter_in_peft"]
+  # Recorded by peft: it loaded every tensor of the file into its model, and its logits were bmerge's.
+  assert peft_check["state_equals_file"] and peft_check["max_abs_diff_from_bmerge"] <= 1e-5
+  model = _recorded_model(recorded, accepted)
+  trainable = interop.import_adapter(accepted, model)
+  apply, _ = bert.split(model)
+  np.testing.assert_allclose(apply(trainable, _recorded_tokens(recorded)), peft_check["logits"], atol=1e-5, rtol=0)
+  # export_adapter writes what peft accepted: the same tensors byte for byte, the same adapter_config.json.
+  interop.export_adapter(tmp_path, model, trainable)
+  written, kept = (load_file(str(d / interop.ADAPTER_WEIGHTS)) for d in (tmp_path, accepted))
+  assert sorted(written) == sorted(kept) and len(kept) == peft_check["num_tensors"]
+  for key, value in kept.items():
+    assert (written[key].dtype, written[key].shape) == (value.dtype, value.shape), key
+    assert written[key].tobytes() == value.tobytes(), key
+  config, kept_config = (json.loads((d / interop.ADAPTER_CONFIG).read_text()) for d in (tmp_path, accepted))
+  assert config == kept_config
 
 
 def test_no_bmerge_module_imports_torch():
