@@ -23,6 +23,10 @@ Export. `export_adapter` writes a trainable dict (one task, or one merged model)
 Hugging Face BERT folder that `bmerge.models.bert.load` (or `transformers`) reads; `export_merged` does both for every
 alpha of a merged grid. Merging acts on (A, B), not on B A: see `bmerge.models.bert`.
 
+Checked against peft itself (0.21.2, with PyTorch; the recorder is tests/data/record_peft.py): an adapter that peft
+wrote for a BERT imports here and gives peft's logits and hidden states, and an adapter `export_adapter` wrote loads in
+peft (every tensor in place) and gives bmerge's logits.
+
 References:
   Hu, Shen, Wallis, Allen-Zhu, Li, Wang, Wang, Chen. LoRA: low-rank adaptation of large language models. ICLR 2022.
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
