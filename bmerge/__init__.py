@@ -21,6 +21,7 @@ from bmerge import io
 from bmerge import merge
 from bmerge import models
 from bmerge import optim
+from bmerge import timing
 from bmerge import grid
 from bmerge.assess import comparison
 from bmerge.assess import metrics
@@ -81,5 +82,6 @@ __all__ = [
     "preview",
     "report",
     "stack",
+    "timing",
     "unstack",
 ]

@@ -414,3 +414,37 @@ def test_per_example_errors_name_the_argument():
     bmerge.compare(ENTRIES, right, EXAMPLE_BATCH, alphas, examples=MEMBERS[:, :2])
   with pytest.raises(ValueError, match="`examples` must hold 0 or 1"):
     bmerge.compare(ENTRIES, right, EXAMPLE_BATCH, alphas, examples=2 * MEMBERS)
+
+
+def test_each_method_is_charged_its_own_compilation_and_a_resumed_run_reports_the_stored_costs(tmp_path):
+  """Two entries with the same rule and shapes: each compiles (compile_seconds > 0), and run time excludes it. A
+  resumed compare() reports exactly the first run's stored seconds, says the previews were loaded, and compares no
+  figure of the old run with one of the new."""
+  alphas = grid.simplex(3, 0.25)
+  entries = [comparison.Entry("first", _posteriors(), merge.hessian_weighted),
+             comparison.Entry("second", _posteriors(MEANS + 0.5), merge.hessian_weighted)]
+  kw = dict(exact=_exact(alphas), workdir=str(tmp_path / "work"), progress=False,
+            costs={"exact": bmerge.timing.Cost("exact", 3.0, 0.5, 15, 0, bmerge.timing.RUN, bmerge.timing.machine())})
+  out = bmerge.compare(entries, per_task_and_overall, BATCH, alphas, folder=tmp_path / "a", **kw)
+  costs = out.summary["costs"]
+  for name in ("first", "second"):
+    c = costs[f"preview {name}"]
+    assert c["compile_seconds"] > 0 and c["seconds"] > 0 and not c["loaded"] and c["run"] == bmerge.timing.RUN
+  assert costs["exact"]["seconds"] == 3.0 and costs["exact"]["compile_seconds"] == 0.5
+  assert "x faster per alpha" in out.paths["report"].read_text() or "x slower per alpha" in out.paths[
+      "report"].read_text()
+
+  import bmerge.timing as timing_module  # pylint: disable=g-import-not-at-top
+  real_run = timing_module.RUN
+  try:
+    timing_module.RUN = "a-later-run"
+    again = bmerge.compare(entries, per_task_and_overall, BATCH, alphas, folder=tmp_path / "b", **kw)
+  finally:
+    timing_module.RUN = real_run
+  for name in ("first", "second"):
+    old, new = costs[f"preview {name}"], again.summary["costs"][f"preview {name}"]
+    assert new["loaded"] and new["compile_seconds"] == 0.0 and new["run"] == old["run"]
+    assert new["seconds"] == pytest.approx(old["seconds"], rel=1e-12)
+  text = again.paths["report"].read_text()
+  assert "not compared with joint training (measured in another run)" not in text  # exact given in the old run id
+  assert "| preview first |" in text and "| yes |" in text

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "bmerge"
 # The pipeline, bottom to top: a module may import only from its own layer or those before it.
 LAYERS = ("ground", "models", "optim", "merge", "grid", "assess", "io")
 GROUND = {"bmerge.posteriors", "bmerge._checks", "bmerge._fingerprint", "bmerge._tree", "bmerge._sharding",
-          "bmerge._timing"}
+          "bmerge.timing"}
 
 
 def _modules():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bmerge
-from bmerge import _timing
+from bmerge import timing as _timing
 
 
 def test_compilation_is_counted_apart_and_a_cache_hit_compiles_nothing():

@@ -18,13 +18,13 @@ import itertools
 import json
 import math
 import pathlib
-import time
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
 
 from bmerge import _checks
+from bmerge import timing
 from bmerge.grid import evaluate as grid_eval
 from bmerge.assess import metrics
 from bmerge.assess import report
@@ -71,7 +71,7 @@ class CompareOptions(NamedTuple):
   percent: bool = False  # print the metric as a percentage (accuracies in [0, 1])
   task_names: Optional[Sequence[str]] = None  # the T task names (default "task 1", ...)
   directions: Any = None  # [D, T] directions of a scaled grid, for the scaling figure's lambda axis
-  costs: Optional[Mapping[str, float]] = None  # stage name -> seconds measured by the caller ("exact", "posteriors X")
+  costs: Optional[Mapping[str, Any]] = None  # stage name -> seconds, timing.Cost or Cached ("exact", "posteriors X")
   paper: Optional[Mapping] = None  # numbers a paper reports, printed next to ours (see `compare`)
   title: str = "Preview comparison"  # the report's title
   notes: str = ""  # markdown appended to the report under "Notes"
@@ -109,7 +109,7 @@ class _Setup(NamedTuple):
   examples: Optional[np.ndarray]  # [N, T] task membership of the test examples, or None
   task_names: list  # T names
   recommend: str  # the entry whose top alphas are recommended
-  costs: dict  # stage -> seconds, the caller's and (after stage 2) the previews'
+  costs: dict  # stage -> {"seconds", "compile_seconds", "loaded", "run", "machine"}: the caller's and the previews'
   paper: Optional[dict]
   details: dict
   folder: Optional[pathlib.Path]
@@ -147,18 +147,35 @@ def _entries(entries) -> list[Entry]:
   return out
 
 
-def _costs(costs) -> dict[str, float]:
+def _cost(k: str, v: Any) -> dict:
+  """One stage's cost as stored in the summary: seconds, compile_seconds, loaded, run, machine."""
+  if isinstance(v, timing.Cost):
+    return v.to_json()
+  if hasattr(v, "seconds") and hasattr(v, "loaded") and isinstance(getattr(v, "machine", None), Mapping):
+    v = {"seconds": v.seconds, "loaded": v.loaded, "run": v.machine.get("run"), "machine": dict(v.machine)}
+  if isinstance(v, Mapping):
+    seconds = v.get("seconds")
+    out = {"seconds": seconds, "compile_seconds": v.get("compile_seconds"), "loaded": bool(v.get("loaded", False)),
+           "run": v.get("run"), "machine": v.get("machine")}
+  else:  # plain seconds: measured by the caller in this run
+    seconds = v
+    out = {"seconds": v, "compile_seconds": None, "loaded": False, "run": timing.RUN, "machine": None}
+  if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.number)) or not (
+      math.isfinite(seconds) and seconds >= 0):
+    raise ValueError(f"`costs` must map stage names to non-negative seconds (a number, a bmerge.timing.Cost, a "
+                     f"checkpoint.Cached or a dict with 'seconds'); got {k!r}: {v!r}.")
+  out["seconds"] = float(seconds)
+  return out
+
+
+def _costs(costs) -> dict[str, dict]:
   if costs is None:
     return {}
   if not isinstance(costs, Mapping):
     raise TypeError(f"`costs` must be a dict of stage name -> seconds, got {type(costs).__name__}.")
-  out = {}
-  for k, v in costs.items():
-    if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not (
-        math.isfinite(v) and v >= 0):
-      raise ValueError(f"`costs` must map stage names to non-negative seconds; got {k!r}: {v!r}.")
-    out[k] = float(v)
-  return out
+  if any(not isinstance(k, str) for k in costs):
+    raise ValueError(f"`costs` must have str stage names, got {sorted(map(repr, costs))}.")
+  return {k: _cost(k, v) for k, v in costs.items()}
 
 
 def _jsonable(value, name: str):
@@ -340,10 +357,13 @@ def _preview_entries(entries: list[Entry], eval_fn, batch, workdir, s: _Setup, o
     _check_eval(e, eval_fn, batch, s)
   out = _Previews({}, {}, {}, {})
   for e in entries:
-    t0 = time.perf_counter()
-    values = grid_eval.preview(e.rule, e.posteriors, s.alphas, eval_fn, batch, chunk_size=opts.chunk_size,
-                               workdir=workdir, tag=_tag(e.name), progress=opts.progress)
-    s.costs[f"preview {e.name}"] = time.perf_counter() - t0
+    # Every entry compiles its own fused preview (one with the same rule and shapes would otherwise reuse the
+    # previous entry's executable and look free), and its compilation is counted apart from its run time.
+    grid_eval.clear_cache()
+    with timing.recording() as log:
+      values = grid_eval.preview(e.rule, e.posteriors, s.alphas, eval_fn, batch, chunk_size=opts.chunk_size,
+                                 workdir=workdir, tag=_tag(e.name), progress=opts.progress)
+    s.costs[f"preview {e.name}"] = timing.combine(f"preview {e.name}", log).to_json()
     out.raw[e.name] = np.asarray(values)
     out.surface[e.name] = _surface(np.asarray(values, np.float64), s)
     out.overall[e.name], out.per_task[e.name] = _layout(out.surface[e.name], s.alphas, s.overall,
@@ -605,7 +625,9 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   "exact_best" and "exact_best_alpha"; "entries": name -> "description" (and, when the exact grid is coarser,
   "grid_best_alpha", "grid_best_preview", "grid_exact_at_best"); "pareto": name -> recall, IGD, IGD+, hypervolumes
   and front sizes; with `examples`, "differences" ({"A-B": {"mse", "ci"}}) and "interval" ({"kind", "seeds",
-  "samples", "level"}); "costs": stage -> seconds, with "preview <name>" measured here; "paper" and
+  "samples", "level"}); "costs": stage -> {"seconds" (run time without compilation), "compile_seconds", "loaded", "run",
+  "machine"}, with "preview <name>" measured here (each entry compiles its own preview; a resumed entry reports the
+  seconds stored with its rows, and the run that measured them); "paper" and
   "paper_ordering" ({"paper", "ours", "holds"}, and with intervals "verdict": "holds" only where every difference's
   interval excludes 0, else "not resolved" or "does not hold"); "recommendation": the `top_k` alphas of the
   `recommend` entry; "figures"; "surfaces"; "notes"; and the keys of `details`.
@@ -631,7 +653,9 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
       {name: {"label": "Simple", "mse": 0.2067, "best_preview": 76.8, "exact_at_best": 90.0}}, "exact_best": 90.4}
       (values shown as given; "mse_rank", 1 = smallest, where the paper shows only the order of the errors).
       `costs` gives the speed-up lines with "exact" (the exact baseline over `exact_alphas`) and
-      "posteriors <entry name>".
+      "posteriors <entry name>": each value is seconds measured in this run, a `bmerge.timing.Cost` (e.g.
+      `bmerge.timing.combine("exact", log)` of a `bmerge.timing.recording()` around `joint_train`) or a
+      `bmerge.checkpoint.Cached`; ratios are printed only between stages of the same run.
     **overrides: fields of `CompareOptions` given by name; they replace those of `options`. Any other name is a
       TypeError.
 

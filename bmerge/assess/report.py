@@ -12,6 +12,7 @@ References:
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from typing import Any, Mapping, Optional, Sequence
@@ -318,28 +319,51 @@ def _pareto_section(summary) -> list[str]:
   return lines + [""]
 
 
+def _seconds(cost) -> Optional[float]:
+  return cost.get("seconds") if isinstance(cost, Mapping) else cost
+
+
 def _cost_section(summary) -> list[str]:
   costs = summary.get("costs") or {}
   if not costs:
     return []
-  lines = ["## Cost of each stage (seconds, this machine)", "",
-           "Building the posteriors is paid once per task, whatever the grid; a resumed run times only what it had "
-           "left to compute.", "", "| stage | seconds |", "|---|---|"]
-  lines += [f"| {k} | {v:.2f} |" for k, v in costs.items()]
+  costs = {k: v if isinstance(v, Mapping) else {"seconds": v} for k, v in costs.items()}
+  runs = {v.get("run") for v in costs.values()}
+  lines = ["## Cost of each stage", "",
+           "Run time without compilation, measured once when the stage was computed and stored with its results: a "
+           "resumed run reports the stored seconds (loaded: yes). Ratios compare only stages measured in the same "
+           "run.", "", "| stage | seconds | compile seconds | loaded | run |", "|---|---|---|---|---|"]
+  for k, v in costs.items():
+    compile_s = "n/a" if v.get("compile_seconds") is None else f"{v['compile_seconds']:.2f}"
+    lines.append(f"| {k} | {v['seconds']:.2f} | {compile_s} | {'yes' if v.get('loaded') else 'no'} | "
+                 f"{v.get('run') or 'n/a'} |")
   lines.append("")
-  g, ge = summary.get("num_alphas"), summary.get("num_exact_alphas")
-  exact_s = costs.get("exact")
-  previews = {n: costs[f"preview {n}"] for n in summary["methods"] if f"preview {n}" in costs}
-  if exact_s and ge and previews and g:
-    per_exact = exact_s / ge
-    lines += [f"Joint training: {per_exact:.3g} s per alpha ({exact_s:.1f} s for {ge} alphas)."]
-    for n, s in previews.items():
-      built = costs.get(f"posteriors {n}")
-      total = f"; with its posteriors ({built:.1f} s) {built + s:.1f} s in all" if built is not None else ""
-      ratio = per_exact / (s / g) if s > 0 else float("inf")
-      speed = f", {ratio:.3g}x faster per alpha" if ratio >= 1 else f", {1 / ratio:.3g}x slower per alpha"
-      lines.append(f"- {n}: {s / g:.3g} s per alpha ({s:.1f} s for {g} alphas{speed}){total}.")
+  machines = {json.dumps(v["machine"], sort_keys=True) for v in costs.values() if isinstance(v.get("machine"), Mapping)}
+  for m in sorted(machines):
+    m = json.loads(m)
+    lines.append(f"Run {m.get('run')}: {m.get('cpu')}, {m.get('cores')} cores, {m.get('backend')} x"
+                 f"{m.get('device_count')} ({m.get('device_kind')}), {m.get('date')}.")
+  if machines:
     lines.append("")
+  g, ge = summary.get("num_alphas"), summary.get("num_exact_alphas")
+  exact = costs.get("exact")
+  previews = {n: costs[f"preview {n}"] for n in summary["methods"] if f"preview {n}" in costs}
+  if exact and ge and previews and g:
+    per_exact = exact["seconds"] / ge
+    lines += [f"Joint training: {per_exact:.3g} s per alpha ({exact['seconds']:.1f} s for {ge} alphas)."]
+    for n, c in previews.items():
+      built = costs.get(f"posteriors {n}")
+      total = (f"; with its posteriors ({built['seconds']:.1f} s) {built['seconds'] + c['seconds']:.1f} s in all"
+               if built is not None else "")
+      if c.get("run") != exact.get("run") or c.get("run") in (None, "mixed"):
+        speed = ", not compared with joint training (measured in another run)"
+      else:
+        ratio = per_exact / (c["seconds"] / g) if c["seconds"] > 0 else float("inf")
+        speed = f", {ratio:.3g}x faster per alpha" if ratio >= 1 else f", {1 / ratio:.3g}x slower per alpha"
+      lines.append(f"- {n}: {c['seconds'] / g:.3g} s per alpha ({c['seconds']:.1f} s for {g} alphas{speed}){total}.")
+    lines.append("")
+  if len(runs) > 1:
+    lines += [f"Stages come from {len(runs)} runs: figures of different runs are not compared.", ""]
   return lines
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from bmerge import _checks
 from bmerge import _fingerprint
 from bmerge import _sharding
-from bmerge import _timing
+from bmerge import timing as _timing
 
 __all__ = [
     "chunked_map",
@@ -52,7 +52,7 @@ def _save_chunk(path: str, rows: np.ndarray, tree: PyTree, seconds: float) -> No
   leaves = jax.tree.leaves(tree)
   tmp = path + ".tmp.npz"
   np.savez(tmp, alphas=np.asarray(rows, np.float64), seconds=np.float64(seconds), run=np.str_(_timing.RUN),
-           machine=np.str_(_timing.machine()), **{f"out_{i}": np.asarray(x) for i, x in enumerate(leaves)})
+           machine=np.str_(json.dumps(_timing.machine())), **{f"out_{i}": np.asarray(x) for i, x in enumerate(leaves)})
   os.replace(tmp, path)  # atomic: a chunk file either is complete or does not exist
 
 
@@ -145,7 +145,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
   chunk_size = min(chunk_size, -(-g // n_dev) * n_dev)
   folder = None
   found: dict[bytes, tuple[str, int]] = {}
-  stored: dict[str, tuple[float, str, str]] = {}  # chunk file -> (seconds per row, run, machine)
+  stored: dict[str, tuple[float, str, Any]] = {}  # chunk file -> (seconds per row, run, machine)
   if workdir is not None:
     _check_name(tag, "tag")
     parts = _fingerprint.fingerprints({"fn": fn} if inputs is None else inputs)
@@ -158,7 +158,7 @@ def chunked_map(fn: Callable[[jax.Array], PyTree], alphas, *, chunk_size: int = 
           for i, key in enumerate(_row_keys(rows)):
             found.setdefault(key, (path, i))
           if "seconds" in f.files:
-            stored[path] = (float(f["seconds"]) / max(len(rows), 1), str(f["run"]), str(f["machine"]))
+            stored[path] = (float(f["seconds"]) / max(len(rows), 1), str(f["run"]), json.loads(str(f["machine"])))
           else:  # written without its cost: unknown
             stored[path] = (float("nan"), "unknown", "unknown")
   keys = _row_keys(alphas) if found else []
@@ -222,6 +222,11 @@ def _fused(merge_fn, eval_fn, chunk, posteriors, batch):
   """Merge and evaluate one chunk of alphas in one compiled call (cached per (merge_fn, eval_fn) and shapes)."""
   params = merge_fn(posteriors, chunk)
   return jax.vmap(eval_fn, in_axes=(0, None))(params, batch)
+
+
+def clear_cache() -> None:
+  """Forgets the compiled fused previews, so the next `preview` compiles (and is charged) its own."""
+  _fused.clear_cache()
 
 
 def _hashable(f) -> bool:

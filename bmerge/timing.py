@@ -6,15 +6,15 @@ that only loaded stored results reports the seconds stored with them, never the 
 run (one id per process) and the machine it was measured on; ratios are meaningful only between figures of one run.
 
 `recording()` collects the costs of the chunked drivers (`bmerge.preview`, `bmerge.exact.joint_train`,
-`bmerge.chunked_map`) called inside it:
+`bmerge.chunked_map`) called inside it, e.g. to hand `compare` the cost of a user's own exact stage:
 
   >>> import numpy as np
   >>> import bmerge
-  >>> from bmerge import _timing
-  >>> with _timing.recording() as log:
+  >>> with bmerge.timing.recording() as log:
   ...   _ = bmerge.chunked_map(lambda a: a.sum(axis=1), np.eye(3), chunk_size=2, progress=False)
-  >>> [(c.computed_rows, c.loaded_rows, c.run == _timing.RUN) for c in log]
+  >>> [(c.computed_rows, c.loaded_rows, c.run == bmerge.timing.RUN) for c in log]
   [(3, 0, True)]
+  >>> exact_cost = bmerge.timing.combine("exact", log)   # e.g. bmerge.compare(..., costs={"exact": exact_cost})
 """
 
 from __future__ import annotations
@@ -22,31 +22,46 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import datetime
+import functools
 import os
 import platform
+import socket
 import threading
 import time
 import uuid
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import jax
+
+__all__ = ["Cost", "RUN", "combine", "machine", "recording", "stopwatch"]
 
 RUN = uuid.uuid4().hex[:12]  # this process's run: figures with the same RUN were measured side by side
 
 
-def machine() -> str:
-  """A short description of where figures are measured: host, processor, cores, JAX backend and devices."""
+def machine() -> dict:
+  """Where this process runs: hostname, CPU model, cores, jax backend, device kind and count, UTC date, run id.
+
+  Example:
+    >>> from bmerge import timing
+    >>> sorted(timing.machine())
+    ['backend', 'cores', 'cpu', 'date', 'device_count', 'device_kind', 'hostname', 'run']
+  """
+  devices = jax.devices()
+  return {"hostname": socket.gethostname(), "cpu": _cpu_model(), "cores": os.cpu_count(),
+          "backend": jax.default_backend(), "device_kind": devices[0].device_kind, "device_count": len(devices),
+          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "run": RUN}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_model() -> str:
   try:
-    devices = jax.devices()
-    backend = f"{devices[0].platform} x{len(devices)} ({devices[0].device_kind})"
-  except RuntimeError:  # no backend yet
-    backend = "unknown"
-  cpu = platform.processor() or platform.machine()
-  return f"{platform.node()}; {cpu}; {os.cpu_count()} cores; {backend}"
-
-
-def today() -> str:
-  return datetime.date.today().isoformat()
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.partition(":")[2].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 class Cost(NamedTuple):
@@ -58,7 +73,7 @@ class Cost(NamedTuple):
   computed_rows: int  # rows computed in this process
   loaded_rows: int  # rows read back from a workdir
   run: str  # the run that measured it (RUN, or the stored run of loaded rows; "mixed" if several)
-  machine: str  # the machine of that run ("mixed" if several)
+  machine: Any  # `machine()` of that run (a dict), or "mixed" if several
 
   def to_json(self) -> dict:
     return {"seconds": self.seconds, "compile_seconds": self.compile_seconds, "computed_rows": self.computed_rows,
@@ -128,11 +143,12 @@ def report(cost: Cost) -> None:
 
 
 def combine(stage: str, costs) -> Cost:
-  """One Cost for several (e.g. the chunked calls of one stage): seconds and rows add up."""
+  """One Cost for several (e.g. the chunked calls of one stage): seconds and rows add up; the run and machine are
+  kept when all agree, else "mixed"."""
   costs = list(costs)
-  runs = {c.run for c in costs if c.computed_rows or c.loaded_rows}
-  machines = {c.machine for c in costs if c.computed_rows or c.loaded_rows}
+  used = [c for c in costs if c.computed_rows or c.loaded_rows]
+  runs = {c.run for c in used}
   return Cost(stage, sum(c.seconds for c in costs), sum(c.compile_seconds for c in costs),
               sum(c.computed_rows for c in costs), sum(c.loaded_rows for c in costs),
               runs.pop() if len(runs) == 1 else ("mixed" if runs else RUN),
-              machines.pop() if len(machines) == 1 else ("mixed" if machines else machine()))
+              used[0].machine if len(runs) <= 1 and used else ("mixed" if used else machine()))
