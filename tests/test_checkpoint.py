@@ -13,6 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bmerge import checkpoint
+from bmerge import timing
 from bmerge.posteriors import Beta
 from bmerge.posteriors import DiagGaussian
 from bmerge.posteriors import FullGaussian
@@ -216,6 +217,11 @@ def test_cached_builds_once_per_content_of_its_inputs(tmp_path):
   # A resumed call reports the first build's seconds and machine exactly, not the time to load.
   assert again.seconds == first.seconds and again.machine == first.machine
   assert set(first.machine) >= {"hostname", "cpu", "backend", "device_kind", "device_count", "date", "run"}
+  assert first.compile_seconds >= 0 and again.compile_seconds == first.compile_seconds
+  assert first.machine["run"] == timing.RUN
+  cost = again.cost("posteriors task0")
+  assert (cost.seconds, cost.compile_seconds, cost.computed_rows, cost.loaded_rows) == (first.seconds, 0.0, 0, 1)
+  assert first.cost("x").computed_rows == 1 and first.cost("x").compile_seconds == first.compile_seconds
   one_changed = x.copy()
   one_changed[2, 1] += 1e-3
   misses = [inputs(config={"lr": 0.2, "steps": 10}), inputs(x=one_changed), inputs(seed=1),

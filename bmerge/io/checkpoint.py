@@ -20,18 +20,13 @@ host, as any orbax save.
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import importlib
 import json
 import logging
 import os
 import pathlib
-import platform
-import socket
 import sys
-import time
-import uuid
 from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
@@ -40,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from bmerge import _fingerprint
+from bmerge import timing
 from bmerge.posteriors import Beta
 from bmerge.posteriors import DiagGaussian
 from bmerge.posteriors import FullGaussian
@@ -51,7 +47,6 @@ __all__ = [
     "cached",
     "cached_posterior",
     "config_fingerprint",
-    "machine",
     "restore_arrays",
     "restore_posterior",
     "save_arrays",
@@ -370,41 +365,18 @@ def config_fingerprint(config: Any) -> str:
 
 
 class Cached(NamedTuple):
-  """What `cached` returns: the value and the honest cost of building it, wherever it was built."""
+  """What `cached` returns: the value and the honest cost of building it, wherever and whenever it was built."""
 
   value: Any  # what build_fn returned (or its restored copy: same structure, dtypes and shapes)
-  seconds: float  # wall-clock seconds of the build, measured when it ran (never the time to load it)
+  seconds: float  # run seconds of the build without compilation, measured when it ran (never the time to load it)
   loaded: bool  # True when restored from the cache, False when built by this call
-  machine: dict  # where and when the build ran: hostname, cpu, backend, device_kind, device_count, date, run
+  machine: dict  # `bmerge.timing.machine()` of the build: hostname, cpu, backend, devices, date, run
+  compile_seconds: float = 0.0  # tracing and compiling during the build
 
-
-_RUN = uuid.uuid4().hex[:12]  # one id per process: figures of one run share it
-
-
-def machine() -> dict:
-  """Where this process runs: hostname, CPU model, jax backend, device kind and count, UTC date, and a run id.
-
-  The run id is drawn once per process, so stored costs can tell figures of one run from those of another.
-
-  Example:
-    >>> sorted(machine())
-    ['backend', 'cpu', 'date', 'device_count', 'device_kind', 'hostname', 'run']
-  """
-  devices = jax.devices()
-  return {"hostname": socket.gethostname(), "cpu": _cpu_model(), "backend": jax.default_backend(),
-          "device_kind": devices[0].device_kind, "device_count": len(devices),
-          "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "run": _RUN}
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.partition(":")[2].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+  def cost(self, stage: str) -> timing.Cost:
+    """The build's cost as a `bmerge.timing.Cost` (one row, computed here or loaded), e.g. for `bmerge.compare`."""
+    return timing.Cost(stage, self.seconds, 0.0 if self.loaded else self.compile_seconds, int(not self.loaded),
+                       int(self.loaded), self.machine["run"], self.machine)
 
 
 def _check_name(name: Any) -> None:
@@ -421,11 +393,13 @@ def cached(path_dir: PathLike, name: str, inputs: Any, build_fn: Callable[[], An
   enough), seed or bound argument misses the cache and builds again, and the old entry stays (switching back is free).
   Pass in `inputs` everything `build_fn` depends on; globals it reads by name are not seen.
 
-  On a miss the build runs, `jax.block_until_ready` waits for its arrays, and its wall-clock seconds are stored with
-  the value in `path_dir/<name>-<first 16 hex of the fingerprint>` (an orbax checkpoint, written atomically), with
-  the full fingerprint and `machine()` (hostname, CPU, backend, devices, date, run id). On a hit the value is restored
-  and the *stored* seconds and machine are returned with `loaded=True`: a resumed run reports what the build cost
-  where it ran, never the time to load it.
+  On a miss the build runs under `bmerge.timing.stopwatch()`, `jax.block_until_ready` waits for its arrays, and its
+  run seconds (wall time minus compilation) and compile seconds are stored with the value in
+  `path_dir/<name>-<first 16 hex of the fingerprint>` (an orbax checkpoint, written atomically), with the full
+  fingerprint and `bmerge.timing.machine()` (hostname, CPU, backend, devices, date, run id). On a hit the value is
+  restored and the *stored* seconds and machine are returned with `loaded=True`: a resumed run reports what the build
+  cost where it ran, never the time to load it. A build that itself resumes saved work (`bmerge.exact.joint_train`
+  with a workdir) is timed for what it computed in this call.
 
   Args:
     path_dir: directory holding the cache.
@@ -460,18 +434,18 @@ def cached(path_dir: PathLike, name: str, inputs: Any, build_fn: Callable[[], An
       raise ValueError(f"`path_dir` holds {str(path)!r} for fingerprint {meta.get('fingerprint')!r}, not {key!r}; "
                        "remove it.")
     _log.info("cached: restored %s (built in %.2f s on %s)", path, meta["seconds"], meta["machine"]["hostname"])
-    return Cached(value, float(meta["seconds"]), True, meta["machine"])
-  t0 = time.perf_counter()
-  value = jax.block_until_ready(build_fn())
-  seconds = time.perf_counter() - t0
-  where = machine()
+    return Cached(value, float(meta["seconds"]), True, meta["machine"], float(meta["compile_seconds"]))
+  with timing.stopwatch() as watch:
+    value = jax.block_until_ready(build_fn())
+  built = Cached(value, watch.wall - watch.compile_seconds, False, timing.machine(), watch.compile_seconds)
   if not path.exists():  # another process may have finished the same build meanwhile
     parts = _fingerprint.fingerprints(inputs) if isinstance(inputs, Mapping) else {}
-    meta = {"name": name, "fingerprint": key, "inputs": parts, "seconds": seconds, "machine": where}
+    meta = {"name": name, "fingerprint": key, "inputs": parts, "seconds": built.seconds,
+            "compile_seconds": built.compile_seconds, "machine": built.machine}
     _save_tree(path, value, kind="cached", type_name=type(value).__name__, metadata=meta, overwrite=False,
                where="the value of `build_fn`")
     _log.info("cached: built and saved %s", path)
-  return Cached(value, seconds, False, where)
+  return built
 
 
 def cached_posterior(path_dir: PathLike, name: str, inputs: Any, build_fn: Callable[[], Any]):
@@ -480,17 +454,18 @@ def cached_posterior(path_dir: PathLike, name: str, inputs: Any, build_fn: Calla
 
 
 def timed(costs: dict, name: str, fn: Callable[[], Any]) -> Any:
-  """Runs `fn()`, waits for its arrays (`jax.block_until_ready`) and adds its wall-clock seconds to `costs[name]`.
+  """Runs `fn()`, waits for its arrays (`jax.block_until_ready`) and adds its run seconds to `costs[name]`.
 
-  For stages with no cache of their own (figures, tokenisation); cached builds carry their stored cost in
-  `Cached.seconds` instead.
+  Run seconds are the wall time minus JAX's compilation during the call (`bmerge.timing.stopwatch`), as for every
+  stage's cost. For stages with no cache of their own (figures, tokenisation); cached builds carry their stored cost
+  in `Cached.seconds` instead.
 
   Example:
     >>> costs = {}
     >>> timed(costs, "sum", lambda: int(np.arange(4).sum())), sorted(costs)
     (6, ['sum'])
   """
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn())
-  costs[name] = costs.get(name, 0.0) + time.perf_counter() - t0
+  with timing.stopwatch() as watch:
+    out = jax.block_until_ready(fn())
+  costs[name] = costs.get(name, 0.0) + watch.wall - watch.compile_seconds
   return out
