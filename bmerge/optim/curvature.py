@@ -1,4 +1,4 @@
-"""Squared-gradient diagonal Fisher over one pass of data ("AdamW-SG" of the paper, Sec. 4; Daheim et al. 2024).
+"""Squared-gradient diagonal Fisher over one pass of data ("AdamW-SG" of the paper, Sec. 3.5; Daheim et al. 2024).
 
 After training (e.g. with AdamW) one extra pass turns the trained params theta into a diagonal Gaussian posterior
 
@@ -25,6 +25,21 @@ parameters that never receive a gradient (e.g. constant input pixels), as `bmerg
 Memory. The data are processed `chunk_size` examples at a time inside one `lax.fori_loop`: only [chunk_size, P]
 per-example gradients exist at once, whatever N. Chunk i reads examples [min(i c, N - c), +c) with a dynamic slice
 of the inputs (no padded copy of the data set) and masks the examples an earlier chunk already counted, so any N works.
+
+Example:
+  Squared gradients of 1/2 (w x_i - y_i)^2 in w are (w x_i - y_i)^2 x_i^2; at w = 0 with y = 1: sum_i x_i^2.
+
+  >>> import jax.numpy as jnp
+  >>> from bmerge import curvature
+  >>> loss_fn = lambda w, x, y: 0.5 * (w * x - y) ** 2
+  >>> float(curvature.sum_squared_gradients(loss_fn, jnp.asarray(0.0), (jnp.array([1.0, 2.0, 3.0]), jnp.ones(3))))
+  14.0
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging. 2024 (Sec. 3.5: AdamW-SG; its posteriors merge by Eq. 10).
+  Daheim, Möllenhoff, Ponti, Gurevych, Khan. Model merging by uncertainty-based gradient matching. ICLR 2024.
+  Kunstner, Hennig, Balles. Limitations of the empirical Fisher approximation. NeurIPS 2019.
 """
 
 from __future__ import annotations
@@ -141,6 +156,16 @@ def sum_squared_gradients(loss_fn: Callable[[PyTree, Any, Any], jax.Array], para
 
   Returns:
     A pytree shaped like `params`: the per-parameter sum of squared per-example gradients.
+
+  Example:
+    Any N with any chunk size: the last chunk is shifted back and its overlap masked.
+
+    >>> import jax.numpy as jnp
+    >>> from bmerge import curvature
+    >>> loss_fn = lambda p, x, y: p["w"] @ x - y                          # gradient x_i
+    >>> x = jnp.arange(10.0).reshape(5, 2)
+    >>> curvature.sum_squared_gradients(loss_fn, {"w": jnp.zeros(2)}, (x, jnp.zeros(5)), chunk_size=2)["w"].tolist()
+    [120.0, 165.0]
   """
   inputs, labels, _ = _check_common(data, chunk_size)
   example_loss = _ExampleLoss(loss_fn)
@@ -188,6 +213,20 @@ def sample_label(key: jax.Array, index, logits: jax.Array) -> jax.Array:
   """The label the 'true' variant draws for example `index`: categorical(fold_in(key, index), logits).
 
   One key per example (folded in by its position in the data set), so the labels do not depend on `chunk_size`.
+
+  Args:
+    key: the pass's PRNG key.
+    index: the example's position in the data set.
+    logits: its logits [C].
+
+  Returns:
+    The sampled int label.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge import curvature
+    >>> int(curvature.sample_label(jax.random.key(0), 3, jnp.array([-1e9, 0.0, -1e9])))    # a certain class
+    1
   """
   return jax.random.categorical(jax.random.fold_in(key, index), logits)
 

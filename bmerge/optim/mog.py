@@ -1,7 +1,8 @@
 """Mixture-of-Gaussians variational inference by natural gradients (Lin, Khan & Schmidt 2019, Sec. 4.1).
 
-Fits q(z) = sum_c pi_c N(z | mu_c, S_c^-1), c = 1..K, to exp(-loss-bar(z)) (loss-bar = sum of per-example losses +
-regulariser). Each step draws z_j ~ q (c_j ~ pi, then z_j = mu_{c_j} + L_{c_j}^-T eps_j), forms the importance
+Fits q(z) = sum_c pi_c N(z | mu_c, S_c^-1), c = 1..K (the mixture posterior of the paper's Eq. 11), to
+exp(-loss-bar(z)) (loss-bar = sum of per-example losses + regulariser) by the variational objective of Eq. 7.
+Each step draws z_j ~ q (c_j ~ pi, then z_j = mu_{c_j} + L_{c_j}^-T eps_j), forms the importance
 weights delta_c(z) = N_c(z) / q(z) and f(z) = -loss-bar(z) - log q(z), and with step beta:
 
   S_c  <- S_c - beta E_q[delta_c hess f]                     (beta halved until every S_c stays positive definite)
@@ -36,6 +37,14 @@ Each `step` returns `(state, info)` as blackjax's kernels do (`MoGInfo`: the ste
 loss-bar over the samples); `fit` / `fit_diag` run the steps in one `lax.scan`, and `bmerge.fit.mog` starts K
 components around a MAP, spread by its Laplace covariance.
 
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from bmerge.optim import mog
+  >>> state = mog.init(jnp.array([[-1.0], [1.0]]), jnp.ones((2, 1, 1)))          # K = 2 components, P = 1
+  >>> q = mog.posterior(state)                                                    # a bmerge.Mixture
+  >>> q.components.mean.shape, jnp.exp(q.log_weights).tolist()
+  ((2, 1), [0.5, 0.5])
+
 References:
   Lin, Khan, Schmidt. Fast and simple natural-gradient variational inference with mixture of exponential-family
   approximations. ICML 2019, Sec. 4.1.
@@ -69,7 +78,14 @@ DIAG_ESTIMATORS = ("stein", "hessian")
 
 
 class MoGState(NamedTuple):
-  """q = sum_c exp(log_weights[c]) N(mean[c], precision[c]^-1)."""
+  """q = sum_c exp(log_weights[c]) N(mean[c], precision[c]^-1), full [P, P] precisions.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> mog.init(jnp.zeros((3, 2)), jnp.broadcast_to(jnp.eye(2), (3, 2, 2))).precision.shape
+    (3, 2, 2)
+  """
 
   mean: jax.Array  # [K, P]
   precision: jax.Array  # [K, P, P] symmetric positive definite
@@ -77,7 +93,14 @@ class MoGState(NamedTuple):
 
 
 class DiagMoGState(NamedTuple):
-  """q = sum_c exp(log_weights[c]) N(mean[c], diag(precision[c])^-1) over a params pytree."""
+  """q = sum_c exp(log_weights[c]) N(mean[c], diag(precision[c])^-1) over a params pytree.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> mog.init_diag({"w": jnp.zeros((2, 3))}, {"w": jnp.ones((2, 3))}).log_weights.shape
+    (2,)
+  """
 
   mean: PyTree  # params pytree, every leaf with a leading [K] axis
   precision: PyTree  # same structure and shapes as `mean`, entries > 0
@@ -85,14 +108,27 @@ class DiagMoGState(NamedTuple):
 
 
 class MoGInfo(NamedTuple):
-  """Diagnostics of one `step` / `step_diag`."""
+  """Diagnostics of one `step` / `step_diag`: the beta used after halving, the mean loss-bar over the samples.
+
+  Example:
+    >>> from bmerge.optim import mog
+    >>> mog.MoGInfo._fields
+    ('step_size', 'loss')
+  """
 
   step_size: jax.Array  # [] the beta used, after halving until every precision stayed positive (0: no step)
   loss: jax.Array  # [] mean of loss-bar over the step's Monte-Carlo samples
 
 
 class MoGAlgorithm(NamedTuple):
-  """`init(mean, precision, log_weights=None)` and a jitted `step(key, state) -> (state, MoGInfo)`."""
+  """`init(mean, precision, log_weights=None)` and a jitted `step(key, state) -> (state, MoGInfo)` (see `mog`).
+
+  Example:
+    >>> from bmerge.optim import mog
+    >>> algo = mog.mog(lambda z: 0.5 * z @ z)
+    >>> isinstance(algo, mog.MoGAlgorithm), algo.init is mog.init
+    (True, True)
+  """
 
   init: Callable[..., Any]
   step: Callable[[jax.Array, Any], tuple[Any, MoGInfo]]
@@ -134,6 +170,16 @@ def init(mean: jax.Array, precision: jax.Array, log_weights: Optional[jax.Array]
     mean: [K, P] component means (K >= 1); spread them out, components that start equal stay equal.
     precision: [K, P, P] positive-definite component precisions.
     log_weights: [K] log mixture weights (normalised here); default uniform.
+
+  Returns:
+    A `MoGState` with log_weights normalised (logsumexp = 0).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> state = mog.init(jnp.zeros((2, 1)), jnp.ones((2, 1, 1)), jnp.log(jnp.array([1.0, 3.0])))
+    >>> jnp.exp(state.log_weights).tolist()
+    [0.25, 0.75]
   """
   return _init(mean, precision, log_weights, "")
 
@@ -170,7 +216,24 @@ def _draw(key, log_weights, num_samples, dim, dtype, antithetic):
 
 
 def sample(key: jax.Array, state: MoGState, num_samples: int = 1) -> jax.Array:
-  """[num_samples, P] draws from q."""
+  """[num_samples, P] draws from q: c_j ~ pi, then z_j = mu_{c_j} + L_{c_j}^-T eps_j, S_c = L_c L_c^T.
+
+  Args:
+    key: PRNG key of the draws.
+    state: the `MoGState`.
+    num_samples: how many draws.
+
+  Returns:
+    [num_samples, P].
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> state = mog.init(jnp.array([[-5.0], [5.0]]), 1e4 * jnp.ones((2, 1, 1)))      # two narrow components
+    >>> z = mog.sample(jax.random.key(0), state, num_samples=6)
+    >>> z.shape, bool(jnp.all(jnp.abs(jnp.abs(z) - 5.0) < 0.1))
+    ((6, 1), True)
+  """
   _learner.check_num_samples(num_samples, False)
   chol = jnp.linalg.cholesky(state.precision)
   c, eps = _draw(key, state.log_weights, num_samples, state.mean.shape[1], state.mean.dtype, False)
@@ -245,6 +308,14 @@ def step(key: jax.Array, state: MoGState, loss_fn: Callable, beta=0.02, beta_w=N
 
   Returns:
     `(state, info)`: the new `MoGState` and a `MoGInfo` (the beta used after halving, the mean loss-bar).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> step = jax.jit(lambda key, state: mog.step(key, state, lambda z: 0.5 * z @ z, beta=0.1))
+    >>> state, info = step(jax.random.key(0), mog.init(jnp.array([[-1.0], [1.0]]), jnp.ones((2, 1, 1))))
+    >>> state.mean.shape, round(float(info.step_size), 6)
+    ((2, 1), 0.1)
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
   _learner.check_estimator(estimator, gauss_newton_fn, ESTIMATORS)
@@ -328,10 +399,26 @@ def fit(key: jax.Array, loss_fn: Callable, init_mean: jax.Array, init_precision:
   """Runs `num_steps` steps in one compiled `lax.scan`; step i uses the i-th key of `jax.random.split(key, num_steps)`.
 
   Args:
-    init_mean: [K, P]; init_precision: [K, P, P]; init_log_weights: [K] (default uniform). Others as in `step`.
+    key: PRNG key, split into one key per step.
+    loss_fn: z [P] -> scalar loss-bar.
+    init_mean: [K, P].
+    init_precision: [K, P, P].
+    num_steps: the number of steps (>= 0).
+    beta, beta_w, num_samples, estimator, gauss_newton_fn, antithetic, control_variate: as in `step`.
+    init_log_weights: [K] (default uniform).
 
   Returns:
     The final `MoGState`; `posterior(state)` is the `Mixture` to merge.
+
+  Example:
+    K = 1 on a Gaussian target N(1, 1/2): the component converges to it.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> state = mog.fit(jax.random.key(0), lambda z: jnp.sum((z - 1.0) ** 2), jnp.zeros((1, 1)), jnp.ones((1, 1, 1)),
+    ...                 30, beta=0.5, num_samples=2, antithetic=True)
+    >>> print(state.mean.round(3), state.precision.round(3))
+    [[1.]] [[[2.]]]
   """
   state, beta, beta_w, num_steps = _fit_inputs(
       loss_fn, beta, beta_w, num_samples, antithetic, estimator, gauss_newton_fn, ESTIMATORS, num_steps,
@@ -362,7 +449,16 @@ def _fit_full(key, state, beta, beta_w, num_steps, loss_fn, num_samples, estimat
 
 
 def posterior(state: MoGState | DiagMoGState) -> Mixture:
-  """The fitted mixture as `bmerge.Mixture` (components `FullGaussian` or `DiagGaussian` with a leading K axis)."""
+  """The fitted mixture as `bmerge.Mixture` (components `FullGaussian` or `DiagGaussian` with a leading K axis),
+  the q_t of Eq. 11 for `bmerge.merge.mixture_weighted`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> q = mog.posterior(mog.init_diag({"w": jnp.zeros((2, 3))}, {"w": jnp.ones((2, 3))}))
+    >>> type(q.components).__name__
+    'DiagGaussian'
+  """
   if isinstance(state, DiagMoGState):
     return Mixture(DiagGaussian(state.mean, state.precision), state.log_weights)
   return Mixture(FullGaussian(state.mean, state.precision), state.log_weights)
@@ -379,6 +475,16 @@ def init_diag(mean: PyTree, precision: PyTree, log_weights: Optional[jax.Array] 
     mean: params pytree whose leaves carry a leading K axis (K >= 1 components).
     precision: the same structure and shapes, entries > 0.
     log_weights: [K] (normalised here); default uniform.
+
+  Returns:
+    A `DiagMoGState` in one floating dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> state = mog.init_diag({"w": jnp.zeros((4, 2))}, {"w": jnp.ones((4, 2))})
+    >>> jnp.exp(state.log_weights).tolist()
+    [0.25, 0.25, 0.25, 0.25]
   """
   return _init_diag(mean, precision, log_weights, "")
 
@@ -446,7 +552,24 @@ def step_diag(key: jax.Array, state: DiagMoGState, loss_fn: Callable, beta=0.02,
   The same updates as `step` with every precision diagonal: h_c <- h_c - beta E[delta_c diag hess f] (beta halved
   until every h_c > 0), mu_c <- mu_c + beta E[delta_c grad f] / h_c. `estimator`: 'stein' (gradients only,
   E_{N_c}[diag hess] = E_q[delta_c h_c (z - mu_c) * grad]) or 'hessian' (exact diagonal, P Hessian-vector products).
-  Returns `(state, info)` like `step`.
+
+  Args:
+    key: PRNG key (split into the component draw and the noise).
+    state: the current `DiagMoGState`.
+    loss_fn: params -> scalar loss-bar.
+    beta, beta_w, num_samples, antithetic, control_variate: as in `step`.
+    estimator: 'stein' or 'hessian'.
+
+  Returns:
+    `(state, info)` like `step`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> step = jax.jit(lambda key, s: mog.step_diag(key, s, lambda p: 0.5 * jnp.sum(p["w"] ** 2), beta=0.1))
+    >>> state, info = step(jax.random.key(0), mog.init_diag({"w": jnp.ones((2, 3))}, {"w": jnp.ones((2, 3))}))
+    >>> state.mean["w"].shape, round(float(info.step_size), 6)
+    ((2, 3), 0.1)
   """
   _check_common(loss_fn, beta, beta_w, num_samples, antithetic)
   _learner.check_estimator(estimator, None, DIAG_ESTIMATORS)
@@ -471,7 +594,30 @@ def fit_diag(key: jax.Array, loss_fn: Callable, init_mean: PyTree, init_precisio
              beta=0.02, beta_w=None, num_samples: int = 3, estimator: str = "stein", *,
              init_log_weights: Optional[jax.Array] = None, antithetic: bool = False,
              control_variate: bool = False) -> DiagMoGState:
-  """`step_diag` `num_steps` times in one `lax.scan` (keys `jax.random.split(key, num_steps)`)."""
+  """`step_diag` `num_steps` times in one `lax.scan` (keys `jax.random.split(key, num_steps)`).
+
+  Args:
+    key: PRNG key, split into one key per step.
+    loss_fn: params -> scalar loss-bar.
+    init_mean: params pytree with a leading K axis.
+    init_precision: the same shapes, entries > 0.
+    num_steps: the number of steps (>= 0).
+    beta, beta_w, num_samples, estimator, antithetic, control_variate: as in `step_diag`.
+    init_log_weights: [K] (default uniform).
+
+  Returns:
+    The final `DiagMoGState`.
+
+  Example:
+    K = 1 on the Gaussian target N(1, 1/2) per coordinate (Stein's estimator, gradients only):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.optim import mog
+    >>> state = mog.fit_diag(jax.random.key(0), lambda p: jnp.sum((p["w"] - 1.0) ** 2), {"w": jnp.zeros((1, 2))},
+    ...                      {"w": jnp.ones((1, 2))}, 200, beta=0.1, num_samples=8)
+    >>> bool(jnp.allclose(state.mean["w"], 1.0, atol=0.1)), bool(jnp.allclose(state.precision["w"], 2.0, rtol=0.3))
+    (True, True)
+  """
   state, beta, beta_w, num_steps = _fit_inputs(
       loss_fn, beta, beta_w, num_samples, antithetic, estimator, None, DIAG_ESTIMATORS, num_steps,
       lambda: _init_diag(init_mean, init_precision, init_log_weights, "init_"))

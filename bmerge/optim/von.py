@@ -1,7 +1,8 @@
 """Variational online Newton with a full covariance (Khan & Rue 2023, Sec. 1.3.2), for small models.
 
 The user gives the total loss over a flat parameter vector, loss-bar(theta) = sum_i loss_i(theta) + R(theta), and VON
-fits q(theta) = N(m, S^-1) by natural-gradient steps of size rho on E_q[loss-bar] - H(q):
+fits q(theta) = N(m, S^-1) by natural-gradient steps of size rho on E_q[loss-bar] - H(q) (the variational objective of
+the paper's Eq. 7, the regulariser playing the prior):
 
   S <- (1 - rho) S + rho E_q[hess loss-bar(theta)]
   m <- m - rho S^-1 E_q[grad loss-bar(theta)]                           (with the new S)
@@ -29,6 +30,18 @@ The posterior is exported as `bmerge.FullGaussian(m, S)` and goes straight into 
 Each `step` returns `(state, info)` as blackjax's kernels do; `fit` runs the steps in one `lax.scan`, and
 `bmerge.fit.von` starts it from a MAP with its Laplace precision.
 
+Example:
+  On a quadratic loss-bar the exact posterior is a fixed point: a step from it stays there.
+
+  >>> import jax, jax.numpy as jnp
+  >>> from bmerge.optim import von
+  >>> a, b = jnp.array([[2.0, 0.5], [0.5, 1.0]]), jnp.array([1.0, -1.0])
+  >>> algo = von.von(lambda t: 0.5 * t @ a @ t - b @ t, rho=0.5, num_samples=2, antithetic=True)
+  >>> state = algo.init(jnp.linalg.solve(a, b), a)                 # N(A^-1 b, A^-1)
+  >>> new, info = algo.step(jax.random.key(0), state)
+  >>> bool(jnp.allclose(new.mean, state.mean, atol=1e-6) and jnp.allclose(new.precision, a))
+  True
+
 References:
   Khan, Rue. The Bayesian learning rule. JMLR 2023, Sec. 1.3.2.
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
@@ -54,21 +67,41 @@ __all__ = ["ESTIMATORS", "VONAlgorithm", "VONInfo", "VONState", "draw_noise", "e
 
 
 class VONState(NamedTuple):
-  """The variational posterior N(mean, precision^-1)."""
+  """The variational posterior N(m, S^-1): m = `mean` [P], S = `precision` [P, P].
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> von.VONState(jnp.zeros(2), jnp.eye(2))._fields
+    ('mean', 'precision')
+  """
 
   mean: jax.Array  # [P]
   precision: jax.Array  # [P, P] symmetric positive definite
 
 
 class VONInfo(NamedTuple):
-  """Diagnostics of one `step`."""
+  """Diagnostics of one `step`: the mean of loss-bar over its Monte-Carlo samples and the rho used.
+
+  Example:
+    >>> from bmerge.optim import von
+    >>> von.VONInfo._fields
+    ('loss', 'step_size')
+  """
 
   loss: jax.Array  # [] mean of loss-bar over the step's Monte-Carlo samples
   step_size: jax.Array  # [] the rho used
 
 
 class VONAlgorithm(NamedTuple):
-  """`init(mean, precision) -> VONState` and a jitted `step(key, state) -> (VONState, VONInfo)`."""
+  """`init(mean, precision) -> VONState` and a jitted `step(key, state) -> (VONState, VONInfo)` (see `von`).
+
+  Example:
+    >>> from bmerge.optim import von
+    >>> algo = von.von(lambda t: 0.5 * t @ t)
+    >>> isinstance(algo, von.VONAlgorithm), algo.init is von.init
+    (True, True)
+  """
 
   init: Callable[..., VONState]
   step: Callable[[jax.Array, VONState], tuple[VONState, VONInfo]]
@@ -93,6 +126,12 @@ def init(mean: jax.Array, precision: jax.Array) -> VONState:
 
   Returns:
     A `VONState` with both arrays in one floating dtype.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> von.init(jnp.zeros(2), 2.0 * jnp.eye(2)).precision.dtype
+    dtype('float32')
   """
   return _init(mean, precision, "mean", "precision")
 
@@ -110,7 +149,24 @@ def _init(mean, precision, mean_name, precision_name):
 
 
 def sample(key: jax.Array, state: VONState, num_samples: int = 1, antithetic: bool = False) -> jax.Array:
-  """theta_s = m + L^-T eps_s with S = L L^T: [num_samples, P] draws from q."""
+  """theta_s = m + L^-T eps_s with S = L L^T, eps_s ~ N(0, I): [num_samples, P] draws from q.
+
+  Args:
+    key: PRNG key of the noise.
+    state: the `VONState` q = N(m, S^-1).
+    num_samples: S, even with `antithetic`.
+    antithetic: the second half of the noise is minus the first.
+
+  Returns:
+    [num_samples, P] samples.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> theta = von.sample(jax.random.key(0), von.init(jnp.ones(2), jnp.eye(2)), num_samples=4, antithetic=True)
+    >>> theta.shape, bool(jnp.allclose(theta.mean(axis=0), 1.0))       # the pairs cancel around the mean
+    ((4, 2), True)
+  """
   _learner.check_num_samples(num_samples, antithetic)
   chol = jnp.linalg.cholesky(state.precision)
   eps = draw_noise(key, num_samples, state.mean.shape[0], state.mean.dtype, antithetic)
@@ -128,6 +184,27 @@ def estimate(loss_fn: Callable, theta: jax.Array, eps: jax.Array, chol: jax.Arra
 
   `eps` [S, P] is the noise that made the samples (theta = m + L^-T eps) and `chol` the Cholesky factor L of the
   precision; the Stein estimator uses S (theta - m) = L eps.
+
+  Args:
+    loss_fn: theta [P] -> scalar loss-bar.
+    theta: samples [S, P].
+    eps: their noise [S, P].
+    chol: the lower Cholesky factor L of the precision [P, P].
+    estimator: 'hessian', 'stein' or 'gauss_newton' (see the module docstring).
+    gauss_newton_fn: theta [P] -> [P, P], for 'gauss_newton'.
+
+  Returns:
+    (g_hat [P], H_hat [P, P], symmetric).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> import jax
+    >>> a = jnp.array([[2.0, 0.5], [0.5, 1.0]])
+    >>> estimate = jax.jit(lambda theta, eps, chol: von.estimate(lambda t: 0.5 * t @ a @ t, theta, eps, chol))
+    >>> g, h = estimate(jnp.ones((1, 2)), jnp.ones((1, 2)), jnp.eye(2))
+    >>> g.tolist(), bool(jnp.allclose(h, a))                        # A theta and A at theta = (1, 1)
+    ([2.5, 1.5], True)
   """
   return _estimate(loss_fn, theta, eps, chol, estimator, gauss_newton_fn)[1:]
 
@@ -157,6 +234,26 @@ def update(state: VONState, grad_estimate: jax.Array, hess_estimate: jax.Array, 
     m' = m - rho S'^-1 g_hat
 
   With rho = 1, g_hat = grad loss-bar(m) and H_hat = hess loss-bar(m) this is one Newton step.
+
+  Args:
+    state: the current `VONState`.
+    grad_estimate: g_hat [P].
+    hess_estimate: H_hat [P, P], symmetric.
+    rho: the step size.
+    pd_correction: use the positive-definite form of the precision step.
+
+  Returns:
+    The new `VONState`.
+
+  Example:
+    One Newton step (rho = 1) on the quadratic 1/2 t^T A t - b^T t from 0 lands on its minimiser A^-1 b:
+
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> a, b = jnp.array([[2.0, 0.5], [0.5, 1.0]]), jnp.array([1.0, -1.0])
+    >>> new = von.update(von.init(jnp.zeros(2), jnp.eye(2)), -b, a, 1.0)   # gradient at 0 is -b
+    >>> bool(jnp.allclose(new.mean, jnp.linalg.solve(a, b)))
+    True
   """
   s = state.precision
   g = hess_estimate - s
@@ -188,6 +285,14 @@ def step(key: jax.Array, state: VONState, loss_fn: Callable, rho=0.1, num_sample
 
   Returns:
     `(state, info)`: the new `VONState` and a `VONInfo` (mean loss-bar over the samples, the rho used).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> step = jax.jit(lambda key, state: von.step(key, state, lambda t: 0.5 * t @ t, rho=0.5))
+    >>> state, info = step(jax.random.key(0), von.init(jnp.zeros(2), jnp.eye(2)))
+    >>> float(info.step_size), bool(jnp.allclose(state.precision, jnp.eye(2)))   # hess = I: S stays I
+    (0.5, True)
   """
   _check_args(loss_fn, num_samples, antithetic, estimator, gauss_newton_fn)
   _learner.check_step_size(rho, "rho", at_most_one=True)
@@ -244,8 +349,26 @@ def fit(key: jax.Array, loss_fn: Callable, init_mean: jax.Array, init_precision:
   schedule `count -> rho` with count = 0, 1, ...), so it reproduces a loop of `step` with those keys.
   `bmerge.fit.von` starts it from a MAP with the Laplace precision and returns the posterior.
 
+  Args:
+    key: PRNG key, split into one key per step.
+    loss_fn: theta [P] -> scalar loss-bar.
+    init_mean: [P].
+    init_precision: [P, P] symmetric positive definite.
+    num_steps: the number of steps (>= 0).
+    rho: a constant step size in (0, 1] or a schedule `count -> rho`.
+    num_samples, estimator, gauss_newton_fn, pd_correction, antithetic: as in `step`.
+
   Returns:
     The final `VONState`; `posterior(state)` is the `FullGaussian` to merge.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> a, b = jnp.array([[2.0, 0.5], [0.5, 1.0]]), jnp.array([1.0, -1.0])
+    >>> state = von.fit(jax.random.key(0), lambda t: 0.5 * t @ a @ t - b @ t, jnp.zeros(2), jnp.eye(2), 30, rho=0.5,
+    ...                 num_samples=2, antithetic=True)
+    >>> bool(jnp.allclose(state.mean, jnp.linalg.solve(a, b), atol=1e-4))
+    True
   """
   _check_args(loss_fn, num_samples, antithetic, estimator, gauss_newton_fn)
   num_steps = _checks.integer(num_steps, "num_steps", minimum=0)
@@ -265,7 +388,14 @@ def _fit_scan(key, state, rhos, loss_fn, num_samples, estimator, gauss_newton_fn
 
 
 def posterior(state: VONState) -> FullGaussian:
-  """The fitted q = N(m, S^-1) as a `bmerge.FullGaussian` (input to `bmerge.merge.hessian_weighted`)."""
+  """The fitted q = N(m, S^-1) as a `bmerge.FullGaussian` (input to `bmerge.merge.hessian_weighted`, Eq. 10).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> type(von.posterior(von.init(jnp.zeros(2), jnp.eye(2)))).__name__
+    'FullGaussian'
+  """
   return FullGaussian(state.mean, state.precision)
 
 
@@ -281,6 +411,16 @@ def gauss_newton(outputs_fn: Callable, output_hessian_fn: Callable,
 
   Returns:
     theta [P] -> [P, P], exact for losses that are linear-in-theta outputs composed with convex losses.
+
+  Example:
+    Least squares 1/2 |X theta - y|^2: outputs X theta, output Hessian 1, so GGN = X^T X.
+
+    >>> import jax.numpy as jnp
+    >>> from bmerge.optim import von
+    >>> x = jnp.array([[1.0, 2.0], [0.0, 1.0], [1.0, 0.0]])
+    >>> ggn = von.gauss_newton(lambda t: x @ t, lambda out: jnp.ones_like(out))
+    >>> bool(jnp.allclose(ggn(jnp.zeros(2)), x.T @ x))
+    True
   """
 
   def ggn(theta):
