@@ -43,10 +43,32 @@ SETUP = textwrap.dedent("""
       }
 """)
 
-SCRIPT = textwrap.dedent("""
+# Where arrays live, for the 4-device subprocesses: which rows of axis 0 each device holds, and a spy on the compiled
+# merge-and-evaluate call of `bmerge.preview` that keeps every chunk's output (a jax.Array still on the devices).
+PLACEMENT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-""") + SETUP + textwrap.dedent("""
+    import jax
+
+    def rows_by_device(x):  # {device id: (first row, end row)} of axis 0, for every device holding a piece of x
+      return {s.device.id: s.index[0].indices(x.shape[0])[:2] for s in x.addressable_shards}
+
+    def split_rows(mesh, n):  # n rows split along the mesh's first ("grid") axis, copied along its other axes
+      grid_rows = mesh.devices.reshape(mesh.devices.shape[0], -1)
+      per = n // grid_rows.shape[0]
+      return {d.id: (i * per, (i + 1) * per) for i, row in enumerate(grid_rows) for d in row}
+
+    import bmerge.grid.evaluate
+    chunk_outputs = []
+    real_fused = bmerge.grid.evaluate._fused
+    def fused_spy(*args):
+      out = real_fused(*args)
+      chunk_outputs.extend(jax.tree.leaves(out))
+      return out
+    bmerge.grid.evaluate._fused = fused_spy
+""")
+
+SCRIPT = PLACEMENT + SETUP + textwrap.dedent("""
     assert jax.device_count() == 4, jax.devices()
     seen = []
     real = bmerge.grid.evaluate._sharding.shard_rows
@@ -75,12 +97,24 @@ SCRIPT = textwrap.dedent("""
     inner = jax.jit(jax.shard_map(lambda a: merge.hessian_weighted(full, a, chunk_size=16), mesh=data_mesh,
                                   in_specs=PartitionSpec("data"), out_specs=PartitionSpec("data")))
     np.testing.assert_allclose(inner(alphas[:228]), out["full_hessian"][:228], rtol=1e-6, atol=1e-6)
-    for name, tree in out.items():
-      if name == "preview":
-        continue
+    # The preview: every chunk of 12 alphas came back split 3 rows a device, in the devices' order; the result is
+    # gathered on the host.
+    mesh = bmerge._sharding.grid_mesh()
+    assert len(chunk_outputs) == 20 and all(x.shape == (12,) for x in chunk_outputs), [x.shape for x in chunk_outputs]
+    for x in chunk_outputs:
+      assert rows_by_device(x) == split_rows(mesh, 12) == {0: (0, 3), 1: (3, 6), 2: (6, 9), 3: (9, 12)}, x.sharding
+    assert isinstance(out["preview"], np.ndarray) and out["preview"].shape == (231,)
+    # The merge rules on a grid the devices divide (228 alphas): each device holds its own 57 rows of every output.
+    for name, tree in {"hessian": merge.hessian_weighted(diag, alphas[:228]),
+                       "simple": merge.simple_average(diag.mean, alphas[:228]),
+                       "mixture": em.find_modes(mix, alphas[:228], 6).params}.items():
       for leaf in jax.tree.leaves(tree):
-        assert leaf.shape[0] == 231, (name, leaf.shape)
-        assert len(leaf.sharding.device_set) == 4, (name, leaf.sharding)
+        assert rows_by_device(leaf) == split_rows(mesh, 228), (name, leaf.sharding)
+    # On 231 alphas the padding is sliced off, and a 4-way split of 231 rows is not an array JAX can hold: every
+    # device holds the whole result.
+    for name, tree in out.items():
+      for leaf in jax.tree.leaves(tree) if name != "preview" else []:
+        assert rows_by_device(leaf) == {d.id: (0, 231) for d in jax.devices()}, (name, leaf.sharding)
     np.savez(os.environ["OUT"], **{f"{n}_{i}": np.asarray(l) for n, tr in out.items()
                                     for i, l in enumerate(jax.tree.leaves(tr))})
 """)
@@ -121,23 +155,38 @@ MODEL_SETUP = textwrap.dedent("""
       return jnp.mean(hidden @ p["w2"], axis=0)[:3] + p["b2"]
 """)
 
-MODEL_SCRIPT = textwrap.dedent("""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-""") + MODEL_SETUP + textwrap.dedent("""
+MODEL_SCRIPT = PLACEMENT + MODEL_SETUP + textwrap.dedent("""
     from jax.sharding import Mesh
     assert jax.device_count() == 4
     mesh = Mesh(np.asarray(jax.devices()).reshape(2, 2), ("grid", "model"))
-    placed = []
+    placed = {}
     real = bmerge.grid.evaluate._sharding.shard_params
     def spy(tree, m):
       out = real(tree, m)
-      placed.extend(str(leaf.sharding.spec) for leaf in jax.tree.leaves(out))
+      placed.update({jax.tree_util.keystr(k): tuple(leaf.sharding.spec) for k, leaf in
+                     jax.tree_util.tree_leaves_with_path(out)})
       return out
     bmerge.grid.evaluate._sharding.shard_params = spy
-    out = bmerge.preview(merge.hessian_weighted, q, alphas, evaluate, x, chunk_size=8, mesh=mesh, progress=False)
+    merged_specs = {}  # the placement of each merged leaf inside the compiled chunk
+    def rule(posteriors, chunk):
+      merged = merge.hessian_weighted(posteriors, chunk)
+      for name, leaf in merged.items():
+        jax.debug.inspect_array_sharding(leaf, callback=lambda s, name=name: merged_specs.__setitem__(name, s.spec))
+      return merged
+    out = bmerge.preview(rule, q, alphas, evaluate, x, chunk_size=8, mesh=mesh, progress=False)
+    strip = lambda spec: tuple(spec)[:max([i + 1 for i, a in enumerate(spec) if a is not None] + [0])]
     # Every weight matrix is split along "model" (each device holds half of it); b2 (3 entries) is replicated.
-    assert sum("model" in s for s in placed) == 6, placed
+    assert sum("model" in spec for spec in placed.values()) == 6, placed
+    # Each merged leaf keeps that split and adds the grid: [C, ...] split along "grid", then as its posterior.
+    for name, spec in merged_specs.items():
+      assert strip(spec) == strip(("grid",) + placed[f".mean['{name}']"][1:]), (name, spec, placed)
+    assert set(merged_specs) == {"w1", "b1", "w2", "b2"} and "model" in merged_specs["w1"]
+    # The metrics of every chunk of 8 alphas: 4 rows on each grid row of the mesh, the same rows on both of its
+    # "model" devices; the result is gathered on the host.
+    assert len(chunk_outputs) == 9 and all(y.shape == (8, 3) for y in chunk_outputs)
+    for y in chunk_outputs:
+      assert rows_by_device(y) == split_rows(mesh, 8) == {0: (0, 4), 1: (0, 4), 2: (4, 8), 3: (4, 8)}, y.sharding
+    assert isinstance(out, np.ndarray) and out.shape == (66, 3)
     np.save(os.environ["OUT"], out)
 """)
 
