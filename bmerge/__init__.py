@@ -32,6 +32,7 @@ from bmerge.assess.comparison import CompareOptions
 from bmerge.assess.comparison import Comparison
 from bmerge.assess.comparison import Entry
 from bmerge.assess.comparison import compare
+from bmerge.assess.comparison import train_at
 from bmerge.assess.pareto import ParetoEstimate
 from bmerge.grid import joint as exact
 from bmerge.grid.evaluate import chunked_map
@@ -83,5 +84,6 @@ __all__ = [
     "report",
     "stack",
     "timing",
+    "train_at",
     "unstack",
 ]

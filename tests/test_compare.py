@@ -448,3 +448,34 @@ def test_each_method_is_charged_its_own_compilation_and_a_resumed_run_reports_th
   text = again.paths["report"].read_text()
   assert "not compared with joint training (measured in another run)" not in text  # exact given in the old run id
   assert "| preview first |" in text and "| yes |" in text
+
+
+def test_train_at_the_recommended_alphas_scores_and_reports_them(tmp_path):
+  alphas = grid.simplex(3, 0.25)
+  asked = []
+
+  def joint(a):
+    asked.append(np.asarray(a).copy())
+    return _exact(np.asarray(a))
+
+  out = bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, folder=tmp_path, top_k=3, progress=False)
+  assert "mse" not in out.summary["methods"]["hessian"]  # nothing to score against yet
+  out = bmerge.train_at(out, joint)
+  rec = out.summary["recommendation"]["alphas"]
+  np.testing.assert_array_equal(asked[0], rec)
+  assert out.summary["num_exact_alphas"] == 3
+  # The scores are those of a compare() given the same exact rows.
+  want = bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, exact=_exact(np.asarray(rec)),
+                        exact_alphas=rec, progress=False)
+  for name in ("simple", "hessian"):
+    assert out.summary["methods"][name]["mse"] == pytest.approx(want.summary["methods"][name]["mse"], rel=1e-12)
+  assert out.summary["costs"]["exact at chosen alphas"]["computed_rows"] == 3
+  assert json.loads((tmp_path / "metrics.json").read_text())["num_exact_alphas"] == 3
+  # Any list of grid rows: those already trained are not trained again.
+  more = np.concatenate([np.asarray(rec[:1]), alphas[:2]])
+  out = bmerge.train_at(out, joint, more)
+  known = {tuple(r) for r in np.asarray(rec)}
+  np.testing.assert_array_equal(asked[1], [a for a in alphas[:2] if tuple(a) not in known])
+  assert out.summary["num_exact_alphas"] == 3 + len(asked[1])
+  with pytest.raises(ValueError, match="`alphas` row 0 .* is not a row of the preview grid"):
+    bmerge.train_at(out, joint, [[0.1, 0.2, 0.7]])

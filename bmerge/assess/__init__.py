@@ -19,6 +19,8 @@ from bmerge.assess.comparison import CompareOptions
 from bmerge.assess.comparison import Comparison
 from bmerge.assess.comparison import Entry
 from bmerge.assess.comparison import compare
+from bmerge.assess.comparison import train_at
 from bmerge.assess.pareto import ParetoEstimate
 
-__all__ = ["CompareOptions", "Comparison", "Entry", "compare", "comparison", "metrics", "plot", "report"]
+__all__ = ["CompareOptions", "Comparison", "Entry", "ParetoEstimate", "compare", "comparison", "metrics", "pareto", "plot",
+           "report", "train_at"]

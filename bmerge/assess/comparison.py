@@ -29,7 +29,7 @@ from bmerge.grid import evaluate as grid_eval
 from bmerge.assess import metrics
 from bmerge.assess import report
 
-__all__ = ["CompareOptions", "Comparison", "Entry", "compare"]
+__all__ = ["CompareOptions", "Comparison", "Entry", "compare", "train_at"]
 
 PyTree = Any
 
@@ -51,6 +51,7 @@ class Comparison(NamedTuple):
   exact: Optional[np.ndarray]  # the exact results as given, [G'], [G', M] or [G', N], or None
   paths: dict  # "report", "metrics", "surfaces" and each figure's stem ("contours", "pareto", ...) -> pathlib.Path
   surfaces: Optional[dict] = None  # entry name (and "exact") -> the scored surface: [G], [G, 1 + T] or [G, T]
+  call: Optional[dict] = None  # the arguments of the `compare` call, so `train_at` can rescore with more exact runs
 
 
 class CompareOptions(NamedTuple):
@@ -352,11 +353,23 @@ def _check_eval(entry: Entry, eval_fn, batch, s: _Setup) -> None:
   _layout(np.zeros(shape.shape), s.alphas[:1], s.overall, f"eval_fn(params, batch) for {entry.name!r}", _width(s))
 
 
-def _preview_entries(entries: list[Entry], eval_fn, batch, workdir, s: _Setup, opts: CompareOptions) -> _Previews:
+def _preview_entries(entries: list[Entry], eval_fn, batch, workdir, s: _Setup, opts: CompareOptions,
+                     given: Optional[Mapping[str, Any]] = None) -> _Previews:
+  given = dict(given or {})
   for e in entries:  # cheap: traces only, so a wrong eval_fn fails before the first preview runs
-    _check_eval(e, eval_fn, batch, s)
+    if e.name not in given:
+      _check_eval(e, eval_fn, batch, s)
   out = _Previews({}, {}, {}, {})
   for e in entries:
+    if e.name in given:  # computed by an earlier call over the same grid (`train_at`)
+      values = np.asarray(given[e.name])
+      if values.shape[0] != s.alphas.shape[0]:
+        raise ValueError(f"`previews[{e.name!r}]` has {values.shape[0]} rows; expected G = {s.alphas.shape[0]}.")
+      out.raw[e.name] = values
+      out.surface[e.name] = _surface(np.asarray(values, np.float64), s)
+      out.overall[e.name], out.per_task[e.name] = _layout(out.surface[e.name], s.alphas, s.overall,
+                                                          f"preview of {e.name!r}", _width(s))
+      continue
     # Every entry compiles its own fused preview (one with the same rule and shapes would otherwise reuse the
     # previous entry's executable and look free), and its compilation is counted apart from its run time.
     grid_eval.clear_cache()
@@ -578,7 +591,8 @@ def _write(p: _Previews, ex: Optional[_Exact], s: _Setup, opts: CompareOptions, 
 
 def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], Any], batch: Any, alphas, *,
             exact=None, exact_alphas=None, folder=None, workdir=None, overall: str = "first", maximize: bool = True,
-            examples=None, options: Optional[CompareOptions] = None, **overrides) -> Comparison:
+            examples=None, previews: Optional[Mapping[str, Any]] = None, options: Optional[CompareOptions] = None,
+            **overrides) -> Comparison:
   r"""Previews every entry over one grid, scores each against exact results, and writes a report folder.
   For every entry, `bmerge.preview(rule, posteriors, alphas, eval_fn, batch)` (resumable in `workdir`, one folder
   per entry name). Then, on the alphas that have exact results, the scores of `bmerge.metrics.summarize` (paper
@@ -647,6 +661,8 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
     maximize: whether larger metrics are better (accuracy) or smaller (loss).
     examples: optional [N, T] 0/1 task membership of the test examples (tasks may overlap); then `eval_fn` and
       `exact` give per-example results.
+    previews: optional entry name -> outputs of `eval_fn` already computed over `alphas` (e.g. `Comparison.previews`
+      of an earlier call); those entries are not previewed again.
     options: a `CompareOptions` with the presentation and report settings (metric, task_metric, percent, task_names,
       directions, costs, paper, title, notes, details, extra_figures, recommend, top_k, chunk_size, progress,
       num_samples, level, seed); see its fields. `paper` is {"source": "Table 1, MNIST imbalanced", "methods":
@@ -693,7 +709,7 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   entries = _entries(entries)
   s = _setup(entries, eval_fn, alphas, overall, maximize, examples, folder, opts)
   ex = _exact(exact, exact_alphas, s)
-  p = _preview_entries(entries, eval_fn, batch, workdir, s, opts)
+  p = _preview_entries(entries, eval_fn, batch, workdir, s, opts, previews)
   summary = _header(entries, ex, s, opts)
   summary.update(_scores(p, ex, s, summary["entries"]))
   summary.update(_pareto(p, ex, s))
@@ -701,5 +717,87 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   summary.update(_outcome(p, ex, s, opts, summary))
   paths = _write(p, ex, s, opts, summary) if s.folder is not None else {}
   surfaces = dict(p.surface, **({} if ex is None else {"exact": ex.surface}))
+  call = dict(entries=entries, eval_fn=eval_fn, batch=batch, alphas=alphas, exact_alphas=None if ex is None else
+              ex.alphas, folder=folder, workdir=workdir, overall=overall, maximize=maximize, examples=examples,
+              options=opts)
   return Comparison(summary=summary, previews=p.raw, exact=None if ex is None else ex.raw, paths=paths,
-                    surfaces=surfaces)
+                    surfaces=surfaces, call=call)
+
+
+def train_at(result: Comparison, exact_fn: Callable[[np.ndarray], Any], alphas=None, *, top_k: Optional[int] = None,
+             folder=None) -> Comparison:
+  """Runs the exact answer where the preview points, and scores and reports the comparison again with it.
+
+  `exact_fn` maps alphas [k, T] to exact results [k, ...] in the layout of `compare`'s `exact` (e.g. a closure over
+  `bmerge.exact.joint_train(task_losses, init, alphas, optimizer, num_steps, batch, eval_fn=..., eval_batch=...)`,
+  which accepts a grid or one vector). The new rows join the exact results already in `result` (alphas already there
+  are not trained again) and every score, interval, figure and the report are recomputed from the stored previews;
+  the new runs' cost goes into `costs` as "exact at chosen alphas".
+
+  Args:
+    result: a `Comparison` from `compare`.
+    exact_fn: `exact_fn(alphas [k, T]) -> [k]`, `[k, M]` or, with `examples`, `[k, N]`.
+    alphas: where to train: [k, T] rows of the preview grid (or one [T] vector); default the recommended alphas
+      (`summary["recommendation"]`).
+    top_k: with the default `alphas`, train only the first `top_k` recommended.
+    folder: the report folder; default that of `result` (None if it wrote none).
+
+  Returns:
+    The updated `Comparison`.
+
+  Example:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> import bmerge
+    >>> q = bmerge.stack([bmerge.DiagGaussian(jnp.array([0.0]), jnp.array([1.0])),
+    ...                   bmerge.DiagGaussian(jnp.array([2.0]), jnp.array([3.0]))])
+    >>> alphas = bmerge.grid.simplex(2, 0.25)
+    >>> score = lambda theta, target: 1.0 - jnp.abs(theta[0] - target)
+    >>> joint = lambda a: 1.0 - np.abs((np.asarray(a) @ [0.0, 2.0]) - 1.0)  # the exact answer at alphas [k, 2]
+    >>> out = bmerge.compare([bmerge.Entry("hessian", q, bmerge.merge.hessian_weighted)], score, 1.0, alphas,
+    ...                      top_k=2, progress=False)
+    >>> out = bmerge.train_at(out, joint)                                  # train at the 2 recommended alphas
+    >>> out.summary["num_exact_alphas"], out.summary["recommendation"]["exact"]
+    (2, [0.5, 1.0])
+  """
+  if not isinstance(result, Comparison) or result.call is None:
+    raise TypeError(f"`result` must be the Comparison returned by bmerge.compare, got {type(result).__name__}.")
+  if not callable(exact_fn):
+    raise TypeError(f"`exact_fn` must be callable as exact_fn(alphas [k, T]) -> exact results, got "
+                    f"{type(exact_fn).__name__}.")
+  call = dict(result.call)
+  grid = np.asarray(call["alphas"], np.float64)
+  if alphas is None:
+    rec = result.summary.get("recommendation") or {}
+    chosen = np.asarray(rec.get("alphas", []), np.float64).reshape(-1, grid.shape[1])
+    if top_k is not None:
+      chosen = chosen[:_checks.integer(top_k, "top_k")]
+  else:
+    chosen = np.atleast_2d(np.asarray(alphas, np.float64))
+    if chosen.ndim != 2 or chosen.shape[1] != grid.shape[1]:
+      raise ValueError(f"`alphas` must be [k, {grid.shape[1]}] rows of the preview grid, got shape "
+                       f"{np.shape(alphas)}.")
+  missing = np.flatnonzero(report._rows_of(grid, chosen) < 0)  # pylint: disable=protected-access
+  if missing.size:
+    raise ValueError(f"`alphas` row {int(missing[0])} {chosen[missing[0]].tolist()} is not a row of the preview grid "
+                     "of `result`; train at grid points (or compare again over a grid that holds them).")
+  old_alphas = call.pop("exact_alphas")
+  old = None if result.exact is None else np.asarray(result.exact)
+  have = set() if old_alphas is None else {np.asarray(a, np.float64).tobytes() for a in old_alphas}
+  new = np.asarray([a for a in chosen if a.tobytes() not in have]).reshape(-1, grid.shape[1])
+  costs = dict(call["options"].costs or {})
+  if len(new):
+    with timing.stopwatch() as watch:
+      got = np.asarray(jax.block_until_ready(exact_fn(new)))
+    if got.shape[0] != len(new):
+      raise ValueError(f"`exact_fn` returned {got.shape[0]} rows for {len(new)} alphas; expected one per alpha.")
+    costs["exact at chosen alphas"] = timing.Cost("exact at chosen alphas", watch.wall - watch.compile_seconds,
+                                                   watch.compile_seconds, len(new), 0, timing.RUN, timing.machine())
+    exact = got if old is None else np.concatenate([old, got.reshape((len(got),) + old.shape[1:])])
+    exact_alphas = new if old_alphas is None else np.concatenate([np.asarray(old_alphas, np.float64), new])
+  else:
+    exact, exact_alphas = old, old_alphas
+  if folder is None and "report" in result.paths:
+    folder = pathlib.Path(result.paths["report"]).parent
+  call["folder"] = folder
+  call["options"] = call["options"]._replace(costs=costs)
+  return compare(exact=exact, exact_alphas=exact_alphas, previews=result.previews, **call)
