@@ -544,14 +544,14 @@ def test_predictive_averages_over_posterior_samples():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 7. The README guide, verbatim, and its merge (acceptance 7).
+# 7. The IVON block of bmerge/GUIDE.md, verbatim, and its merge.
 
 
 def test_readme_example():
-  readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-  code = readme.split("<!-- guide-code:")[1].split("```python\n", 1)[1].split("```", 1)[0]
-  scope = {"__name__": "readme_guide"}
-  exec(compile(code, "README.md (guide)", "exec"), scope)
+  guide = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bmerge", "GUIDE.md")).read()
+  code = guide.split("<!-- guide-code:")[1].split("```python\n", 1)[1].split("```", 1)[0]
+  scope = {"__name__": "guide_ivon"}
+  exec(compile(code, "bmerge/GUIDE.md (IVON)", "exec"), scope)
   posteriors, workdir, alphas, merged, stacked, preview = (scope[k] for k in (
       "posteriors", "workdir", "alphas", "merged", "stacked", "preview"))
   ESS, WD = scope["ESS"], scope["WD"]
