@@ -9,7 +9,8 @@ Flat exports (as optax does), implementation in private modules:
 - `mog`: natural-gradient mixture-of-Gaussians VI -> `Mixture` (a module: `mog.fit`, `mog.fit_diag`, ...).
 - `multi_ivon`: IVON posteriors over seeds x stopping steps -> an equally weighted `Mixture` (a module).
 - `fit`: drivers that run these learners on a user's `(key, loss_fn, params, batches)` and return the posteriors
-  (`fit.ivon`, `fit.adamw_sg`, `fit.multi_ivon`, `fit.von`, `fit.mog`; also `bmerge.fit`).
+  (`fit.ivon`, `fit.adamw_sg`, `fit.multi_ivon`, `fit.von`, `fit.mog`; also `bmerge.fit`), and `FitInfo`, what a
+  run of the first three saw (`return_info=True`).
 - `curvature`: squared-gradient Fisher diagonals from per-example gradients (also `bmerge.curvature`).
 
 Example:
@@ -32,8 +33,10 @@ from bmerge.optim._ivon import ivon
 from bmerge.optim._ivon import ivon_posterior
 from bmerge.optim._ivon import ivon_predictive
 from bmerge.optim._ivon import ivon_sample
+from bmerge.optim._learner import FitInfo
 
 __all__ = [
+    "FitInfo",
     "IVONState",
     "curvature",
     "fit",

@@ -1,13 +1,15 @@
 """Internals shared by the natural-gradient learners (`von`, `mog`) and the drivers of `bmerge.fit`.
 
-Boundary checks (once, in Python, values only when concrete), Gaussian noise, symmetrisation, step-size halving and
-the compiled loop over pre-split keys. Nothing here is public.
+Boundary checks (once, in Python, values only when concrete), Gaussian noise, symmetrisation, step-size halving, the
+compiled loop over pre-split keys, and the diagnostics the drivers carry through their loops (`FitInfo` and the
+warnings, public as `bmerge.fit.FitInfo`, `bmerge.fit.FitWarning`, ...).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+import warnings
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -126,3 +128,221 @@ def scan_steps(step_fn: Callable, state: Any, key: jax.Array, num_steps: int, xs
 
   state, _ = jax.lax.scan(body, state, (keys, xs))
   return state
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Diagnostics of a driver's run: counters carried through the loop on the device, read once at the end (or every
+# `log_every` steps of a stream), and warnings that name the setting to change.
+
+LOSS_POINTS = 100  # the default `log_every` keeps about this many points of the loss curve
+MEDIAN_SAMPLE = 2 ** 20  # the median of a curvature reads at most about this many evenly spaced entries
+CURVATURE_RATIO = 100.0  # a median Hessian estimate that moves by more than this factor over a run is warned about
+
+
+class FitWarning(RuntimeWarning):
+  """A learner driver's run went wrong in a way that a setting (named in the message) or the data can fix."""
+
+
+class CurvatureWarning(FitWarning):
+  """The Hessian estimate collapsed or exploded over the run: its median moved by more than 100x."""
+
+
+class NonFiniteWarning(FitWarning):
+  """The loss, the params or optimizer state, or the training batches held NaN or inf."""
+
+
+class FitInfo(NamedTuple):
+  r"""What a learner driver's run saw: `bmerge.fit.ivon`, `adamw_sg` and `multi_ivon` with `return_info=True`.
+
+  With n steps, k = `log_every`, l_i the loss of step i (IVON: at its Monte-Carlo samples, averaged over them) and
+  theta_0 the params the run starts from,
+
+  .. math::
+
+    \texttt{loss}_w = \frac{1}{|S_w|} \sum_{i \in S_w} l_i, \quad S_w = \{wk, \dots, \min((w+1)k, n) - 1\},
+    \qquad \texttt{distance} = \lVert m - \theta_0 \rVert_2 = \Big(\sum_j (m_j - \theta_{0j})^2\Big)^{1/2}
+
+  over every entry j of every leaf. The curvature statistics are (min, median, max) over every entry (the median of
+  at most about 2^20 evenly spaced ones) of IVON's Hessian estimate h (at the start `hess_init`, or the pretrained
+  posterior's h = precision / ess - weight_decay; at the end the exported one), or for AdamW-SG of the
+  squared-gradient Fisher per example, (precision - delta_0) / N, at the initial and at the trained params.
+
+  Every field is an array; `multi_ivon` gives each a leading [num_seeds] axis (each seed's run at its last stop).
+  Non-finite values are counted on the device inside the loop (no host synchronisation per step); batches are
+  checked in their floating-point leaves only (an integer batch of example indices cannot hold NaN: a NaN in data
+  that `loss_fn` closes over shows in the loss).
+
+  Attributes:
+    loss: [W] float32, the mean step loss of each window, W = ceil(n / k) (the last window may be shorter).
+    loss_steps: [W] int32, the steps done at the end of each window: k, 2k, ..., n (the x axis of `loss`).
+    distance: [] float32, how far the mean moved from the start.
+    hess_start: [3] float32, (min, median, max) of the curvature at the start.
+    hess_end: [3] float32, the same at the end.
+    nonfinite_loss: [] int32, steps whose loss was NaN or inf.
+    first_nonfinite_step: [] int32, the first of them (-1: none).
+    first_nonfinite_batch: [] int32, the index of that step's batch in `batches` (the step itself, except for the
+      shuffled seeds of `multi_ivon`; -1: none).
+    nonfinite_update: [] int32, steps after which the params or the optimizer state held NaN or inf.
+    nonfinite_data: [] int32, steps whose batch held NaN or inf.
+    first_nonfinite_data: [] int32, the index of the first such batch (-1: none).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, numpy as np
+    >>> from bmerge import fit
+    >>> x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
+    >>> loss_fn = lambda p, idx: 0.5 * jnp.mean((x[idx] @ p - 1.0) ** 2)
+    >>> batches = np.arange(160).reshape(10, 16) % 64                        # 10 steps
+    >>> q, info = fit.ivon(jax.random.key(0), loss_fn, jnp.zeros(2), batches, ess=64.0, learning_rate=0.1,
+    ...                    log_every=4, return_info=True)
+    >>> info.loss.shape, info.loss_steps.tolist(), int(info.first_nonfinite_step)
+    ((3,), [4, 8, 10], -1)
+    >>> bool(jnp.isclose(info.distance, jnp.linalg.norm(q.mean)))            # it started at zero
+    True
+  """
+
+  loss: jax.Array
+  loss_steps: jax.Array
+  distance: jax.Array
+  hess_start: jax.Array
+  hess_end: jax.Array
+  nonfinite_loss: jax.Array
+  first_nonfinite_step: jax.Array
+  first_nonfinite_batch: jax.Array
+  nonfinite_update: jax.Array
+  nonfinite_data: jax.Array
+  first_nonfinite_data: jax.Array
+
+
+COUNTS = FitInfo._fields[5:]  # nonfinite_loss, ..., first_nonfinite_data: carried as one int32 vector
+
+
+class Tracker(NamedTuple):
+  """The counters a driver's loop carries: steps done, the loss sums per window, `COUNTS` [6] int32 in their order."""
+
+  step: jax.Array
+  loss_sums: jax.Array
+  counts: jax.Array
+
+  def as_dict(self) -> dict:
+    return {k: self.counts[..., i] for i, k in enumerate(COUNTS)}
+
+
+def check_log_every(log_every: Any, num_steps: int) -> int:
+  """`log_every`, or by default ceil(num_steps / LOSS_POINTS) (about 100 points of the loss curve)."""
+  if log_every is None:
+    return max(1, -(-num_steps // LOSS_POINTS))
+  return _checks.integer(log_every, "log_every")
+
+
+def tracker(num_steps: int, log_every: int) -> Tracker:
+  counts = jnp.asarray([-1 if k.startswith("first_") else 0 for k in COUNTS], jnp.int32)  # -1: none yet
+  return Tracker(jnp.zeros([], jnp.int32), jnp.zeros([-(-num_steps // log_every)], jnp.float32), counts)
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True when every entry of every floating-point leaf of `tree` is finite (other leaves are skipped)."""
+  oks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack(oks)) if oks else jnp.asarray(True)
+
+
+def track(t: Tracker, log_every: int, loss: jax.Array, state: Any, batch: Any, batch_index: Any) -> Tracker:
+  """`t` after one step whose loss is `loss` on batch number `batch_index`, leaving `state` (params, opt state)."""
+  bad_loss, bad_data = ~jnp.isfinite(loss), ~all_finite(batch)
+  first = lambda current, bad, value: jnp.where((current < 0) & bad, jnp.asarray(value, jnp.int32), current)
+  c = t.as_dict()
+  new = dict(nonfinite_loss=c["nonfinite_loss"] + bad_loss,
+             first_nonfinite_step=first(c["first_nonfinite_step"], bad_loss, t.step),
+             first_nonfinite_batch=first(c["first_nonfinite_batch"], bad_loss, batch_index),
+             nonfinite_update=c["nonfinite_update"] + ~all_finite(state),
+             nonfinite_data=c["nonfinite_data"] + bad_data,
+             first_nonfinite_data=first(c["first_nonfinite_data"], bad_data, batch_index))
+  return Tracker(t.step + 1, t.loss_sums.at[t.step // log_every].add(jnp.asarray(loss, jnp.float32)),
+                 jnp.stack([new[k] for k in COUNTS]).astype(jnp.int32))
+
+
+def curvature_stats(tree: Any) -> jax.Array:
+  """[3] float32: (min, median, max) over every entry of `tree`; the median of about MEDIAN_SAMPLE evenly spaced."""
+  leaves = [jnp.ravel(jnp.asarray(x, jnp.float32)) for x in jax.tree.leaves(tree)]
+  stride = max(1, sum(x.size for x in leaves) // MEDIAN_SAMPLE)
+  lo = jnp.min(jnp.stack([jnp.min(x) for x in leaves]))
+  hi = jnp.max(jnp.stack([jnp.max(x) for x in leaves]))
+  return jnp.stack([lo, jnp.median(jnp.concatenate([x[::stride] for x in leaves])), hi])
+
+
+def distance(a: Any, b: Any) -> jax.Array:
+  """|a - b|_2 over every entry of two pytrees of one structure, in float32 (or wider)."""
+  sq = [jnp.sum(jnp.square(jnp.asarray(x, jnp.promote_types(x.dtype, jnp.float32)) - y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return jnp.sqrt(sum(sq))
+
+
+def fit_info(t: Tracker, num_steps: int, log_every: int, start: Any, end: Any, hess_start: jax.Array,
+             hess_end: jax.Array) -> FitInfo:
+  """The `FitInfo` of a run of `num_steps` steps from params `start` to mean `end`, its counters `t`."""
+  ends = np.minimum(np.arange(1, t.loss_sums.shape[-1] + 1) * log_every, num_steps)
+  sizes = np.diff(ends, prepend=0)
+  return FitInfo(loss=t.loss_sums / sizes.astype(np.float32), loss_steps=jnp.asarray(ends, jnp.int32),
+                 distance=distance(end, start), hess_start=hess_start, hess_end=hess_end, **t.as_dict())
+
+
+def _setting(value: Any) -> str:
+  if callable(value):
+    return "a schedule"
+  try:
+    return f"{float(value):.6g}"
+  except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+    return "traced"
+
+
+class Checker:
+  """Warns about what a run's counters show, once per kind; silent while they are traced (under a user's jit / vmap).
+
+  `driver` names the call in the messages ("fit.ivon"), `settings` the hyperparameters to name (e.g. beta2, hess_init,
+  ess, learning_rate), `where` what the run is (" (seed 2)").
+  """
+
+  def __init__(self, driver: str, settings: dict, where: str = ""):
+    self.prefix = driver + where
+    self.settings = ", ".join(f"{k}={_setting(v)}" for k, v in settings.items())
+    self.warned = set()
+
+  def _warn(self, kind: str, message: str, category: type, stacklevel: int) -> None:
+    if kind not in self.warned:
+      self.warned.add(kind)
+      warnings.warn(f"{self.prefix}: {message}", category, stacklevel=stacklevel + 1)
+
+  def nonfinite(self, counters: Union[Tracker, FitInfo], done: int, stacklevel: int = 3) -> None:
+    """Non-finite batches, losses and updates among the first `done` steps."""
+    t = FitInfo(*[None] * 5, **counters.as_dict()) if isinstance(counters, Tracker) else counters
+    if not all(_checks.is_concrete(x) for x in jax.tree.leaves(t)):
+      return
+    if int(t.nonfinite_data):
+      self._warn("data", f"{int(t.nonfinite_data)} of {done} training batches hold NaN or inf (the first: batch "
+                 f"{int(t.first_nonfinite_data)}); the loss and the posterior cannot be trusted: clean or mask the "
+                 "data before training.", NonFiniteWarning, stacklevel)
+    if int(t.nonfinite_loss):
+      s, b = int(t.first_nonfinite_step), int(t.first_nonfinite_batch)
+      self._warn("loss", f"the loss turned non-finite at step {s} (batch {b}); {int(t.nonfinite_loss)} of {done} "
+                 f"steps had a non-finite loss. {self.settings}: try a smaller learning_rate, or look for NaN/inf in "
+                 f"batch {b} and in the loss function.", NonFiniteWarning, stacklevel)
+    elif int(t.nonfinite_update):
+      self._warn("update", f"the params or the optimizer state held NaN or inf after {int(t.nonfinite_update)} of "
+                 f"{done} steps while the loss stayed finite. {self.settings}: try a smaller learning_rate.",
+                 NonFiniteWarning, stacklevel)
+
+  def curvature(self, start: jax.Array, end: jax.Array, num_steps: int, stacklevel: int = 3) -> None:
+    """The median Hessian estimate moving by more than CURVATURE_RATIO between `start` and `end` ([3] statistics)."""
+    if not (_checks.is_concrete(start) and _checks.is_concrete(end)):
+      return
+    a, b = float(start[1]), float(end[1])
+    if not (a > 0 and math.isfinite(a) and math.isfinite(b)):
+      return
+    change = f"(its median over the params) in {num_steps} steps"
+    if b * CURVATURE_RATIO < a:
+      self._warn("curvature", f"{self.settings}: the Hessian estimate fell from {a:.3g} to {b:.3g} {change}, so the "
+                 "steps, which scale as 1 / (h + weight_decay), grew as much; try beta2 closer to 1 or a smaller "
+                 "learning rate.", CurvatureWarning, stacklevel)
+    elif b > a * CURVATURE_RATIO:
+      self._warn("curvature", f"{self.settings}: the Hessian estimate rose from {a:.3g} to {b:.3g} {change}, so the "
+                 "steps, which scale as 1 / (h + weight_decay), shrank as much; try a hess_init closer to the loss's "
+                 "curvature, beta2 closer to 1, or a larger learning rate.", CurvatureWarning, stacklevel)

@@ -22,6 +22,20 @@ Each driver runs a whole training loop and exports what the merge rules consume 
 Step i draws its randomness from the i-th key of `jax.random.split(key, num_steps)` in both forms, so the same
 batches give the same posterior either way.
 
+Diagnostics (`ivon`, `adamw_sg`, `multi_ivon`). Each run carries counters through its loop on the device (no host
+synchronisation per step): the mean loss of every `log_every` steps and the steps with a non-finite loss, update or
+batch. They are read once at the end (a stream's also every max(log_every, 10) steps) and warn, naming what to change, when
+the loss or the params turn non-finite or a batch holds NaN or inf (`NonFiniteWarning`: which step, which batch), or
+when IVON's Hessian estimate falls or rises by more than 100x over the run (`CurvatureWarning`, naming beta2,
+hess_init, ess and the learning rate). `return_info=True` returns `(posterior, FitInfo)`: the loss curve, the
+distance moved from the start, curvature statistics at the start and the end, and the counts. Under a caller's `jit`
+or `vmap` the values are traced and nothing is warned: read the returned `FitInfo` instead.
+
+Dtypes. The posterior's mean has the params' dtype (bfloat16 params give a bfloat16 mean); its precision is float32,
+or wider for wider params. IVON keeps its Hessian estimate in float32 (ess (h + delta) reaches 1e6-1e10), and AdamW-SG
+sums its squared gradients at the params widened to float32 (bfloat16 keeps 8 significant bits, too few for a sum
+over thousands of examples).
+
 References:
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
   Bayesian Model-Merging. 2024 (Sec. 3.5: IVON-Hess, AdamW-SG, MultiIVON-Hess; Eqs. 10-12).
@@ -34,7 +48,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterable
 from functools import partial
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -45,12 +59,17 @@ from bmerge import _checks
 from bmerge.optim import _ivon as optim
 from bmerge.optim import _learner
 from bmerge.optim import curvature
+from bmerge.optim._learner import CurvatureWarning
+from bmerge.optim._learner import FitInfo
+from bmerge.optim._learner import FitWarning
+from bmerge.optim._learner import NonFiniteWarning
 from bmerge.optim import mog as _mog
 from bmerge.optim import multi_ivon as _multi_ivon
 from bmerge.optim import von as _von
 from bmerge.posteriors import DiagGaussian, FullGaussian, Mixture
 
-__all__ = ["adamw_sg", "default_beta2", "ivon", "mog", "multi_ivon", "von"]
+__all__ = ["CurvatureWarning", "FitInfo", "FitWarning", "NonFiniteWarning", "adamw_sg", "default_beta2", "ivon", "mog",
+           "multi_ivon", "von"]
 
 PyTree = Any
 
@@ -106,22 +125,38 @@ def _batches(batches: Any, num_steps: Optional[int]) -> _Batches:
   return _Batches(batches, None, n)
 
 
-def _run(step: Callable, static: Any, hp: Any, carry: Any, key: jax.Array, data: _Batches) -> Any:
+def _run(step: Callable, static: Any, hp: Any, carry: Any, key: jax.Array, data: _Batches, log_every: int,
+         checker: _learner.Checker) -> tuple[Any, _learner.Tracker]:
   """`carry = step(static, hp, keys[i], carry, batch_i)[0]` for every step, keys = `jax.random.split(key, n)`.
 
   `step` is a module-level function and `static` hashable (the user's loss function, discrete settings), numbers go
   in the pytree `hp`: the compiled loop is reused by every call with the same loss function (e.g. one per task).
+  Returns the last carry and the diagnostics' counters (`_tracked`); a stream's are read every
+  max(log_every, 10) steps (no host synchronisation per step).
   """
+  tracked = (step, static, log_every)
+  carry = (carry, _learner.tracker(data.num_steps, log_every))
   if data.stacked is not None:
-    return _scan(step, static, hp, carry, key, data.stacked)
+    return _scan(_tracked, tracked, hp, carry, key, (jnp.arange(data.num_steps, dtype=jnp.int32), data.stacked))
   keys = jax.random.split(key, data.num_steps)
   done = 0
   for i, batch in enumerate(itertools.islice(data.stream, data.num_steps)):
-    carry, _ = _jitted_step(step, static, hp, keys[i], carry, batch)
+    carry, _ = _jitted_step(_tracked, tracked, hp, keys[i], carry, (i, batch))
     done = i + 1
+    if done % max(log_every, 10) == 0:  # a non-finite loss is reported while a long stream still runs
+      checker.nonfinite(carry[1], done, stacklevel=4)
   if done < data.num_steps:
     raise ValueError(f"`batches` ran out after {done} batches; expected `num_steps` = {data.num_steps}.")
   return carry
+
+
+def _tracked(tracked, hp, key, carry, indexed_batch):
+  """`step` with the diagnostics' counters: carry = (the step's carry, Tracker), indexed_batch = (index, batch)."""
+  step, static, log_every = tracked
+  inner, counters = carry
+  index, batch = indexed_batch
+  inner, loss = step(static, hp, key, inner, batch)
+  return (inner, _learner.track(counters, log_every, loss, inner, batch, index)), loss
 
 
 @partial(jax.jit, static_argnums=(0, 1))
@@ -267,7 +302,8 @@ def ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: Py
          learning_rate: optax.ScalarOrSchedule, num_steps: Optional[int] = None, mc_samples: int = 1,
          hess_init=1.0, beta1=0.9, beta2: Optional[float] = None, weight_decay=1e-4, clip_radius=float("inf"),
          rescale_lr: bool = True, debias: bool = True, hess_approx: str = "price",
-         init_posterior: Optional[DiagGaussian] = None) -> DiagGaussian:
+         init_posterior: Optional[DiagGaussian] = None, log_every: Optional[int] = None,
+         return_info: bool = False) -> Union[DiagGaussian, tuple[DiagGaussian, FitInfo]]:
   r"""Trains with IVON and returns its posterior N(m, diag(ess (h + delta))^-1) (IVON-Hess, paper Sec. 3.5).
 
   Per step i, with S = `mc_samples`, lambda = `ess`, delta = `weight_decay` and the update of `bmerge.optim.ivon`:
@@ -306,9 +342,13 @@ def ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: Py
     hess_init, beta1, weight_decay, clip_radius, rescale_lr, debias, hess_approx: as in `bmerge.optim.ivon`.
     beta2: the Hessian decay; default `default_beta2(num_steps, warm_start=init_posterior is not None)`.
     init_posterior: a `DiagGaussian` over `params`' structure to start from (mean = `params`).
+    log_every: k, steps per point of the loss curve in `FitInfo` (default ceil(num_steps / 100)); a stream's
+      counters are also read every max(k, 10) steps.
+    return_info: also return a `FitInfo` (see the module docstring).
 
   Returns:
-    `DiagGaussian(mean, precision)` with precision = ess (h + weight_decay), shaped like `params`.
+    `DiagGaussian(mean, precision)` with precision = ess (h + weight_decay), shaped like `params` (the mean in the
+    params' dtype, the precision in float32 or wider); with `return_info`, `(posterior, FitInfo)`.
 
   Example:
     Linear regression whose mean-loss Hessian is diag(1, 4, 0.25): a 300-step run learns it (hess_init is 1).
@@ -339,15 +379,34 @@ def ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: Py
                                   mc_samples=mc_samples, hess_init=hess_init, beta1=beta1, beta2=beta2,
                                   weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
                                   debias=debias, hess_approx=hess_approx, init_posterior=init_posterior)
-  params, state = _run(_ivon_step, static, hp, (params, state), key, data)
-  return optim.ivon_posterior(params, state, ess, weight_decay)
+  log_every = _learner.check_log_every(log_every, data.num_steps)
+  checker = _ivon_checker("fit.ivon", hp, learning_rate)
+  hess_start = _learner.curvature_stats(state.hess)
+  (mean, state), counters = _run(_ivon_step, static, hp, (params, state), key, data, log_every, checker)
+  info = _learner.fit_info(counters, data.num_steps, log_every, params, mean,
+                           hess_start, _learner.curvature_stats(state.hess))
+  _check_info(checker, info, data.num_steps)
+  posterior = optim.ivon_posterior(mean, state, ess, weight_decay)
+  return (posterior, info) if return_info else posterior
+
+
+def _ivon_checker(driver: str, hp: dict, learning_rate, where: str = "") -> _learner.Checker:
+  return _learner.Checker(driver, dict(beta2=hp["beta2"], hess_init=hp["hess_init"], ess=hp["ess"],
+                                       learning_rate=learning_rate), where)
+
+
+def _check_info(checker: _learner.Checker, info: FitInfo, num_steps: int) -> None:
+  """The warnings of an IVON run: non-finite values, a collapsed or exploded Hessian estimate."""
+  checker.nonfinite(info, num_steps, stacklevel=4)
+  checker.curvature(info.hess_start, info.hess_end, num_steps, stacklevel=4)
 
 
 def multi_ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: PyTree, batches: Any, *,
                num_seeds: int, stop_steps, ess, learning_rate: optax.ScalarOrSchedule, mc_samples: int = 1,
                hess_init=1.0, beta1=0.9, beta2: Optional[float] = None, weight_decay=1e-4,
                clip_radius=float("inf"), rescale_lr: bool = True, debias: bool = True, hess_approx: str = "price",
-               init_posterior: Optional[DiagGaussian] = None, shuffle: bool = True) -> Mixture:
+               init_posterior: Optional[DiagGaussian] = None, shuffle: bool = True, log_every: Optional[int] = None,
+               return_info: bool = False) -> Union[Mixture, tuple[Mixture, FitInfo]]:
   r"""MultiIVON-Hess (paper Sec. 3.5): IVON from `num_seeds` seeds, the posterior kept at every stop step, as the
   equally weighted mixture q = (1/K) sum_k N(theta_k, diag(h_k)^-1), K = num_seeds * len(stop_steps).
 
@@ -364,11 +423,12 @@ def multi_ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], para
     num_seeds: runs per task (the paper: 5).
     stop_steps: strictly increasing positive step counts (the paper: 25, 50, ..., 150).
     shuffle: each seed visits the L batches in its own random order.
-    Others: as in `ivon`.
+    Others: as in `ivon`; `log_every` counts the L steps of each seed's run.
 
   Returns:
     A `Mixture` of `DiagGaussian` components (leading K axis, seed-major), log_weights = -log K, for
-    `bmerge.merge.mixture_weighted`.
+    `bmerge.merge.mixture_weighted`. With `return_info`, `(mixture, FitInfo)`, every field of the `FitInfo` with a
+    leading [num_seeds] axis: each seed's run at its last stop.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np
@@ -398,20 +458,37 @@ def multi_ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], para
                                    weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
                                    debias=debias, hess_approx=hess_approx, init_posterior=init_posterior)
 
+  log_every = _learner.check_log_every(log_every, last)
+  tracked = (_ivon_step, static, log_every)
+
   def init_fn(k_init):
     order = jax.random.permutation(k_init, last) if shuffle else jnp.arange(last)
-    return params, state0, np.asarray(order) if stream else order
+    return params, state0, np.asarray(order) if stream else order, _learner.tracker(last, log_every)
 
   def step_fn(k, carry, i):
-    params, state, order = carry
+    params, state, order, counters = carry
     if stream:  # i is a Python int: pick the batch here, run the compiled step
-      return _jitted_step(_ivon_step, static, hp, k, (params, state), first[order[i]])[0] + (order,)
-    batch = jax.tree.map(lambda b: b[order[i]], first)
-    return _ivon_step(static, hp, k, (params, state), batch)[0] + (order,)
+      indexed = (int(order[i]), first[order[i]])
+      (inner, counters), _ = _jitted_step(_tracked, tracked, hp, k, ((params, state), counters), indexed)
+    else:
+      indexed = (order[i], jax.tree.map(lambda b: b[order[i]], first))
+      (inner, counters), _ = _tracked(tracked, hp, k, ((params, state), counters), indexed)
+    return inner + (order, counters)
 
-  return _multi_ivon.collect(jax.random.split(key, num_seeds), init_fn, step_fn,
-                             lambda carry: optim.ivon_posterior(carry[0], carry[1], ess, weight_decay), stops,
-                             step_loop="python" if stream else "scan")
+  carries = []  # every seed's carry at every stop, seed-major
+
+  def posterior_fn(carry):
+    carries.append(carry)
+    return optim.ivon_posterior(carry[0], carry[1], ess, weight_decay)
+
+  mixture = _multi_ivon.collect(jax.random.split(key, num_seeds), init_fn, step_fn, posterior_fn, stops,
+                                step_loop="python" if stream else "scan")
+  hess_start, infos = _learner.curvature_stats(state0.hess), []
+  for j, (mean, state, _, counters) in enumerate(carries[len(stops) - 1::len(stops)]):  # each seed's last stop
+    info = _learner.fit_info(counters, last, log_every, params, mean, hess_start, _learner.curvature_stats(state.hess))
+    _check_info(_ivon_checker("fit.multi_ivon", hp, learning_rate, f" (seed {j})"), info, last)
+    infos.append(info)
+  return (mixture, jax.tree.map(lambda *x: jnp.stack(x), *infos)) if return_info else mixture
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -467,6 +544,12 @@ def _fisher(key, logits_fn, params, data, mask, variant, chunk_size, scale, prio
   return jax.tree.map(lambda s: (scale * s + prior).astype(s.dtype), sums)
 
 
+def _widened(params):
+  """Floating-point leaves in float32 or wider (the Fisher of bfloat16 params is summed in float32)."""
+  return jax.tree.map(lambda p: p.astype(jnp.promote_types(p.dtype, jnp.float32))
+                      if jnp.issubdtype(p.dtype, jnp.inexact) else p, params)
+
+
 def _adamw_tx(static, hp):
   lr = hp["learning_rate"] if static[1] is None else static[1]
   return optax.adamw(lr, hp["b1"], hp["b2"], hp["eps"], weight_decay=hp["weight_decay"])
@@ -484,7 +567,8 @@ def adamw_sg(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params
              learning_rate: optax.ScalarOrSchedule, fisher_data: tuple, logits_fn: Callable[[PyTree, Any], jax.Array],
              weight_decay=1e-4, num_steps: Optional[int] = None, b1=0.9, b2=0.999, eps=1e-8,
              fisher: str = "empirical", num_examples=None, prior_precision=None, fisher_mask=None,
-             fisher_chunk_size: int = 256) -> DiagGaussian:
+             fisher_chunk_size: int = 256, log_every: Optional[int] = None,
+             return_info: bool = False) -> Union[DiagGaussian, tuple[DiagGaussian, FitInfo]]:
   r"""AdamW-SG (paper Sec. 3.5): `optax.adamw` on the minibatch-mean loss, then one squared-gradient pass,
 
   .. math::
@@ -525,9 +609,14 @@ def adamw_sg(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params
     fisher_mask: optional [N_F] weights of the examples of `fisher_data` (0 for padding): tasks padded to one
       length can be `vmap`ped.
     fisher_chunk_size: examples per step of the Fisher pass (memory ~ chunk * params).
+    log_every: k, steps per point of the loss curve in `FitInfo` (default ceil(num_steps / 100)).
+    return_info: also return a `FitInfo`. Its curvature statistics are of the Fisher per example, (h - delta_0) / N,
+      at the initial params (one more Fisher pass, made only here) and at the trained ones; AdamW does not train
+      with its Fisher, so no curvature warning is raised.
 
   Returns:
-    `DiagGaussian(mean=the AdamW params, precision=h)`.
+    `DiagGaussian(mean=the AdamW params, precision=h)`: the mean in the params' dtype, h in float32 or wider; with
+    `return_info`, `(posterior, FitInfo)`.
 
   Example:
     >>> import jax, jax.numpy as jnp, numpy as np, optax
@@ -562,14 +651,24 @@ def adamw_sg(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params
   hp = jax.tree.map(jnp.asarray, dict(learning_rate=0.0 if schedule else learning_rate, b1=b1, b2=b2, eps=eps,
                                       weight_decay=weight_decay))
   k_fisher, k_train = jax.random.split(key)
-  params, _ = _run(_adamw_step, static, hp, (params, _adamw_tx(static, hp).init(params)), k_train, data)
+  log_every = _learner.check_log_every(log_every, data.num_steps)
+  checker = _learner.Checker("fit.adamw_sg", dict(learning_rate=learning_rate, b2=b2, weight_decay=weight_decay))
+  (mean, _), counters = _run(_adamw_step, static, hp, (params, _adamw_tx(static, hp).init(params)), k_train, data,
+                             log_every, checker)
+  checker.nonfinite(counters, data.num_steps)
   n_fisher = jax.tree.leaves(fisher_data[0])[0].shape[0]
   n_counted = n_fisher if fisher_mask is None else jnp.sum(jnp.asarray(fisher_mask, jnp.float32))
   n = n_counted if num_examples is None else num_examples
   prior = n * weight_decay if prior_precision is None else prior_precision
-  precision = _fisher(k_fisher, logits_fn, params, tuple(fisher_data), fisher_mask, fisher, fisher_chunk_size,
-                      n / n_counted, prior)
-  return DiagGaussian(params, precision)
+  fisher_at = lambda p, scale, delta: _fisher(k_fisher, logits_fn, _widened(p), tuple(fisher_data), fisher_mask,
+                                              fisher, fisher_chunk_size, scale, delta)
+  posterior = DiagGaussian(mean, fisher_at(mean, n / n_counted, prior))
+  if not return_info:
+    return posterior
+  # The Fisher per example at the start (one more pass) and at the end, where it is (precision - delta_0) / N.
+  start = _learner.curvature_stats(fisher_at(params, 1.0 / n_counted, 0.0))
+  end = _learner.curvature_stats(jax.tree.map(lambda h: (h - prior) / n, posterior.precision))
+  return posterior, _learner.fit_info(counters, data.num_steps, log_every, params, mean, start, end)
 
 
 # ----------------------------------------------------------------------------------------------------------------
