@@ -147,7 +147,7 @@ def test_pareto_fronts_and_the_parameter_plane(tmp_path):
   a = grid.simplex(3, 0.25)
   exact = 0.5 + 0.4 * np.sqrt(a)
   out = plot.pareto_fronts(exact, {"simple": 0.5 + 0.4 * a, "hessian": exact}, tmp_path / "p.png")
-  assert _aspect(out) == pytest.approx(3 * 4.4 / 4.0, rel=0.02)  # one panel per pair of the three tasks
+  assert _aspect(out) == pytest.approx(3 * 3.4 / (2 * 3.0), rel=0.02)  # a row per preview, a column per pair
   with pytest.raises(ValueError, match=r"`previews\['simple'\]` must have shape \[G, 3\]"):
     plot.pareto_fronts(exact, {"simple": exact[:, 0]}, tmp_path / "x.png")
 
@@ -166,3 +166,16 @@ def test_pareto_fronts_and_the_parameter_plane(tmp_path):
   with pytest.raises(ValueError, match="`surfaces` must be a dict .* with the key 'exact'"):
     plot.surrogates_2d(tmp_path / "x.png", {"simple": losses}, a[:2], a[:2] @ centres, {})
   assert not (tmp_path / "x.png").exists()
+
+
+def test_front_view_shows_the_body_of_the_front_in_either_direction():
+  front = np.array([[0.0, 0.95], [0.9, 0.9], [0.92, 0.88], [0.95, 0.0], [0.91, 0.89]] + [[0.9 + 0.001 * i, 0.9 - 0.001 * i]
+                                                                                        for i in range(20)])
+  lo, hi = plot.front_view(front, quantile=0.1)
+  q = np.quantile(front, 0.1, axis=0)
+  np.testing.assert_allclose(lo, q - 0.15 * (front.max(0) - q))
+  np.testing.assert_allclose(hi, front.max(0) + 0.05 * (front.max(0) - q))
+  assert np.all(lo > 0.5)  # the two points that give a task up stay outside
+  lo_min, hi_min = plot.front_view(-front, maximize=False, quantile=0.1)
+  np.testing.assert_allclose(lo_min, -hi)
+  np.testing.assert_allclose(hi_min, -lo)

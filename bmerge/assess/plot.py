@@ -39,8 +39,8 @@ from bmerge import _checks
 from bmerge.grid import lattice as grid_lib
 from bmerge.assess import metrics
 
-__all__ = ["CORNERS", "barycentric_to_cartesian", "histograms", "pair_curves", "pareto_fronts", "scaling_curves",
-           "solutions_2d", "surrogates_2d", "ternary_contours", "two_task_curves"]
+__all__ = ["CORNERS", "barycentric_to_cartesian", "front_view", "histograms", "pair_curves", "pareto_fronts",
+           "scaling_curves", "solutions_2d", "surrogates_2d", "ternary_contours", "two_task_curves"]
 
 # [3, 2] the triangle corners of tasks 1, 2, 3 (rows).
 CORNERS = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, math.sqrt(3.0) / 2.0]])
@@ -495,10 +495,11 @@ def pareto_fronts(exact, previews: Mapping[str, Any], path, *, task_names: Optio
                   dpi: int = 110) -> pathlib.Path:
   """Per-task metrics of every alpha, the exact Pareto front, and the alphas each preview calls Pareto-optimal.
 
-  For each pair of tasks (one panel for T = 2; T > 2 shows every pair as a projection, the fronts being computed in
-  all T dimensions): the exact per-task metrics of every alpha (grey), those on the exact front (black), and, per
-  preview, the *exact* metrics at the alphas on the preview's own front (`bmerge.metrics.compare_fronts`): a preview
-  whose front choices sit on the black points loses nothing.
+  One row of panels per preview, one column per pair of tasks (T > 2 shows every pair as a projection, the fronts
+  being computed in all T dimensions): the exact per-task metrics of every alpha (grey), those on the exact front
+  (black), and the *exact* metrics at the alphas on the preview's own front (`bmerge.metrics.compare_fronts`): a
+  preview whose front choices sit on the black points loses nothing. The axes show the region of the exact front
+  (`front_view`); how many alphas lie outside it is written in each panel.
 
   Args:
     exact: [G, T] exact per-task metrics.
@@ -534,22 +535,62 @@ def pareto_fronts(exact, previews: Mapping[str, Any], path, *, task_names: Optio
   front = metrics.pareto_front(exact, maximize)
   chosen = {name: metrics.pareto_front(v, maximize) for name, v in previews.items()}
   pairs = list(itertools.combinations(range(t), 2))
-  fig, axes = _panels(len(pairs), dpi, width=4.4, height=4.0)
-  markers = "osD^v<>ph"
-  for ax, (i, j) in zip(axes, pairs):
-    ax.scatter(exact[:, i], exact[:, j], s=8, color="0.75", label="exact, every alpha", zorder=1)
-    ax.scatter(exact[front, i], exact[front, j], s=26, color="black", label="exact Pareto front", zorder=2)
-    for k, (name, idx) in enumerate(chosen.items()):
-      ax.scatter(exact[idx, i], exact[idx, j], s=60 + 25 * k, facecolors="none", edgecolors=f"C{k}",
-                 marker=markers[k % len(markers)], linewidths=1.3, label=f"{name}: its front's alphas (exact)",
-                 zorder=3)
-    ax.set_xlabel(f"{label}, {names[i]}")
-    ax.set_ylabel(f"{label}, {names[j]}")
-    ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=7)
+  lo, hi = front_view(exact[front], maximize)
+  rows = max(1, len(chosen))
+  fig = Figure(figsize=(3.4 * len(pairs), 3.0 * rows), dpi=dpi, layout="constrained")
+  axes = fig.subplots(rows, len(pairs), squeeze=False)
+  for r, (name, idx) in enumerate(chosen.items() if chosen else [("exact", np.zeros(0, np.int64))]):
+    for c, (i, j) in enumerate(pairs):
+      ax = axes[r, c]
+      ax.scatter(exact[:, i], exact[:, j], s=6, color="0.8", label="exact, every alpha", zorder=1)
+      ax.scatter(exact[front, i], exact[front, j], s=14, color="black", label="exact Pareto front", zorder=2)
+      ax.scatter(exact[idx, i], exact[idx, j], s=28, facecolors="none", edgecolors=f"C{r}", linewidths=1.1,
+                 label=f"{name}: its front's alphas (exact values)", zorder=3)
+      ax.set_xlim(lo[i], hi[i])
+      ax.set_ylim(lo[j], hi[j])
+      outside = int(np.sum(np.any((exact[:, [i, j]] < lo[[i, j]]) | (exact[:, [i, j]] > hi[[i, j]]), axis=1)))
+      if outside:
+        ax.text(0.02, 0.02, f"{outside} alphas outside the view", transform=ax.transAxes, fontsize=7, color="0.4")
+      ax.set_xlabel(f"{label}, {names[i]}", fontsize=8)
+      ax.set_ylabel(f"{label}, {names[j]}", fontsize=8)
+      ax.tick_params(labelsize=7)
+      ax.grid(alpha=0.3)
+    axes[r, 0].legend(fontsize=7, loc="upper right" if maximize else "lower left")  # beyond the front: empty
   if title:
     fig.suptitle(title)
   return _save(fig, path)
+
+
+def front_view(front, maximize: bool = True, margin: float = 0.15, quantile: float = 0.1) -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+  """Axis limits per column that show the body of a Pareto front.
+
+  Per column, from `margin` of the front's robust range beyond its `quantile` worst value to 5 % beyond its best:
+  the few front points that give one task up entirely (a task's accuracy at alphas that leave it out, on the front
+  because another task is at its best there) stay outside the view instead of squeezing the front into a corner.
+
+  Args:
+    front: [F, M] the front's points.
+    maximize: whether larger is better in every column.
+    margin: how far beyond the robust worst value to show, as a share of the robust range.
+    quantile: the share of the front's worst values per column left out of the robust range.
+
+  Returns:
+    (lo [M], hi [M]) axis limits.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import plot
+    >>> lo, hi = plot.front_view(np.array([[0.9, 0.5], [0.7, 0.8]]), quantile=0.0)
+    >>> np.round(lo, 3).tolist(), np.round(hi, 3).tolist()
+    ([0.67, 0.455], [0.91, 0.815])
+  """
+  front = _checks.matrix(front, "front", what="[F, M]")
+  values = front if maximize else -front
+  best, worst = values.max(0), np.quantile(values, quantile, axis=0)
+  span = np.maximum(best - worst, 1e-6 * np.maximum(np.abs(best), 1.0))
+  lo, hi = worst - margin * span, best + 0.05 * span
+  return (lo, hi) if maximize else (-hi, -lo)
 
 
 # ----------------------------------------------------------------------------------------------------------------
