@@ -181,12 +181,27 @@ def same_structure(a: Any, b: Any, *, name_a: str, name_b: str, lead_a: int = 0,
   """`a` and `b` must be the same pytree with the same leaf shapes after dropping `lead_a` / `lead_b` leading axes."""
   sa, sb = jax.tree.structure(a), jax.tree.structure(b)
   if sa != sb:
-    raise ValueError(f"`{name_a}` and `{name_b}` must have the same pytree structure; got\n  {sa}\nand\n  {sb}.")
+    raise ValueError(f"`{name_a}` and `{name_b}` must have the same pytree structure; "
+                     f"{_first_difference(a, b, name_a, name_b)}.")
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
     xs, ys = tuple(np.shape(x))[lead_a:], tuple(np.shape(y))[lead_b:]
     if xs != ys:
       raise ValueError(f"`{name_a}{jax.tree_util.keystr(path)}` has shape {xs} per model but `{name_b}` has {ys} there; "
                        "expected equal shapes.")
+
+
+def _first_difference(a: Any, b: Any, name_a: str, name_b: str) -> str:
+  """Where two pytrees of different structures first differ: the first leaf path of one that the other lacks."""
+  pa = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(a)]
+  pb = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(b)]
+  i = next((i for i, (x, y) in enumerate(zip(pa, pb)) if x != y), min(len(pa), len(pb)))
+  if i < min(len(pa), len(pb)):
+    return f"they first differ at {name_a}{pa[i]} vs {name_b}{pb[i]} (leaf {i}; {len(pa)} and {len(pb)} leaves)"
+  if len(pa) != len(pb):
+    longer, extra, shorter = (name_a, pa[i], name_b) if len(pa) > len(pb) else (name_b, pb[i], name_a)
+    return f"{longer}{extra} has no counterpart in `{shorter}` ({len(pa)} leaves vs {len(pb)})"
+  return (f"their leaves have the same paths but their containers differ (e.g. a tuple for a list, a None): "
+          f"{jax.tree.structure(a)} vs {jax.tree.structure(b)}")
 
 
 def positive_finite(tree: Any, *, name: str) -> None:
