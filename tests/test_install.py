@@ -53,6 +53,13 @@ def test_core_runs_without_the_extras_and_names_the_extra_when_one_is_needed():
         assert "bmerge[experiments]" in str(e) and "scikit-learn" in str(e), str(e)
       else:
         raise AssertionError("load('digits') ran without scikit-learn")
+      from bmerge.models.bert import tokenizer
+      try:
+        tokenizer._tokenizer("tokenizer.json")
+      except ImportError as e:
+        assert "bmerge[text]" in str(e) and "tokenizers" in str(e), str(e)
+      else:
+        raise AssertionError("the tokenizer loaded without the tokenizers package")
       loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
       assert not loaded, loaded
       print("ok")

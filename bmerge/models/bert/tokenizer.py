@@ -20,6 +20,7 @@ from typing import Optional, Sequence, Union
 import jax
 import numpy as np
 
+from bmerge import _checks
 from bmerge.models.bert.model import Tokens, _build, _chunked, _parts, _Stack, mean_pool, normalize
 from bmerge.models.bert.params import load, model_dir
 
@@ -36,9 +37,8 @@ def _max_length(folder: pathlib.Path) -> int:
 
 @functools.lru_cache(maxsize=8)
 def _tokenizer(tokenizer_file: str):
-  from tokenizers import Tokenizer  # pylint: disable=g-import-not-at-top
-
-  return Tokenizer.from_file(tokenizer_file)
+  tokenizers = _checks.optional_import("tokenizers", "text", "bmerge.models.bert.tokenize")
+  return tokenizers.Tokenizer.from_file(tokenizer_file)
 
 
 PADDING = ("longest", "max_length")
