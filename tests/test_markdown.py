@@ -318,7 +318,7 @@ def test_module_commands_have_valid_flags():
 
 def _slug(heading: str) -> str:
   """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
-  text = re.sub(r"[`*_]", "", heading.strip().lower())
+  text = re.sub(r"[`*]", "", heading.strip().lower())
   return re.sub(r"\s", "-", re.sub(r"[^\w\- ]", "", text))
 
 
@@ -348,6 +348,8 @@ def test_slug_follows_github():
   assert _slug("A pretrained transformer with LoRA; PEFT adapters in and out") == (
       "a-pretrained-transformer-with-lora-peft-adapters-in-and-out")
   assert _slug("Posteriors: the fit drivers") == "posteriors-the-fit-drivers"
+  assert _slug("MiniLM + LoRA on sentiment (`sentiment`)") == "minilm--lora-on-sentiment-sentiment"
+  assert _slug("digits: the main job (`digits_imbalanced`)") == "digits-the-main-job-digits_imbalanced"
 
 
 def test_readme_results_table_is_generated_from_the_recorded_metrics():
