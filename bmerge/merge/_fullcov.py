@@ -19,8 +19,21 @@ quadratic forms (Eq. 12, Algorithm 1). Two things halve the work of the GEMM for
 S are formed (the diagonal tiles hold their strict lower part and half their diagonal, so x^T H x is twice the sum
 over those blocks and a tile is recovered as T + T^T), and the Cholesky factorisation is our own left-looking
 blocked one, batched over the chunk: its work is GEMMs of [C, rows, cols] blocks, with LAPACK nowhere (one LAPACK
-call per alpha, what `jnp.linalg.cholesky` does on the CPU, reached 3-10 % of matmul peak here). On a CPU the
+call per alpha, what `jnp.linalg.cholesky` does on the CPU, keeps the matrix units far from their peak). On a CPU the
 factorisations run a few alphas at a time so that each one's factor stays in cache (`solve_cap`, `factor_solve`).
+
+Example:
+  The blocked Cholesky of a batch of SPD matrices solves like LAPACK's:
+
+  >>> import jax, jax.numpy as jnp
+  >>> from bmerge.merge import _fullcov
+  >>> a = jax.random.normal(jax.random.key(0), (2, 20, 20))
+  >>> s = a @ jnp.swapaxes(a, 1, 2) + 20 * jnp.eye(20)                 # two SPD matrices, P = 20
+  >>> bounds = _fullcov._bounds(20, block=8)                           # block columns (0, 4), (4, 12), (12, 20)
+  >>> solve = jax.jit(lambda s, b: _fullcov.factor_solve(_fullcov.half_panels(s, bounds), b, bounds))
+  >>> x, diag = solve(s, jnp.ones((2, 20)))
+  >>> bool(jnp.allclose(x, jnp.linalg.solve(s, jnp.ones((2, 20, 1)))[..., 0], rtol=1e-4)), bool(jnp.all(diag > 0))
+  (True, True)
 
 References:
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
@@ -45,7 +58,7 @@ BLOCK = 128  # columns per block of the blocked Cholesky for P > 1024 (64 below)
 _BASE = 16  # tiles up to this size are factorised column by column
 CHUNK_BYTES = 512 * 2 ** 20  # working memory per chunk of alphas
 # On a CPU each chunk's factorisations run in sub-chunks whose matrices stay near the size of a last-level cache
-# (32 MB here), at least 4 alphas (see `solve_rows`). Accelerators factorise the whole chunk at once.
+# (32 MB), at least 4 alphas (see `solve_rows`). Accelerators factorise the whole chunk at once.
 CPU_SOLVE_BYTES = 32 * 2 ** 20
 CPU_SOLVE_MIN = 4
 
@@ -65,8 +78,13 @@ def _bounds(p: int, block: Optional[int] = None) -> tuple[tuple[int, int], ...]:
   Why these widths: the panel products A L_tile^-T are [rows, m] x [m, m] per alpha, and the CPU's GEMM library
   splits a product across threads only when one alpha's output is big enough (the alpha batch itself runs on one
   thread), so for P ~ 650 the narrower block keeps that single-threaded share small; for larger P the rows alone
-  are enough. A width that is a multiple of 64 runs at ~80 % of peak here (112 at ~50 %), and a thin last block
-  would make products of a handful of rows (a few % of peak), hence the remainder first.
+  are enough. GEMM kernels tile by multiples of 64, and a thin last block would make products of a handful of rows,
+  hence the remainder first.
+
+  Example:
+    >>> from bmerge.merge import _fullcov
+    >>> _fullcov._bounds(150, block=64)
+    ((0, 22), (22, 86), (86, 150))
   """
   block = block or (64 if p <= 1024 else BLOCK)
   first = p % block
@@ -84,8 +102,13 @@ def solve_cap(p: int, itemsize: int = 4, platform: str = "cpu") -> Optional[int]
   at least `CPU_SOLVE_MIN`; None (no limit) on other platforms.
 
   Why: the factorisation re-reads its factor once per block column. With 128 alphas at P = 650 (430 MB) that
-  streams from memory, and two JAX devices sharing the memory bus ran no faster than one (2.2 ms per alpha); 8 at a
-  time stay in cache (1.1 ms on two devices, 1.7 ms on one). At P = 1,970, 4 at a time beat 1 (25 vs 31 ms).
+  streams from memory, and devices sharing the memory bus then run no faster than one; a few alphas at a time stay
+  in cache.
+
+  Example:
+    >>> from bmerge.merge import _fullcov
+    >>> _fullcov.solve_cap(650), _fullcov.solve_cap(4000), _fullcov.solve_cap(650, platform="gpu")
+    (9, 4, None)
   """
   if platform != "cpu":
     return None
@@ -94,7 +117,13 @@ def solve_cap(p: int, itemsize: int = 4, platform: str = "cpu") -> Optional[int]
 
 def solve_rows(c: int, p: int, itemsize: int = 4, platform: str = "cpu") -> int:
   """Alphas per factorisation within a chunk of `c`: all of them up to `solve_cap`, else the sub-chunk size in
-  [CPU_SOLVE_MIN, solve_cap] that pads the chunk least (the larger on a tie)."""
+  [CPU_SOLVE_MIN, solve_cap] that pads the chunk least (the larger on a tie).
+
+  Example:
+    >>> from bmerge.merge import _fullcov
+    >>> _fullcov.solve_rows(8, 650), _fullcov.solve_rows(128, 650)     # cap 9 at P = 650: 128 = 16 x 8
+    (8, 8)
+  """
   cap = solve_cap(p, itemsize, platform)
   if cap is None or c <= cap:
     return c
@@ -370,8 +399,8 @@ def mixture_em(alphas, means, precisions, log_weights, prior_mean, prior_precisi
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The per-alpha formulation these kernels replaced (a `lax.map` over alphas, einsums and a LAPACK Cholesky per
-# alpha): the tests' oracle and the benchmarks' baseline.
+# The per-alpha formulation (a `lax.map` over alphas, einsums and a LAPACK Cholesky per alpha): the tests' oracle
+# and the benchmarks' baseline.
 
 
 @partial(jax.jit, static_argnames="chunk_size")
