@@ -130,6 +130,7 @@ def define_flags() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
+  """Prints the table of the runs named by --experiments (default: every recorded run)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(table(flags.FLAGS.experiments or None))
