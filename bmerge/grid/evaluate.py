@@ -1,12 +1,30 @@
 """Previews: merge and evaluate over a grid of alphas, fused, chunked, sharded and resumable.
 
-`preview` evaluates `eval_fn(merge_fn(posteriors, alphas_chunk)[g], batch)` for every alpha. Each chunk of alphas is
-one compiled call that merges and evaluates (`vmap` over the chunk), so only `chunk_size` merged models exist at
-once however large G is. With a `workdir`, every finished chunk is written to disk as it completes; a run that is
-interrupted and started again loads those chunks and computes only the rest (the results are identical).
+For every row alpha_g of a grid [G, T] the preview is
+
+  m_g = eval_fn(theta_hat(alpha_g), batch),   theta_hat(alpha) = argmax_theta gamma log p0(theta)
+                                                                 + sum_t alpha_t log q_t(theta)   (paper Eq. 8),
+
+the merged model computed by a merge rule of `bmerge.merge`. `preview` evaluates
+`eval_fn(merge_fn(posteriors, alphas_chunk)[g], batch)` for every alpha. Each chunk of alphas is one compiled call
+that merges and evaluates (`vmap` over the chunk), so only `chunk_size` merged models exist at once however large G
+is. With a `workdir`, every finished chunk is written to disk as it completes; a run that is interrupted and started
+again loads those chunks and computes only the rest (the results are identical).
 
 The exact baseline (weighted joint training per alpha, paper Eq. 1) runs through the same chunked driver in
-`bmerge.exact`. The module is `grid_eval` so that `bmerge.preview` can be the function.
+`bmerge.grid.joint` (`bmerge.exact`).
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> import bmerge
+  >>> means = {"w": jnp.array([[0.0], [4.0]])}                              # two task models
+  >>> bmerge.preview(bmerge.merge.simple_average, means, bmerge.grid.line(0.25), lambda p, _: p["w"][0], None,
+  ...                progress=False).tolist()                              # alpha = (a, 1 - a): 4 (1 - a)
+  [4.0, 3.0, 2.0, 1.0, 0.0]
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging. 2024 (Sec. 3, Eqs. 1 and 8, Fig. 1).
 """
 
 from __future__ import annotations
@@ -252,7 +270,14 @@ def _rule_name(fn: Any) -> str:
 
 
 def compute_dtype() -> jnp.dtype:
-  """float32, or float64 when `jax_enable_x64` is on: the dtype alphas and merges are computed in."""
+  """float32, or float64 when `jax_enable_x64` is on: the dtype alphas and merges are computed in.
+
+  Example:
+    >>> import jax
+    >>> from bmerge import grid
+    >>> grid.compute_dtype() == (jax.numpy.float64 if jax.config.jax_enable_x64 else jax.numpy.float32)
+    True
+  """
   return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
@@ -261,6 +286,9 @@ def preview(merge_fn: Callable[[PyTree, jax.Array], PyTree], posteriors: PyTree,
             workdir: Optional[str] = None, tag: Optional[str] = None, progress: bool = True,
             mesh: Optional[Mesh] = None) -> PyTree:
   """The preview: for every alpha, merge the task posteriors and evaluate the merged model (paper Sec. 3, Fig. 1).
+
+  m_g = eval_fn(merge_fn(posteriors, alpha_g), batch) for every row alpha_g of the grid, where the merge is the mode
+  of p0^gamma prod_t q_t^alpha_t (Eq. 8) under the rule's posteriors.
 
   Each chunk of alphas is one compiled call that merges (`merge_fn`) and evaluates (`eval_fn`, `vmap`ped over the
   chunk), so only `chunk_size` merged models exist at once however large the grid.

@@ -4,6 +4,14 @@ Off the simplex, task arithmetic's scaling sweep alpha = lambda * d (`scaled`) w
 gamma = 1 - sum_t alpha_t; merge rules with an implied prior (simple averaging, task arithmetic) and rules given a
 `prior=` accept such rows. On the simplex task arithmetic is simple averaging exactly (gamma = 0 removes the base).
 
+Example:
+  The simplex lattice of spacing 1/n has C(n + T - 1, T - 1) points: 231 for T = 3 tasks and spacing 0.05.
+
+  >>> from bmerge import grid
+  >>> a = grid.simplex(3, 0.05)
+  >>> a.shape, bool(abs(a.sum(axis=1) - 1.0).max() < 1e-12)
+  ((231, 3), True)
+
 References:
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
   Bayesian Model-Merging, 2024 (Eqs. 1-3 and 5-8: the weights alpha, gamma = 1 - sum_t alpha_t).
