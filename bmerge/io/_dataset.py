@@ -6,7 +6,15 @@ import numpy as np
 
 
 class Dataset(NamedTuple):
-  """Train and test arrays (numpy) and the number of classes."""
+  """Train and test arrays (numpy) and the number of classes.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge.io._dataset import Dataset
+    >>> ds = Dataset(np.zeros((4, 8, 8)), np.zeros(4, np.int32), np.zeros((2, 8, 8)), np.zeros(2, np.int32), 10)
+    >>> ds.num_features, ds.num_classes
+    (64, 10)
+  """
 
   train_x: np.ndarray  # [N_train, ...] float32 in [0, 1]
   train_y: np.ndarray  # [N_train] int32 class ids

@@ -130,7 +130,21 @@ def fetch(cache_dir: Optional[PathLike] = None) -> pathlib.Path:
 
 
 def parse(text: str, source: str = "text") -> Items:
-  """Parses a ground-truth file's text: one `id<TAB>rating<TAB>text` per line (CRLF or LF); blank lines skipped."""
+  """Parses a ground-truth file's text: one `id<TAB>rating<TAB>text` per line (CRLF or LF); blank lines skipped.
+
+  Args:
+    text: the file's text.
+    source: the file's name, for error messages.
+
+  Returns:
+    `Items(ids, ratings, texts)` in file order.
+
+  Example:
+    >>> from bmerge.io import _sentiment
+    >>> items = _sentiment.parse("1\\t2.5\\tGreat film\\r\\n2\\t-1.0\\tDull\\r\\n")
+    >>> items.ids.tolist(), items.ratings.tolist()
+    (['1', '2'], [2.5, -1.0])
+  """
   ids, ratings, texts = [], [], []
   for number, line in enumerate(text.splitlines(), start=1):
     if not line.strip():
@@ -166,7 +180,22 @@ def read(domain: str, cache_dir: Optional[PathLike] = None) -> Items:
 
 def binary(items: Items, min_abs_rating: float = MIN_ABS_RATING) -> tuple[np.ndarray, np.ndarray]:
   """(texts [M] str, labels [M] int32): rating > 0 -> 1, < 0 -> 0; |rating| < min_abs_rating and repeated texts
-  dropped (first occurrence kept, surrounding whitespace stripped)."""
+  dropped (first occurrence kept, surrounding whitespace stripped).
+
+  Args:
+    items: one domain's parsed file.
+    min_abs_rating: items with |rating| below it are dropped (> 0).
+
+  Returns:
+    (texts, labels).
+
+  Example:
+    >>> from bmerge.io import _sentiment
+    >>> items = _sentiment.parse("1\\t2.5\\tGreat\\n2\\t0.2\\tMeh\\n3\\t-3.0\\tBad\\n4\\t1.0\\t Great \\n")
+    >>> texts, labels = _sentiment.binary(items)
+    >>> texts.tolist(), labels.tolist()                 # 'Meh' is near-neutral, the second 'Great' a repeat
+    (['Great', 'Bad'], [1, 0])
+  """
   if not isinstance(min_abs_rating, (int, float)) or not min_abs_rating > 0:
     raise ValueError(f"`min_abs_rating` must be > 0 (zero ratings have no label), got {min_abs_rating!r}.")
   texts, labels, seen = [], [], set()
