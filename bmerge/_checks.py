@@ -130,7 +130,19 @@ def _leaves_concrete(tree: Any) -> bool:
 
 
 def alphas(value: Any, num_tasks: int, *, name: str = "alphas") -> tuple[Any, bool]:
-  """Checks a grid [G, T] (or one vector [T]); returns it as [G, T] and whether the input was a single vector."""
+  """Checks a grid [G, T] (or one vector [T]); returns it as [G, T] and whether the input was a single vector.
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import _checks
+    >>> a, single = _checks.alphas(np.array([0.5, 0.5]), 2)
+    >>> a.shape, single
+    ((1, 2), True)
+    >>> _checks.alphas(np.array([[0.5, -0.5]]), 2)
+    Traceback (most recent call last):
+    ...
+    ValueError: `alphas` must be non-negative; row 0 has -0.5 at task 1.
+  """
   if is_concrete(value):
     arr = np.asarray(value)
     if not np.issubdtype(arr.dtype, np.number):
