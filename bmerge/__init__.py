@@ -14,6 +14,26 @@ The pipeline, one folder a stage:
 
 Posterior types (`DiagGaussian`, `FullGaussian`, `IsoGaussian`, `Mixture`, `Beta`) live in `bmerge.posteriors` and are
 exported here.
+
+The preview of weighted multitask finetuning argmin_theta sum_t alpha_t loss_t(theta) (paper Eq. 1) at every alpha
+of a grid is the mode of p0^gamma prod_t q_t^alpha_t (Eqs. 5-8) for task posteriors q_t; for Gaussians
+q_t = N(theta_t, H_t^-1) it is theta_alpha = (sum_t alpha_t H_t)^-1 sum_t alpha_t H_t theta_t (Eq. 10).
+
+Example:
+  Two one-parameter tasks with precisions 1 and 3, previewed on the line alpha = (a, 1 - a):
+
+  >>> import jax.numpy as jnp
+  >>> import bmerge
+  >>> q = bmerge.stack([bmerge.DiagGaussian(jnp.array([0.0]), jnp.array([1.0])),
+  ...                   bmerge.DiagGaussian(jnp.array([4.0]), jnp.array([3.0]))])
+  >>> theta = bmerge.preview(bmerge.merge.hessian_weighted, q, bmerge.grid.line(0.5), lambda p, _: p[0], None,
+  ...                        progress=False)
+  >>> theta.tolist()                                   # 3 (1 - a) 4 / (a + 3 (1 - a)) at a = 0, 1/2, 1
+  [4.0, 3.0, 0.0]
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging. 2024.
 """
 
 from bmerge import assess

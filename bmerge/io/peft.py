@@ -27,6 +27,27 @@ Checked against peft itself (0.21.2, with PyTorch; the recorder is tests/data/re
 wrote for a BERT imports here and gives peft's logits and hidden states, and an adapter `export_adapter` wrote loads in
 peft (every tensor in place) and gives bmerge's logits.
 
+Example:
+  A tiny BERT with LoRA on every layer: its trainable dict written as a PEFT adapter and read back.
+
+  >>> import tempfile
+  >>> import numpy as np
+  >>> from flax import nnx
+  >>> from bmerge import interop
+  >>> from bmerge.models import bert
+  >>> config = bert.Config(vocab_size=8, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=8,
+  ...                      max_position_embeddings=8)
+  >>> model = bert.Classifier(bert.from_hf_weights(config, bert.random_hf_weights(config)), 2, rngs=nnx.Rngs(1))
+  >>> model = bert.add_lora(model, 2, rngs=nnx.Rngs(2))
+  >>> trainable = bert.split(model).trainable
+  >>> with tempfile.TemporaryDirectory() as folder:
+  ...   _ = interop.export_adapter(folder, model, trainable)
+  ...   back = interop.import_adapter(folder, model)
+  >>> sorted(back) == sorted(trainable), all(np.allclose(back[k], trainable[k]) for k in trainable)
+  (True, True)
+  >>> [(m.layer, m.target, m.rank) for m in interop.lora_modules(model)]
+  [(0, 'query', 2), (0, 'value', 2)]
+
 References:
   Hu, Shen, Wallis, Allen-Zhu, Li, Wang, Wang, Chen. LoRA: low-rank adaptation of large language models. ICLR 2022.
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
