@@ -1,6 +1,6 @@
 r"""Benchmark: one jitted IVON train step (1 MC sample) vs one `optax.adamw` step on the same model and batch.
 
-Issue 3, item 6 (goal: IVON / AdamW <= 1.15). Both steps are compiled once, then timed in interleaved rounds in one
+Goal: IVON / AdamW <= 1.15. Both steps are compiled once, then timed in interleaved rounds in one
 run (the machines are shared and noisy): each round times `--steps` IVON steps then `--steps` AdamW steps; the
 median over rounds of the per-round ratio is reported. The IVON step is the whole training step a user writes:
 draw theta = m + n (`sample_params`), the gradient there, `tx.update(grads, state, params, noise=noise)`.

@@ -1,4 +1,7 @@
-r"""Benchmark: merging a whole alpha grid at once vs merging alpha by alpha (issue: core engine, item 8).
+r"""Benchmark: merging a whole alpha grid at once vs merging alpha by alpha.
+
+The rules timed: the mixture EM of Algorithm 1 / Eq. 12 (r_tk ∝ pi_tk N(theta | theta_tk, H_tk^-1),
+theta <- (sum_tk r_tk alpha_t H_tk)^-1 sum_tk r_tk alpha_t H_tk theta_tk) and the Hessian-weighted rule of Eq. 10.
 
 Measured side by side in one run (the machines are shared and noisy), printing ratios:
   (a) `bmerge.em.find_modes` (the batched GEMM form) vs a Python loop over alphas of the jitted single-alpha
@@ -6,26 +9,26 @@ Measured side by side in one run (the machines are shared and noisy), printing r
   (b) the batched EM's FLOP/s as a fraction of this machine's float32 matmul throughput, measured here;
   (c) `bmerge.merge.hessian_weighted` (diagonal) on the grid vs a loop over alphas of a jitted single-alpha Eq. 10;
   (d) full-covariance mixture EM (`FullGaussian` components, [P, P] precisions) for each P of `--full_params`: the
-      chunked matrix-product kernel vs the `lax.map` formulation it replaced (einsums and one LAPACK Cholesky per
+      chunked matrix-product kernel vs the per-alpha `lax.map` formulation (einsums and one LAPACK Cholesky per
       alpha and iteration) vs a Python loop of that single-alpha computation, jitted; and its FLOP/s as a fraction of
-      the matmul peak measured in the same run, counting the GEMM form's FLOPs as the issue does: per alpha and
-      iteration 4 T K P^2 (weighted precisions and quadratic forms) + P^3 / 3 (the factorisation);
+      the matmul peak measured in the same run, counting the GEMM form's FLOPs: per alpha and iteration
+      4 T K P^2 (weighted precisions and quadratic forms) + P^3 / 3 (the factorisation);
   (e) the full-covariance Hessian-weighted rule (Eq. 10, T [P, P] precisions) the same way (2 T P^2 + P^3 / 3 per
       alpha).
 
 The baselines call LAPACK through OpenBLAS; on a machine shared with other jobs its threaded Cholesky can be far
 slower than single-threaded, so run once as is and once with OPENBLAS_NUM_THREADS=1 (the header prints the setting).
 
-Defaults are the issue's sizes: (a)-(c) T=3, K=10, P=260,000, G=231 (simplex spacing 0.05), 10 iterations; (d)-(e)
-T=3, K=20, P=650 and 1,970, G=1,326 (spacing 0.02), 10 iterations. Slow variants are timed on slices of the grid and
-scaled to G (printed as such). `vmap` of the elementwise single-alpha EM materialises G x T x K x P floats (7 GB
-here), so it is timed on `--vmap_alphas` alphas. `--nodiag` runs only (d)-(e), `--nofull` only (a)-(c). Run:
+Defaults: (a)-(c) T=3, K=10, P=260,000, G=231 (simplex spacing 0.05), 10 iterations; (d)-(e) T=3, K=20, P=650 and
+1,970, G=1,326 (spacing 0.02), 10 iterations. Slow variants are timed on slices of the grid and scaled to G (printed
+as such). `vmap` of the elementwise single-alpha EM materialises G x T x K x P floats (7.2 GB at the default sizes),
+so it is timed on `--vmap_alphas` alphas. `--nodiag` runs only (d)-(e), `--nofull` only (a)-(c). Run:
   python -m experiments.benchmarks.merge_grid [--params 260000] [--components 10] [--spacing 0.05]
   python -m experiments.benchmarks.merge_grid --nodiag [--full_params 650,1970] [--full_spacing 0.02] [--cpu_devices 2]
 
-With `--cpu_devices N` the new kernels split the grid across N devices of this CPU (each loops over its own chunks,
-concurrently); the `lax.map` + LAPACK baseline stays on one device (put in a shard_map across host devices, it
-stalled here with no CPU load), so compare its time with a run without the flag too.
+With `--cpu_devices N` the library's kernels split the grid across N devices of this CPU (each loops over its own
+chunks, concurrently); the `lax.map` + LAPACK baseline stays on one device, so compare its time with a run without
+the flag too.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def define_flags():
 
 
 def em_flops(g: int, t: int, k: int, p: int, iters: int) -> float:
-  """GEMM FLOPs of find_modes: per iteration two [G,P]x[P,TK] and two [G,TK]x[TK,P]; plus the start and final density."""
+  """GEMM FLOPs of find_modes: per iteration two [G,P]x[P,TK] and two [G,TK]x[TK,P]; plus the start and final
+  density."""
   gemm = 2.0 * g * (2 * p) * (t * k)
   return iters * 2 * gemm + 2 * gemm
 

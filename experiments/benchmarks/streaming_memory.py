@@ -1,4 +1,4 @@
-r"""Benchmark: the peak memory of a streaming preview of a 20M-parameter model over 231 alphas (issue 4, item 9).
+r"""Benchmark: the peak memory of a streaming preview of a 20M-parameter model over 231 alphas.
 
 `bmerge.preview(merge.hessian_weighted, ...)` with a small `chunk_size` merges and evaluates `chunk_size` models at a
 time, so the grid of merged models (231 x 20M x 4 B = 18.5 GB) never exists. This script measures the process's
