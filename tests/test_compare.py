@@ -479,3 +479,7 @@ def test_train_at_the_recommended_alphas_scores_and_reports_them(tmp_path):
   assert out.summary["num_exact_alphas"] == 3 + len(asked[1])
   with pytest.raises(ValueError, match="`alphas` row 0 .* is not a row of the preview grid"):
     bmerge.train_at(out, joint, [[0.1, 0.2, 0.7]])
+  # One run at the top alpha, with a report folder: the figures that cannot show one exact point leave it out.
+  one = bmerge.compare(ENTRIES, per_task_and_overall, BATCH, alphas, folder=tmp_path / "one", progress=False)
+  one = bmerge.train_at(one, joint, top_k=1)
+  assert one.summary["num_exact_alphas"] == 1 and one.paths["contours"].is_file()

@@ -81,7 +81,11 @@ def figures(folder, alphas, previews: Mapping[str, Any], *, exact=None, exact_al
   common = dict(maximize=maximize, label=label)
   out = []
   if on_simplex and t == 3:
-    out.append(plot.ternary_contours(alphas, surfaces, folder / "contours.png", task_names=names, **common))
+    # Contours need a triangulation: exact results at fewer than three points off one line (e.g. a few runs at the
+    # recommended alphas) are left out of this figure.
+    spread = np.linalg.matrix_rank(exact_alphas[:, :2] - exact_alphas[:1, :2], tol=1e-9) if exact is not None else 2
+    contour_surfaces = surfaces if spread == 2 else {k: v for k, v in surfaces.items() if k != "exact"}
+    out.append(plot.ternary_contours(alphas, contour_surfaces, folder / "contours.png", task_names=names, **common))
   if on_simplex and t == 2:
     curves = {k: (v[0][:, 0], v[1]) if isinstance(v, tuple) else v for k, v in surfaces.items()}
     out.append(plot.two_task_curves(alphas[:, 0], curves, folder / "curves.png", task_names=names, **common))
