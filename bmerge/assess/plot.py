@@ -13,6 +13,12 @@ corners of an equilateral triangle with unit sides,
 i.e. task 1 at the bottom-left corner (0, 0), task 2 at the bottom-right (1, 0) and task 3 at the top (1/2, sqrt(3)/2);
 the uniform weighting (1/3, 1/3, 1/3) lands on the triangle's centroid (1/2, sqrt(3)/6).
 
+Example:
+  >>> import numpy as np
+  >>> from bmerge import plot
+  >>> np.round(plot.barycentric_to_cartesian([[1 / 3, 1 / 3, 1 / 3]]), 4).tolist()   # the centroid
+  [[0.5, 0.2887]]
+
 References:
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
   Bayesian Model-Merging, 2024 (Figs. 1-9).
@@ -52,6 +58,12 @@ def barycentric_to_cartesian(alphas) -> np.ndarray:
   r"""Projects simplex points [N, 3] to the plane [N, 2]: :math:`(x, y) = \sum_t \alpha_t c_t` with `CORNERS` c_t.
 
   Rows need not be normalised for the projection itself (it is linear); `ternary_contours` checks they sum to 1.
+
+  Args:
+    alphas: [N, 3] task weights.
+
+  Returns:
+    [N, 2] points of the plane.
 
   Example:
     >>> from bmerge import plot

@@ -243,7 +243,15 @@ def _fused(merge_fn, eval_fn, chunk, posteriors, batch):
 
 
 def clear_cache() -> None:
-  """Forgets the compiled fused previews, so the next `preview` compiles (and is charged) its own."""
+  """Forgets the compiled fused previews, so the next `preview` compiles (and is charged) its own.
+
+  Returns:
+    None.
+
+  Example:
+    >>> from bmerge.grid import evaluate
+    >>> evaluate.clear_cache()
+  """
   _fused.clear_cache()
 
 
@@ -271,6 +279,9 @@ def _rule_name(fn: Any) -> str:
 
 def compute_dtype() -> jnp.dtype:
   """float32, or float64 when `jax_enable_x64` is on: the dtype alphas and merges are computed in.
+
+  Returns:
+    A numpy dtype.
 
   Example:
     >>> import jax

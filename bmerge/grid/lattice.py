@@ -48,7 +48,14 @@ def simplex(num_tasks: int, spacing: float) -> np.ndarray:
   """Every point of the simplex lattice with step `spacing` = 1/n: rows of non-negative multiples of 1/n summing to 1.
 
   There are C(n + T - 1, T - 1) points (231 for T = 3, spacing 0.05), vertices included, in lexicographic order of
-  (alpha_1, ..., alpha_T) descending. Returns float64 [G, T]; rows sum to 1 exactly in float64 up to rounding.
+  (alpha_1, ..., alpha_T) descending.
+
+  Args:
+    num_tasks: T.
+    spacing: 1/n for an integer n.
+
+  Returns:
+    float64 [G, T]; rows sum to 1 exactly in float64 up to rounding.
 
   Example:
     >>> from bmerge import grid
@@ -68,6 +75,12 @@ def simplex(num_tasks: int, spacing: float) -> np.ndarray:
 
 def line(spacing: float) -> np.ndarray:
   """The two-task line alpha = (a, 1 - a) for a = 0, spacing, ..., 1 ([G, 2], a ascending).
+
+  Args:
+    spacing: 1/n for an integer n.
+
+  Returns:
+    float64 [n + 1, 2].
 
   Example:
     >>> from bmerge import grid
@@ -118,6 +131,15 @@ def dirichlet(key: jax.Array, num_tasks: int, num_points: int, concentration: fl
   :math:`(T - 1) / (T^2 (T c + 1))`: a large concentration c gathers the points near the uniform weighting, a small
   one pushes them to the vertices.
 
+  Args:
+    key: PRNG key of the draw.
+    num_tasks: T.
+    num_points: G.
+    concentration: c > 0.
+
+  Returns:
+    [G, T] points of the simplex.
+
   Example:
     >>> import jax
     >>> from bmerge import grid
@@ -136,7 +158,15 @@ def refine(points: np.ndarray, spacing: float, radius: int = 1) -> np.ndarray:
   """A finer simplex lattice (step `spacing`) restricted to within `radius` steps of any of `points` ([N, T]).
 
   Use it to zoom in around the best alphas of a coarse preview: `refine(top_k_alphas, 0.01)`. Points are snapped to
-  the fine lattice; returns the unique lattice points, each with max_t |alpha_t - p_t| <= radius * spacing for some p.
+  the fine lattice.
+
+  Args:
+    points: [N, T] centres (e.g. the best alphas of a coarse preview).
+    spacing: the fine lattice's step, 1/n.
+    radius: how many fine steps around each point (>= 0).
+
+  Returns:
+    float64 [G, T]: the unique lattice points, each with max_t |alpha_t - p_t| <= radius * spacing for some p.
 
   Example:
     >>> from bmerge import grid
@@ -200,7 +230,14 @@ def scaled(directions, lambdas) -> np.ndarray:
 
 
 class Scaling(NamedTuple):
-  """Where each row of a grid lies on the rays lambda * d of some directions (see `scaling`)."""
+  """Where each row of a grid lies on the rays lambda * d of some directions (see `scaling`).
+
+  Example:
+    >>> import numpy as np
+    >>> from bmerge import grid
+    >>> grid.scaling(np.array([[0.5, 0.5], [1.0, 0.0]])).directions.tolist()   # inferred: alpha / sum(alpha)
+    [[0.5, 0.5], [1.0, 0.0]]
+  """
 
   directions: np.ndarray  # [D, T] the directions d
   lambdas: np.ndarray  # [G, D] lambda with alphas[g] = lambda * directions[d]; nan where row g is off that ray

@@ -13,6 +13,15 @@ Dtypes: every rule computes in float32 (float64 for float64 params under `jax_en
 its own dtype (bfloat16 params come back bfloat16); leaves that are not floating point (step counters, PRNG keys) must
 hold the same value in every task and are passed through, never averaged.
 
+Example:
+  A grid of three alphas for two tasks at once (the rows of `alphas`), returned with a leading G axis:
+
+  >>> import jax.numpy as jnp
+  >>> from bmerge import grid, merge
+  >>> means = {"w": jnp.array([[0.0], [4.0]])}
+  >>> merge.simple_average(means, grid.line(0.5))["w"][:, 0].tolist()          # alpha = (a, 1 - a)
+  [4.0, 2.0, 0.0]
+
 References:
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via Bayesian
   Model-Merging. 2024.

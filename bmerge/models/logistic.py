@@ -204,8 +204,13 @@ def cross_entropy(params, x: jax.Array, y: jax.Array, num_classes: Optional[int]
 
 
 def mean_ce(params, x, y, num_classes: Optional[int] = None) -> jax.Array:
-  """(1/B) sum_i CE_i, the mean cross-entropy over the batch (the minibatch training loss); arguments as
-  `cross_entropy`.
+  """(1/B) sum_i CE_i, the mean cross-entropy over the batch (the minibatch training loss).
+
+  Args:
+    params, x, y, num_classes: as in `cross_entropy`.
+
+  Returns:
+    The scalar mean.
 
   Example:
     >>> import jax.numpy as jnp
@@ -218,8 +223,13 @@ def mean_ce(params, x, y, num_classes: Optional[int] = None) -> jax.Array:
 
 
 def accuracy(params, x, y, num_classes: Optional[int] = None) -> jax.Array:
-  """(1/B) sum_i [argmax_c logits_ic = y_i], the fraction of examples whose argmax logit is the label; arguments as
-  `cross_entropy`.
+  """(1/B) sum_i [argmax_c logits_ic = y_i], the fraction of examples whose argmax logit is the label.
+
+  Args:
+    params, x, y, num_classes: as in `cross_entropy`.
+
+  Returns:
+    The scalar accuracy in [0, 1].
 
   Example:
     >>> import jax.numpy as jnp

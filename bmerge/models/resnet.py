@@ -232,6 +232,14 @@ def _init(model: ResNetModel, key: jax.Array, input_shape: tuple[int, ...]) -> P
 def make(num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 3) -> ResNetModel:
   """ResNet-(6 blocks_per_stage + 2) with stage widths `widths_for(width)`; the defaults are ResNet-20.
 
+  Args:
+    num_classes: C.
+    width: the width multiplier of (16, 32, 64).
+    blocks_per_stage: basic blocks per stage (3 for ResNet-20).
+
+  Returns:
+    A `ResNetModel`.
+
   Example:
     >>> model = make(num_classes=10, width=0.25)
     >>> params = jax.eval_shape(lambda key: model.init(key, (8, 8, 1)), jax.random.key(0))   # shapes only
@@ -245,6 +253,12 @@ def make(num_classes: int = 10, width: float = 1.0, blocks_per_stage: int = 3) -
 
 def num_params(params: PyTree) -> int:
   """Number of scalars in a params pytree (arrays or shape structs).
+
+  Args:
+    params: a pytree of arrays or `jax.ShapeDtypeStruct`s.
+
+  Returns:
+    The total number of entries.
 
   Example:
     >>> import jax.numpy as jnp

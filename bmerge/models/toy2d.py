@@ -9,6 +9,13 @@ guarantee; the L2 term (a N(0, 1/l2) prior) makes every loss strongly convex and
 `log_density` evaluates the full-Gaussian and mixture posteriors fitted to exp(-beta loss_t), for the surrogate
 figures and for checking the fits against quadrature in the plane.
 
+Example:
+  >>> import jax, jax.numpy as jnp
+  >>> from bmerge.models import toy2d
+  >>> tasks = toy2d.make_tasks(jax.random.key(0), num_terms=4)
+  >>> toy2d.task_losses(jnp.zeros(2), tasks, l2=0.1).shape                   # one loss per task, T = 3
+  (3,)
+
 References:
   Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
   Bayesian Model-Merging, 2024 (Fig. 2, App. B.1).

@@ -22,6 +22,18 @@ Each driver runs a whole training loop and exports what the merge rules consume 
 Step i draws its randomness from the i-th key of `jax.random.split(key, num_steps)` in both forms, so the same
 batches give the same posterior either way.
 
+Example:
+  A posterior for each of two tasks, merged by Eq. 10 (full-batch steps of a least-squares loss):
+
+  >>> import jax, jax.numpy as jnp, numpy as np
+  >>> import bmerge
+  >>> x = jnp.asarray(np.random.default_rng(0).normal(size=(64, 2)), jnp.float32)
+  >>> loss_fn = lambda p, target: 0.5 * jnp.mean((x @ p - target) ** 2)      # batches: task t's target, per step
+  >>> qs = [bmerge.fit.ivon(jax.random.key(t), loss_fn, jnp.zeros(2), jnp.full((50,), float(t)), ess=64.0,
+  ...                       learning_rate=0.1) for t in (0, 1)]
+  >>> bmerge.merge.hessian_weighted(bmerge.stack(qs), jnp.array([[0.5, 0.5]])).shape
+  (1, 2)
+
 Diagnostics (`ivon`, `adamw_sg`, `multi_ivon`). Each run carries counters through its loop on the device (no host
 synchronisation per step): the mean loss of every `log_every` steps and the steps with a non-finite loss, update or
 batch. They are read once at the end (a stream's also every max(log_every, 10) steps) and warn, naming what to change, when
@@ -200,6 +212,13 @@ def default_beta2(num_steps: int, warm_start: bool = False) -> float:
     paper's CIFAR-10 finetuning does (beta2 = 0.9999 over 25-150 steps keeps 98-99.75 %).
 
   Short runs use at least 0.9 (an average over ~10 steps); long ones at most the reference 0.99999.
+
+  Args:
+    num_steps: T, the run's length (>= 1).
+    warm_start: whether the run starts from a pretrained posterior (c = 0.05 instead of 5).
+
+  Returns:
+    beta2 = min(0.99999, max(0.9, 1 - c / T)).
 
   Example:
     >>> from bmerge import fit
@@ -700,7 +719,18 @@ def von(key: jax.Array, loss_fn: Callable[[jax.Array], jax.Array], params: jax.A
   regulariser (-log joint; close over the data, there are no minibatches). The run starts from
   N(params, H^-1), H = `init_precision` or, by default, the Laplace precision at the MAP `params`: the
   generalised Gauss-Newton matrix `gauss_newton_fn(params)` for estimator='gauss_newton', else
-  `jax.hessian(loss_fn)(params)`. Other arguments as in `bmerge.optim.von.fit`; jittable and vmappable over tasks.
+  `jax.hessian(loss_fn)(params)`. Jittable and vmappable over tasks.
+
+  Args:
+    key: PRNG key of the run.
+    loss_fn: theta [P] -> loss-bar.
+    params: the MAP [P].
+    num_steps: VON steps.
+    init_precision: the starting precision [P, P]; default the Laplace precision at `params`.
+    rho, num_samples, estimator, gauss_newton_fn, pd_correction, antithetic: as in `bmerge.optim.von.fit`.
+
+  Returns:
+    The fitted `FullGaussian` q = N(m, S^-1), the q_t of Eq. 10.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -731,7 +761,20 @@ def mog(key: jax.Array, loss_fn: Callable[[jax.Array], jax.Array], params: jax.A
   With H the Laplace precision at the MAP `params` (as in `von`) and H = L L^T, component k starts at
   mean params + init_scale * L^-T eps_k (eps_k ~ N(0, I): spread by `init_scale` Laplace standard deviations),
   precision H, equal weights; `k_init, k_fit = jax.random.split(key)` draw the spread and run the fit.
-  `loss_fn(theta [P]) -> loss-bar` as in `von`; other arguments as in `bmerge.optim.mog.fit`.
+
+  Args:
+    key: PRNG key of the spread and the run.
+    loss_fn: theta [P] -> loss-bar, as in `von`.
+    params: the MAP [P].
+    num_components: K.
+    num_steps: mixture-VI steps.
+    init_scale: the spread of the starting means, in Laplace standard deviations.
+    init_precision: the starting precision [P, P]; default the Laplace precision at `params`.
+    beta, beta_w, num_samples, estimator, gauss_newton_fn, antithetic, control_variate: as in
+      `bmerge.optim.mog.fit`.
+
+  Returns:
+    The fitted `Mixture` of K `FullGaussian` components, the q_t of Eq. 11.
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -362,7 +362,13 @@ def mog(loss_fn: Callable, beta=0.02, beta_w=None, num_samples: int = 3, estimat
         gauss_newton_fn: Optional[Callable] = None, antithetic: bool = False,
         control_variate: bool = False) -> MoGAlgorithm:
   """Mixture VI with its hyperparameters bound: `init(mean, precision, log_weights=None)` and a jitted
-  `step(key, state) -> (state, info)`. See `step` for the arguments.
+  `step(key, state) -> (state, info)`.
+
+  Args:
+    loss_fn, beta, beta_w, num_samples, estimator, gauss_newton_fn, antithetic, control_variate: as in `step`.
+
+  Returns:
+    A `MoGAlgorithm(init, step)`.
 
   Example:
     Two components fit the bimodal target 0.3 N(-2, 0.5^2) + 0.7 N(2, 0.5^2) exactly: weights, means, precisions.
@@ -451,6 +457,12 @@ def _fit_full(key, state, beta, beta_w, num_steps, loss_fn, num_samples, estimat
 def posterior(state: MoGState | DiagMoGState) -> Mixture:
   """The fitted mixture as `bmerge.Mixture` (components `FullGaussian` or `DiagGaussian` with a leading K axis),
   the q_t of Eq. 11 for `bmerge.merge.mixture_weighted`.
+
+  Args:
+    state: a `MoGState` or `DiagMoGState`.
+
+  Returns:
+    `Mixture(components, log_weights)`.
 
   Example:
     >>> import jax.numpy as jnp

@@ -44,6 +44,12 @@ def equal_mixture(posteriors: Sequence[DiagGaussian]) -> Mixture:
 
   log_weights are all -log K (float32). Raises ValueError if `posteriors` is empty or the structures differ.
 
+  Args:
+    posteriors: K >= 1 `DiagGaussian`s of one structure.
+
+  Returns:
+    `Mixture(stack(posteriors), log_weights = -log K)`.
+
   Example:
     >>> import jax.numpy as jnp
     >>> import bmerge

@@ -311,7 +311,11 @@ def von(loss_fn: Callable, rho=0.1, num_samples: int = 3, estimator: str = "hess
         antithetic: bool = False) -> VONAlgorithm:
   """VON with its hyperparameters bound: `init(mean, precision)` and a jitted `step(key, state) -> (state, info)`.
 
-  See `step` for the arguments.
+  Args:
+    loss_fn, rho, num_samples, estimator, gauss_newton_fn, pd_correction, antithetic: as in `step`.
+
+  Returns:
+    A `VONAlgorithm(init, step)`.
 
   Example:
     Conjugate Bayesian linear regression: VON reaches the exact posterior N(A^-1 b, A^-1).
@@ -389,6 +393,12 @@ def _fit_scan(key, state, rhos, loss_fn, num_samples, estimator, gauss_newton_fn
 
 def posterior(state: VONState) -> FullGaussian:
   """The fitted q = N(m, S^-1) as a `bmerge.FullGaussian` (input to `bmerge.merge.hessian_weighted`, Eq. 10).
+
+  Args:
+    state: a `VONState`.
+
+  Returns:
+    `FullGaussian(state.mean, state.precision)`.
 
   Example:
     >>> import jax.numpy as jnp
