@@ -18,7 +18,8 @@ Variants:
   paper          the paper's sizes for an accelerator: CIFAR-10 through tfds (`tfds.data_source`, so the data must be
                  in the local tfds directory), 32x32x3, width 1 (269,722 parameters), IVON with 5 MC samples, 1000
                  pretraining epochs, 5 seeds x stops {25, ..., 150}, joint finetuning 250 steps.
-  small          the same pipeline at toy sizes for CI (ResNet-8, 7x7 inputs, a few steps): well under a minute.
+  small          the same pipeline at toy sizes for CI (ResNet-8, 7x7 inputs, a few steps; 15 previewed alphas, 6
+                 joint finetunings), checked in tests/test_resnet_experiment.py.
 """
 
 import ml_collections
@@ -57,8 +58,8 @@ def get_config(arg=None):
   c.blocks_per_stage = 3
 
   # Pretraining with IVON (App. B.3: lr 0.1, betas (0.9, 0.9999), weight decay 1e-3, ess 50,000, batch 50, h0 0.1,
-  # 5 MC samples, 1000 epochs). cpu: 1 MC sample (5 samples vmapped through the convolutions cost ~18x one sample
-  # on this CPU), 800 steps (20 epochs of the 2,000 pretraining images), and beta2 from the run length
+  # 5 MC samples, 1000 epochs). cpu: 1 MC sample (5 samples vmapped through the convolutions cost many times one
+  # sample on a CPU), 800 steps (20 epochs of the 2,000 pretraining images), and beta2 from the run length
   # (None -> 1 - 5 / 800): with the paper's 0.9999 an 800-step run keeps 92 % of h0 and exports no curvature.
   # ess stays the paper's 50,000 (a tempered posterior for 2,000 images: smaller noise, sharper components).
   c.pretrain = ml_collections.ConfigDict(dict(
@@ -83,7 +84,8 @@ def get_config(arg=None):
   # this CPU).
   c.joint = ml_collections.ConfigDict(dict(num_steps=100, chunk_size=1))
 
-  c.spacing = 0.1  # 66 alphas (the paper's grid); the previews and the exact answer share it
+  c.spacing = 0.1  # 66 alphas (the paper's grid) of the previews
+  c.exact_spacing = 0.1  # the joint finetuning's alphas (the paper's: the same 66); a multiple of `spacing`
   c.chunk_size = 6  # merged models per compiled preview call (evaluated one after the other on the CPU)
   c.recommend_k = 5
   c.map_over_models = True  # evaluate merged models one at a time inside a call (fast on CPU; False on accelerators)
@@ -111,7 +113,8 @@ def get_config(arg=None):
     c.finetune.stop_steps = (2, 4, 6)
     c.mixture_stops = ((4, 6), (2, 4, 6))  # K = 4, 6
     c.joint.num_steps = 6
-    c.spacing = 0.5  # 6 alphas: the vertices and the edge midpoints
+    c.spacing = 0.25  # 15 previewed alphas, 3 of them inside the simplex
+    c.exact_spacing = 0.5  # 6 joint finetunings: the vertices and the edge midpoints
     c.em_iters = 3
-    c.chunk_size = 6
+    c.chunk_size = 15
   return c

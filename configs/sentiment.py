@@ -12,7 +12,7 @@ LoRA finetuning (same init, optimizer, budget and minibatch sequence for every a
 The two-task lines of Fig. 5 are the simplex's edges (the third weight 0), drawn in pairs.png.
 
 Run:   python -m experiments.preview --config=configs/sentiment.py --workdir=runs/sentiment
-Tests: --config=configs/sentiment.py:small (the real MiniLM, a handful of examples, coarse grids; about a minute)
+Tests: --config=configs/sentiment.py:small (the real MiniLM, a handful of examples, coarse grids)
 GPU:   --config=configs/sentiment.py:paper (more layers, examples, steps; sized for one accelerator)
 """
 
@@ -28,15 +28,12 @@ def get_config(arg=None):
   c.model_path = ""  # a Hugging Face BERT folder; "" = the shipped all-MiniLM-L6-v2
 
   # Sizes, chosen so the whole run (caching, 2 x 3 learner runs, 3 x 231 previews, 66 joint trainings) fits 30 minutes
-  # on 2 CPU cores. Per merged model a preview is one forward pass of the adapted layers over every test text; per
-  # alpha joint training is num_steps x T x batch_size forward + backward passes: both scale with the tokens per text.
-  # Measured on the 2-core machine while shared (load average 5-7, about half a core for this run): 24 s to cache
-  # the 1,824 texts through 5 layers, 27 s for AdamW-SG and 16 s for IVON (three tasks each), 0.75-1.0 s per alpha
-  # for a preview over the 288 test texts (3 x 231 alphas: 9-11 min), 6.4 s per alpha of joint training (66 alphas:
-  # 7 min): 18-20 minutes in all; an idle machine should need well under half of that.
+  # on 2 CPU cores (its measured time is in experiments/README.md). Per merged model a preview is one forward pass
+  # of the adapted layers over every test text; per alpha joint training is num_steps x T x batch_size forward +
+  # backward passes: both scale with the tokens per text.
   c.max_length = 32  # tokens with [CLS]/[SEP]; median text lengths are 20-26 tokens, 70-80 % of texts fit untruncated
   c.num_train = 512  # training texts per task, a seeded random subset of its split (movies has 8,056, amazon 2,381)
-  c.num_test = 96  # test texts per task; the overall accuracy is the mean of the per-task accuracies
+  c.num_test = 96  # test texts per task; with equal counts the overall accuracy is the mean of the per-task ones
 
   # LoRA (Hu et al. 2022) on the query and value projections of the top layer (PEFT's default targets), scale
   # alpha / rank = 1; the 5 layers below are frozen and cached, so training and previews run one layer: 12,288 LoRA
@@ -76,7 +73,7 @@ def get_config(arg=None):
   c.exact_chunk_size = 22  # alphas trained together per compiled call (66 = 3 x 22)
   c.cache_batch_size = 64  # texts per compiled call when caching the frozen layers
 
-  if arg == "small":  # CI: the real MiniLM on a handful of texts, coarse grids (~1 minute, mostly compiling)
+  if arg == "small":  # CI: the real MiniLM on a handful of texts, coarse grids (most of its time is compiling)
     c.max_length = 16
     c.num_train = 16
     c.num_test = 16

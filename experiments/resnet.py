@@ -1,30 +1,41 @@
 """Fig. 3 and the ResNet rows of Tables 1-2 (Sec. 4.1, App. B.3): ResNet-20 with IVON and MultiIVON mixtures.
 
-Pipeline (all learners from `bmerge.fit`, all merges from `bmerge.merge`, the comparison by `bmerge.compare`):
+Read top-down, one stage after the other (config: `configs/resnet20_multiivon.py`):
 
-1. pretrain a ResNet-20 with IVON on a stratified part of the training split (all classes);
-2. per task, `fit.multi_ivon` from the pretrained posterior (its Hessian carried over): seeds x stop steps;
+1. data: a stratified part of the training split (all classes) pretrains, the rest is split into the tasks by class;
+   the test images of the tasks' classes, with the task(s) each belongs to, are the evaluation set;
+2. posteriors: IVON pretraining, then per task `fit.multi_ivon` from the pretrained posterior (its Hessian carried
+   over), seeds x stop steps; each cached by `bmerge.checkpoint.cached` on its learner's arguments, the content of
+   its data and minibatch indices, so a changed config, data set or seed never loads a stale posterior;
 3. previews over the simplex: IVON-Hess (seed 0 at the last stop: one model per task, Hessian-weighted, Eq. 10),
    MultiIVON-Hess mixtures of K components (`multi_ivon.select` of the paper's seed x stop subsets, EM, Eq. 12),
    simple averaging of the IVON-Hess means (Eq. 2);
 4. the exact answer: weighted joint finetuning with the same IVON settings from the pretrained posterior at every
-   alpha (`exact.joint_train_ivon`), on mixed minibatches of the tasks' data.
+   alpha of the exact grid (`exact.joint_train_ivon`), on mixed minibatches of the tasks' data;
+5. report: `bmerge.compare` scores every preview against the exact answer, from per-example results (correct or
+   not, per test image) so that intervals over test examples can be computed.
 
 Every evaluated network recomputes its BatchNorm statistics on a calibration batch of training inputs
-(`bmerge.models.resnet.make_eval_fn`). Posteriors are cached in `<workdir>/posteriors`, preview and joint-training
-rows in `<workdir>/<tag>/<inputs key>`: an interrupted run resumes where it stopped.
+(`bmerge.models.resnet.make_eval_fn`). Posteriors and the exact answer are cached in `<workdir>/cache` with the
+seconds their build took, preview and joint-training rows in `<workdir>/<tag>/<inputs key>`: an interrupted run
+resumes where it stopped.
 
   python -m experiments.preview --config=configs/resnet20_multiivon.py --workdir=runs/resnet20
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging, 2024 (Eqs. 2, 10, 12; Sec. 4.1; App. B.3; Fig. 3; Tables 1-2).
+  Shen et al. Variational Learning is Effective for Large Deep Networks. ICML 2024 (IVON).
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import os
-import time
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import bmerge
@@ -34,6 +45,8 @@ from bmerge import exact
 from bmerge import fit
 from bmerge import grid
 from bmerge import merge
+from bmerge import metrics
+from bmerge import timing
 from bmerge.assess.comparison import Entry
 from bmerge.models import resnet
 from bmerge.optim import multi_ivon
@@ -44,86 +57,113 @@ PAPER = {"simple": ("Simple", 0.0252, 62.4, 67.4), "ivon_hess": ("Hessian (IVON-
          "multi_ivon_k30": ("Mixture (MultiIVON-Hess)", 0.0084, 64.5, 67.4)}
 PAPER_EXACT_BEST = 68.1
 DATASETS = {"mnist5k": "MNIST-5k", "mnist": "MNIST", "cifar10": "CIFAR-10"}
+MULTI_IVON_COST = "posteriors multi_ivon (all seeds and stops)"
 
 
-def _stream(seed: int, arrays, batch_size: int, num_steps: int, lazy: bool = False):
-  """`num_steps` minibatches of `batch_size` (full batches only), epoch after epoch, reshuffled per epoch: a list,
-  or with `lazy` an iterator (the paper's 500,000 pretraining batches of CIFAR-10 would not fit in memory)."""
-  per_epoch = len(arrays[0]) // batch_size
-  if per_epoch < 1:
-    raise ValueError(f"batch_size {batch_size} exceeds the {len(arrays[0])} examples it draws from.")
-  epochs = -(-num_steps // per_epoch)
-  batches = itertools.islice(data.minibatches(seed, arrays, batch_size, num_epochs=epochs, drop_remainder=True),
-                             num_steps)
-  return batches if lazy else list(batches)
+# ---------------------------------------------------------------------------------------------------------------
+# Data.
+
+
+class Data(NamedTuple):
+  """The experiment's data: numpy arrays, each image [H, W, C]."""
+
+  pretrain: tuple  # (x, y): a stratified part of the training split, every class
+  tasks: list  # [(x, y)] per task: the rest of the training split, the examples of the task's classes
+  joint: tuple  # (x, y, membership [N, T]): the rest's examples of the tasks' classes, each once, for joint training
+  test: tuple  # (calibration_x, x, y): the batch of `make_eval_fn`, the test images of the tasks' classes
+  test_tasks: np.ndarray  # [N, T] 1 where test image n belongs to task t (a shared class belongs to two)
+  num_classes: int
+  num_train: int  # images in the training split (pretraining and finetuning parts)
+
+
+def load_data(config) -> Data:
+  """The splits of `config.dataset` by `config.seed`: pretraining part, tasks, joint data and the test batch."""
+  ds = data.load(config.dataset, seed=config.seed, test_fraction=config.test_fraction, pool=config.pool)
+  pretrain, (rest_x, rest_y) = data.split_fraction(ds.train_x, ds.train_y, config.pretrain_fraction,
+                                                   seed=config.seed)
+  tasks = data.split_by_classes(rest_x, rest_y, config.tasks, overlap=config.overlap, seed=config.seed)
+  task_classes = sorted({c for g in config.tasks for c in g})
+  keep = np.isin(rest_y, task_classes)
+  joint_x, joint_y = rest_x[keep], rest_y[keep]
+  calibration_x = joint_x[np.random.default_rng(config.seed).permutation(len(joint_x))[:config.calibration_size]]
+  test = np.isin(ds.test_y, task_classes)
+  return Data(pretrain, tasks, (joint_x, joint_y, data.task_membership(joint_y, config.tasks)),
+              (calibration_x, ds.test_x[test], ds.test_y[test]), data.task_membership(ds.test_y[test], config.tasks),
+              ds.num_classes, len(ds.train_x))
+
+
+def _batches(arrays: tuple, idx: np.ndarray):
+  """The minibatches `tuple(a[i] for a in arrays)` for the rows i of an index stream [S, B], one at a time."""
+  return (tuple(a[i] for a in arrays) for i in idx)
+
+
+def _stops(config) -> list[int]:
+  """The finetuning's stop steps in IVON updates."""
+  return [s * config.finetune.updates_per_step for s in config.finetune.stop_steps]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Posteriors.
+
+
+class Posteriors(NamedTuple):
+  pretrained: bmerge.DiagGaussian  # the IVON posterior of pretraining
+  mixtures: bmerge.Mixture  # the T per-task MultiIVON mixtures, stacked (K = seeds x stops, seed-major)
+  costs: dict  # stage -> `bmerge.timing.Cost` of the builds (as measured when they ran)
+  loaded: bool  # whether every posterior came from the cache
+
+
+def build_posteriors(config, model: resnet.ResNetModel, d: Data, key: jax.Array, cache: str) -> Posteriors:
+  """IVON pretraining, then per task MultiIVON from the pretrained posterior; each cached in `cache`.
+
+  A cache entry is keyed on the learner with all its arguments but the batches (a `functools.partial` of `fit.*`:
+  key, loss, start, hyperparameters), the content of its data and its minibatch indices
+  (`bmerge.data.minibatch_indices` from `config.seed`).
+  """
+  k_init, k_pre, k_tasks = jax.random.split(key, 3)
+  loss_fn = functools.partial(resnet.mean_cross_entropy, model)
+  p, f = config.pretrain, config.finetune
+
+  pretrain = functools.partial(
+      fit.ivon, k_pre, loss_fn, model.init(k_init, d.pretrain[0].shape[1:]), num_steps=p.num_steps, ess=p.ess,
+      learning_rate=p.learning_rate, mc_samples=p.mc_samples, hess_init=p.hess_init, beta1=p.beta1, beta2=p.beta2,
+      weight_decay=p.weight_decay)
+  idx = data.minibatch_indices(config.seed, [len(d.pretrain[1])], p.num_steps, p.batch_size)[0]
+  pre = checkpoint.cached(cache, "pretrain", {"fit": pretrain, "data": d.pretrain, "minibatches": idx},
+                          lambda: pretrain(_batches(d.pretrain, idx)))
+
+  stops = _stops(config)
+  idx = data.minibatch_indices(config.seed, [len(y) for _, y in d.tasks], stops[-1], f.batch_size)
+  tasks = []
+  for t, (k, task) in enumerate(zip(jax.random.split(k_tasks, len(d.tasks)), d.tasks)):
+    finetune = functools.partial(
+        fit.multi_ivon, k, loss_fn, pre.value.mean, num_seeds=f.num_seeds, stop_steps=stops, ess=p.ess,
+        learning_rate=f.learning_rate, mc_samples=f.mc_samples, hess_init=p.hess_init, beta1=f.beta1, beta2=f.beta2,
+        weight_decay=f.weight_decay, init_posterior=pre.value)
+    tasks.append(checkpoint.cached(cache, f"task{t}-multi_ivon", {"fit": finetune, "data": task, "minibatches": idx[t]},
+                                   lambda finetune=finetune, task=task, i=idx[t]: finetune(list(_batches(task, i)))))
+  costs = {"pretraining": pre.cost("pretraining"),
+           MULTI_IVON_COST: timing.combine(MULTI_IVON_COST, [c.cost(MULTI_IVON_COST) for c in tasks])}
+  return Posteriors(pre.value, bmerge.stack([c.value for c in tasks]), costs,
+                    pre.loaded and all(c.loaded for c in tasks))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Previews.
+
+
+def correct(logits: jax.Array, y: jax.Array) -> jax.Array:
+  """[N] per test image: 1.0 where the predicted class argmax_c logits[n, c] is the label y[n], else 0.0."""
+  return (jnp.argmax(logits, axis=-1) == y).astype(jnp.float32)
 
 
 def _mixture_name(k: int) -> str:
   return f"multi_ivon_k{k}"
 
 
-def _subset(config, *names) -> dict:
-  """The part of the config that determines a posterior: the data, the model and the named learners."""
-  d = config.to_dict()
-  keys = ("seed", "dataset", "pool", "test_fraction", "pretrain_fraction", "width", "blocks_per_stage")
-  return {**{n: d[n] for n in names}, **{k: d[k] for k in keys}}
-
-
-def _prepare(config):
-  """Data splits, minibatch streams and the evaluation batch."""
-  ds = data.load(config.dataset, seed=config.seed, test_fraction=config.test_fraction, pool=config.pool)
-  (pre_x, pre_y), (rest_x, rest_y) = data.split_fraction(ds.train_x, ds.train_y, config.pretrain_fraction,
-                                                         seed=config.seed)
-  tasks = data.split_by_classes(rest_x, rest_y, config.tasks, overlap=config.overlap, seed=config.seed)
-  # Joint finetuning and calibration: the finetuning part's examples of the tasks' classes, each once, with the
-  # tasks it belongs to (a shared class belongs to two).
-  task_classes = sorted({c for g in config.tasks for c in g})
-  keep = np.isin(rest_y, task_classes)
-  joint_x, joint_y = rest_x[keep], rest_y[keep]
-  joint_m = data.task_membership(joint_y, config.tasks)
-  rng = np.random.default_rng(config.seed)
-  calibration_x = joint_x[rng.permutation(len(joint_x))[:config.calibration_size]]
-  test = np.isin(ds.test_y, task_classes)
-  eval_batch = (calibration_x, ds.test_x[test], ds.test_y[test], data.task_membership(ds.test_y[test], config.tasks))
-  return ds, (pre_x, pre_y), tasks, (joint_x, joint_y, joint_m), eval_batch
-
-
-def build_posteriors(config, model, pre_data, tasks, key, cache: str, costs: dict):
-  """(pretrained DiagGaussian, stacked per-task MultiIVON mixtures), each cached in `cache` by its config."""
-  k_init, k_pre, k_tasks = jax.random.split(key, 3)
-  loss_fn = functools.partial(resnet.mean_cross_entropy, model)
-  p = config.pretrain
-  steps = p.num_steps
-
-  def pretrain():
-    params = model.init(k_init, pre_data[0].shape[1:])
-    return fit.ivon(k_pre, loss_fn, params, _stream(config.seed, pre_data, p.batch_size, steps, lazy=True),
-                    num_steps=steps, ess=p.ess, learning_rate=p.learning_rate, mc_samples=p.mc_samples,
-                    hess_init=p.hess_init, beta1=p.beta1, beta2=p.beta2, weight_decay=p.weight_decay)
-
-  t0 = time.perf_counter()
-  pre = jax.block_until_ready(checkpoint.cached_posterior(cache, "pretrain", _subset(config, "pretrain"), pretrain))
-  costs["pretraining"] = time.perf_counter() - t0
-
-  f = config.finetune
-  stops = [s * f.updates_per_step for s in f.stop_steps]
-  mixtures = []
-  t0 = time.perf_counter()
-  for t, (k, (x, y)) in enumerate(zip(jax.random.split(k_tasks, len(tasks)), tasks)):
-    build = lambda k=k, x=x, y=y, t=t: fit.multi_ivon(
-        k, loss_fn, pre.mean, _stream(config.seed + 1 + t, (x, y), f.batch_size, stops[-1]), num_seeds=f.num_seeds,
-        stop_steps=stops, ess=p.ess, learning_rate=f.learning_rate, mc_samples=f.mc_samples, hess_init=p.hess_init,
-        beta1=f.beta1, beta2=f.beta2, weight_decay=f.weight_decay, init_posterior=pre)
-    subset = {**_subset(config, "pretrain", "finetune", "tasks", "overlap"), "task": t}
-    mixtures.append(jax.block_until_ready(checkpoint.cached_posterior(cache, f"task{t}-multi_ivon", subset, build)))
-  costs["posteriors multi_ivon (all seeds and stops)"] = time.perf_counter() - t0
-  return pre, bmerge.stack(mixtures)
-
-
-def entries(config, mixtures) -> list[Entry]:
+def entries(config, mixtures: bmerge.Mixture) -> list[Entry]:
   """The previews: simple averaging and IVON-Hess on seed 0's last stop, and one mixture per kept stop subset."""
-  f = config.finetune
-  stops = [s * f.updates_per_step for s in f.stop_steps]
+  stops = _stops(config)
   one = multi_ivon.select(mixtures, stops, keep_stops=[stops[-1]], seeds=[0])
   single = jax.tree.map(lambda a: a[:, 0], one.components)  # a DiagGaussian per task
   out = [Entry("simple", single.mean, merge.simple_average,
@@ -132,11 +172,38 @@ def entries(config, mixtures) -> list[Entry]:
                "IVON-Hess (seed 0, last stop) -> Hessian-weighted (Eq. 10)")]
   em = functools.partial(merge.mixture_weighted, num_iters=config.em_iters)
   for kept in config.mixture_stops:
-    sub = multi_ivon.select(mixtures, stops, keep_stops=[s * f.updates_per_step for s in kept])
+    sub = multi_ivon.select(mixtures, stops, keep_stops=[s * config.finetune.updates_per_step for s in kept])
     k = sub.log_weights.shape[-1]
-    out.append(Entry(_mixture_name(k), sub, em, f"MultiIVON-Hess, {f.num_seeds} seeds x stops {tuple(kept)} "
-                     f"(K = {k}) -> mixture-weighted EM (Eq. 12)"))
+    out.append(Entry(_mixture_name(k), sub, em, f"MultiIVON-Hess, {config.finetune.num_seeds} seeds x stops "
+                     f"{tuple(kept)} (K = {k}) -> mixture-weighted EM (Eq. 12)"))
   return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The exact answer.
+
+
+def joint_finetuning(config, model: resnet.ResNetModel, d: Data, pre: bmerge.DiagGaussian, key: jax.Array, alphas,
+                     evaluate, cache: str, workdir: str) -> checkpoint.Cached:
+  """Per-example results [G', N] of weighted joint finetuning from the pretrained posterior at every alpha.
+
+  IVON with the finetuning's settings on mixed minibatches of the joint data (the same batches and noise draws for
+  every alpha), evaluated by `evaluate`; rows are resumable in `workdir`, the whole answer cached in `cache`.
+  """
+  f, p = config.finetune, config.pretrain
+  train = functools.partial(
+      exact.joint_train_ivon, key, functools.partial(resnet.task_cross_entropies, model), pre.mean, alphas,
+      ess=p.ess, learning_rate=f.learning_rate, mc_samples=f.mc_samples, hess_init=p.hess_init, beta1=f.beta1,
+      beta2=f.beta2, weight_decay=f.weight_decay, init_posterior=pre, eval_fn=evaluate, eval_batch=d.test,
+      chunk_size=config.joint.chunk_size)
+  idx = data.minibatch_indices(config.seed, [len(d.joint[1])], config.joint.num_steps * f.updates_per_step,
+                               f.batch_size)[0]
+  return checkpoint.cached(cache, "exact", {"train": train, "data": d.joint, "minibatches": idx},
+                           lambda: train(list(_batches(d.joint, idx)), workdir=workdir, tag="exact"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report.
 
 
 def _paper(config) -> dict:
@@ -147,6 +214,16 @@ def _paper(config) -> dict:
       methods[name] = {"label": label, "mse": mse, "best_preview": best, "exact_at_best": there}
   return {"source": "Tables 1-2, ResNet-20 on CIFAR-10 (50,000 images, width 1, 32x32x3)", "methods": methods,
           "exact_best": PAPER_EXACT_BEST}
+
+
+def hessian_kept(config, pre: bmerge.DiagGaussian, mixtures: bmerge.Mixture) -> dict:
+  """Quantiles over parameters and tasks of precision(IVON-Hess task posterior) / precision(pretrained posterior)."""
+  stops = _stops(config)
+  one = multi_ivon.select(mixtures, stops, keep_stops=[stops[-1]], seeds=[0])
+  ratios = np.concatenate([np.ravel(np.asarray(q[:, 0]) / np.asarray(p0)[None]) for q, p0 in
+                           zip(jax.tree.leaves(one.components.precision), jax.tree.leaves(pre.precision))])
+  q05, q50, q95 = np.quantile(ratios, [0.05, 0.5, 0.95])
+  return {"p05": float(q05), "median": float(q50), "p95": float(q95)}
 
 
 def _reading(summary: dict) -> str:
@@ -184,17 +261,6 @@ def _reading(summary: dict) -> str:
   return " ".join(lines)
 
 
-def hessian_kept(config, pre, mixtures) -> dict:
-  """Quantiles over parameters and tasks of precision(IVON-Hess task posterior) / precision(pretrained posterior)."""
-  f = config.finetune
-  stops = [s * f.updates_per_step for s in f.stop_steps]
-  one = multi_ivon.select(mixtures, stops, keep_stops=[stops[-1]], seeds=[0])
-  ratios = np.concatenate([np.ravel(np.asarray(q[:, 0]) / np.asarray(p0)[None]) for q, p0 in
-                           zip(jax.tree.leaves(one.components.precision), jax.tree.leaves(pre.precision))])
-  q05, q50, q95 = np.quantile(ratios, [0.05, 0.5, 0.95])
-  return {"p05": float(q05), "median": float(q50), "p95": float(q95)}
-
-
 def _notes(config, sizes: dict, kept: dict) -> str:
   f, p = config.finetune, config.pretrain
   return "\n".join([
@@ -206,16 +272,16 @@ def _notes(config, sizes: dict, kept: dict) -> str:
       "images of the tasks' classes (per task: on its classes' images).",
       "",
       f"Model: ResNet-{6 * config.blocks_per_stage + 2}, width {config.width}, {sizes['params']:,} parameters. "
-      f"Pretraining: IVON, {sizes['pretrain_steps']} steps of {p.batch_size}, {p.mc_samples} MC sample(s), "
+      f"Pretraining: IVON, {p.num_steps} steps of {p.batch_size}, {p.mc_samples} MC sample(s), "
       f"ess {p.ess:g}, h0 {p.hess_init}. Finetuning: IVON from the pretrained posterior (its Hessian carried over), "
       f"lr {f.learning_rate}, no weight decay, beta2 {f.beta2}, {f.num_seeds} seeds x stops "
-      f"{[s * f.updates_per_step for s in f.stop_steps]} updates of {f.batch_size}. Joint finetuning: the same IVON "
+      f"{_stops(config)} updates of {f.batch_size}. Joint finetuning: the same IVON "
       f"settings from the pretrained posterior, {config.joint.num_steps * f.updates_per_step} updates on mixed "
       "minibatches, the same batches and IVON noise draws for every alpha.",
       "",
       f"Curvature: the IVON-Hess task precisions are {kept['median']:.3f} x the pretrained precision at the median "
       f"parameter (5-95 %: {kept['p05']:.3f}-{kept['p95']:.3f}); beta2 = {f.beta2} over "
-      f"{f.stop_steps[-1] * f.updates_per_step} updates keeps {f.beta2 ** (f.stop_steps[-1] * f.updates_per_step):.1%} "
+      f"{_stops(config)[-1]} updates keeps {f.beta2 ** _stops(config)[-1]:.1%} "
       "of the pretrained Hessian, so the Hessian weights differ between tasks only as much as their curvature "
       "estimates moved it.",
       "",
@@ -225,55 +291,53 @@ def _notes(config, sizes: dict, kept: dict) -> str:
       "of the tasks before its test pass (`bmerge.models.resnet.make_eval_fn`), so previews and joint finetuning are "
       "evaluated by one rule.",
       "",
-      "Costs: the pretraining is shared by every method and by the exact answer. The MultiIVON runs (every seed and "
-      "stop) serve all mixtures; IVON-Hess and simple averaging use one seed of them, about 1/"
-      f"{f.num_seeds} of that cost."])
+      "Costs: the seconds each build took when it ran (a resumed run reports them as stored). The pretraining is "
+      "shared by every method and by the exact answer. The MultiIVON runs (every seed and stop) serve all mixtures; "
+      f"IVON-Hess and simple averaging use one seed of them, about 1/{f.num_seeds} of that cost."])
 
 
-def run(config, workdir: str):
-  """Pretrains, builds the posteriors, previews every alpha, finetunes jointly at every alpha, compares."""
+def run(config, workdir: str) -> bmerge.Comparison:
+  """Data, posteriors, previews, the exact answer and the report, in that order; everything cached in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
-  costs: dict[str, float] = {}
-  ds, pre_data, tasks, joint_data, eval_batch = _prepare(config)
-  model = resnet.make(ds.num_classes, config.width, config.blocks_per_stage)
-  key = jax.random.key(config.seed)
-  k_post, k_joint = jax.random.split(key)
-  pre, mixtures = build_posteriors(config, model, pre_data, tasks, k_post, os.path.join(workdir, "posteriors"), costs)
-
-  f = config.finetune
+  cache = os.path.join(workdir, "cache")
   alphas = grid.simplex(len(config.tasks), config.spacing)
-  evaluate = resnet.make_eval_fn(model, resnet.accuracies, map_over_models=config.map_over_models)
-  num_updates = config.joint.num_steps * f.updates_per_step
-  t0 = time.perf_counter()
-  exact_acc = exact.joint_train_ivon(
-      k_joint, functools.partial(resnet.task_cross_entropies, model), pre.mean, alphas,
-      _stream(config.seed, joint_data, f.batch_size, num_updates), ess=config.pretrain.ess,
-      learning_rate=f.learning_rate, mc_samples=f.mc_samples, hess_init=config.pretrain.hess_init, beta1=f.beta1,
-      beta2=f.beta2, weight_decay=f.weight_decay, init_posterior=pre, eval_fn=evaluate, eval_batch=eval_batch,
-      chunk_size=config.joint.chunk_size, workdir=workdir, tag="exact")
-  costs["exact"] = time.perf_counter() - t0
+  exact_alphas = grid.simplex(len(config.tasks), config.exact_spacing)
+  if any(not np.any(np.all(np.isclose(alphas, a), axis=1)) for a in exact_alphas):  # fail before any training
+    raise ValueError(f"config.exact_spacing = {config.exact_spacing} must be a multiple of config.spacing = "
+                     f"{config.spacing}: every joint-training alpha must be a preview alpha.")
 
-  items = entries(config, mixtures)
+  d = load_data(config)
+  model = resnet.make(d.num_classes, config.width, config.blocks_per_stage)
+  k_post, k_joint = jax.random.split(jax.random.key(config.seed))
+  posteriors = build_posteriors(config, model, d, k_post, cache)
+
+  items = entries(config, posteriors.mixtures)
+  evaluate = resnet.make_eval_fn(model, correct, map_over_models=config.map_over_models)
+
+  joint = joint_finetuning(config, model, d, posteriors.pretrained, k_joint, exact_alphas, evaluate, cache, workdir)
+
+  built = posteriors.costs[MULTI_IVON_COST]
+  one_seed = built._replace(seconds=built.seconds / config.finetune.num_seeds,
+                            compile_seconds=built.compile_seconds / config.finetune.num_seeds)
+  costs = {**posteriors.costs, "exact": joint.cost("exact"),
+           **{f"posteriors {e.name}": built if e.name.startswith("multi_ivon") else one_seed for e in items}}
+  sizes = {"image": "x".join(map(str, d.test[1].shape[1:])), "pretrain": len(d.pretrain[1]),
+           "rest": d.num_train - len(d.pretrain[1]), "tasks": [len(y) for _, y in d.tasks],
+           "joint": len(d.joint[1]), "test": len(d.test[2]), "params": resnet.num_params(posteriors.pretrained.mean)}
+  kept = hessian_kept(config, posteriors.pretrained, posteriors.mixtures)
+  pre_acc = metrics.per_task_accuracy(np.asarray(jax.jit(evaluate)(posteriors.pretrained.mean, d.test)), d.test_tasks)
+  details = {"config": config.to_dict(), "sizes": sizes, "hessian_kept": kept, "pretrained_accuracy": pre_acc.tolist(),
+             "test_examples_per_task": d.test_tasks.sum(0).astype(int).tolist()}
   k_max = max(int(e.name.rsplit("k", 1)[1]) for e in items if e.name.startswith("multi_ivon_k"))
-  for e in items:
-    built = costs["posteriors multi_ivon (all seeds and stops)"]
-    costs[f"posteriors {e.name}"] = built if e.name.startswith("multi_ivon") else built / f.num_seeds
-  sizes = {"image": "x".join(map(str, ds.train_x.shape[1:])), "pretrain": len(pre_data[0]),
-           "rest": len(ds.train_x) - len(pre_data[0]), "tasks": [len(x) for x, _ in tasks],
-           "joint": len(joint_data[0]), "test": len(eval_batch[1]), "params": resnet.num_params(pre.mean),
-           "pretrain_steps": config.pretrain.num_steps}
-  kept = hessian_kept(config, pre, mixtures)
-  pre_acc = np.asarray(jax.jit(evaluate)(pre.mean, eval_batch)).tolist()  # [overall, task 1, ..., task T]
-  details = {"config": config.to_dict(), "sizes": sizes, "hessian_kept": kept, "pretrained_accuracy": pre_acc,
-             "test_examples_per_task": np.asarray(eval_batch[3].sum(0)).astype(int).tolist()}
-  comparison = bmerge.compare(
-      items, evaluate, eval_batch, alphas, exact=exact_acc, folder=workdir, workdir=workdir, percent=True,
-      metric="test accuracy", task_names=list(config.task_names), costs=costs, paper=_paper(config),
+  options = bmerge.CompareOptions(
+      metric="test accuracy", percent=True, task_names=list(config.task_names), costs=costs, paper=_paper(config),
       title=(f"{DATASETS.get(config.dataset, config.dataset)} ({sizes['image']}): ResNet-"
              f"{6 * config.blocks_per_stage + 2} (width {config.width}, P = {sizes['params']:,}), IVON and MultiIVON "
              "previews vs joint finetuning"),
       notes=_notes(config, sizes, kept), details=details, recommend=_mixture_name(k_max), top_k=config.recommend_k,
       chunk_size=config.chunk_size)
+  comparison = bmerge.compare(items, evaluate, d.test, alphas, exact=joint.value, exact_alphas=exact_alphas,
+                              examples=d.test_tasks, folder=workdir, workdir=workdir, options=options)
   with open(comparison.paths["report"], "a") as fh:
     fh.write(f"\n## Reading\n\n{_reading(comparison.summary)}\n")
   return comparison

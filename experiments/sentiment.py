@@ -1,10 +1,26 @@
 """Figs. 5/6 on real text: previews of LoRA-finetuned MiniLM on sentiment in three domains vs joint LoRA finetuning.
 
-Config: `configs/sentiment.py`. The pieces are library calls: `bmerge.data.load_sentiment` (tasks),
-`bmerge.models.bert` (MiniLM, LoRA, the frozen layers' cache, the losses and accuracies), `bmerge.fit.adamw_sg` /
-`bmerge.fit.ivon` (posteriors over LoRA + head), `bmerge.exact.joint_train` (the exact baseline) and
-`bmerge.compare` (previews, scores, figures, report). The cached hidden states and the posteriors are saved in the
-workdir, preview and joint-training chunks too, so a second run recomputes nothing.
+Read top-down, one stage after the other (config: `configs/sentiment.py`):
+
+1. data: seeded subsets of every domain's texts (`bmerge.data.load_sentiment`), run once through MiniLM's frozen
+   bottom layers (`bmerge.models.bert.hidden_states`), and every task's minibatch indices
+   (`bmerge.data.minibatch_indices`): one sequence shared by the single-task runs and every joint-training alpha;
+2. posteriors over LoRA + head: AdamW-SG (`bmerge.fit.adamw_sg`) and IVON-Hess (`bmerge.fit.ivon`), every task in
+   one compiled call;
+3. previews: simple averaging of the AdamW models (Eq. 2) and Hessian-weighted merging (Eq. 10) of both posteriors;
+4. the exact answer: weighted joint LoRA finetuning (`bmerge.exact.joint_train`, paper Eq. 1) with AdamW from the
+   same start on the same minibatches;
+5. report: `bmerge.compare` scores every preview from per-example results (correct or not, per test text), with
+   intervals over test examples; the reading and the two-task lines are added to its report.
+
+The hidden states, the posteriors and the exact answer are cached in `<workdir>/cache` by `bmerge.checkpoint.cached`
+(keyed on the model, the data's content, the minibatch indices and every learner argument, stored with the seconds
+their build took), preview and joint-training chunks in the workdir, so a second run recomputes nothing.
+
+References:
+  Monzón Maldonado, Möllenhoff, Daheim, Gurevych, Khan. How to Weight Multitask Finetuning? Fast Previews via
+  Bayesian Model-Merging, 2024 (Eqs. 1, 2, 10; Sec. 4; Figs. 5-7; Tables 1-2; App. B.5).
+  Hu et al. LoRA: Low-Rank Adaptation of Large Language Models. ICLR 2022.
 """
 
 from __future__ import annotations
@@ -12,11 +28,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pathlib
-import time
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -29,6 +44,7 @@ from bmerge import fit
 from bmerge import grid
 from bmerge import merge
 from bmerge import report
+from bmerge import timing
 from bmerge.assess.comparison import Entry
 from bmerge.models import bert
 
@@ -45,11 +61,8 @@ DESCRIBE = {"simple": "AdamW LoRA + head -> simple averaging (Eq. 2)",
             "ivon": "IVON -> Hessian-weighted (Eq. 10), IVON-Hess"}
 
 
-def _timed(costs: dict, name: str, fn):
-  t0 = time.perf_counter()
-  out = jax.block_until_ready(fn())
-  costs[name] = costs.get(name, 0.0) + time.perf_counter() - t0
-  return out
+# ---------------------------------------------------------------------------------------------------------------
+# Data.
 
 
 def build_model(config) -> bert.Classifier:
@@ -76,28 +89,48 @@ def load_texts(config) -> dict:
   return out
 
 
-def cached_hidden(model, texts: list, config, workdir: str) -> bert.Hidden:
-  """`bert.hidden_states` of every text after the frozen layers ([N, max_length, hidden]), saved in the workdir."""
+class Data(NamedTuple):
+  """The model at its initialisation and every text after its frozen layers: what the learners, the previews and
+  joint training share."""
+
+  model: bert.Classifier  # MiniLM + LoRA + head at their common initialisation
+  apply: jax.tree_util.Partial  # apply(trainable, Hidden) -> logits: the adapted top layers and the head
+  init: dict  # the common initial LoRA + head parameters
+  train: tuple  # (Hidden [T, N, L, H], labels [T, N]): every task's training texts after the frozen layers
+  test: tuple  # (Hidden [T * N_test, L, H], labels [T * N_test]): the evaluation batch of `correct`
+  test_tasks: np.ndarray  # [T * N_test, T]: 1 where test text n belongs to task t
+  minibatches: np.ndarray  # [T, S, B] indices into every task's training texts (`bmerge.data.minibatch_indices`)
+  cost: timing.Cost  # what running the texts through the frozen layers cost (as measured when it ran)
+
+
+def load_data(config, cache: str) -> Data:
+  """The texts of `load_texts` through the frozen layers of `build_model` (cached in `cache`), split by task."""
+  num_tasks = len(config.tasks)
+  model = build_model(config)
+  texts = load_texts(config)
+  tokens = bert.tokenize([t for split in ("train", "test") for task in texts[split][0] for t in task],
+                         config.model_path or None, max_length=config.max_length, padding="max_length")
   k = bert.frozen_layers(model)
-  key = checkpoint.config_fingerprint({"texts": texts, "k": k, "max_length": config.max_length,
-                                       "model_path": config.model_path})
-  path = os.path.join(workdir, f"hidden-{key[:16]}")
-  if os.path.isdir(path):
-    arrays = checkpoint.restore_arrays(path)
-    return bert.Hidden(arrays["hidden"], arrays["attention_mask"])
-  tokens = bert.tokenize(texts, config.model_path or None, max_length=config.max_length, padding="max_length")
-  hidden = bert.hidden_states(model, tokens, k, batch_size=config.cache_batch_size)
-  checkpoint.save_arrays(path, hidden._asdict())
-  return hidden
+  hidden = checkpoint.cached(cache, "hidden", {"model": model, "tokens": tokens, "num_layers": k},
+                             lambda: bert.hidden_states(model, tokens, k, batch_size=config.cache_batch_size))
+  apply, init = bert.split(model, start_layer=k)
+  n_train = num_tasks * config.num_train
+  train = (jax.tree.map(lambda x: x[:n_train].reshape((num_tasks, config.num_train) + x.shape[1:]), hidden.value),
+           np.stack(texts["train"][1]))
+  test = (jax.tree.map(lambda x: x[n_train:], hidden.value), np.concatenate(texts["test"][1]))
+  idx = data.minibatch_indices(config.seed, [config.num_train] * num_tasks, config.num_steps, config.batch_size)
+  return Data(model, apply, init, train, test, np.repeat(np.eye(num_tasks), config.num_test, axis=0), idx,
+              hidden.cost("hidden states (frozen layers)"))
 
 
-def minibatches(config, num_tasks: int) -> np.ndarray:
-  """[num_steps, T, batch_size] indices into every task's training texts: epochs of a seeded permutation per task."""
-  rng = np.random.default_rng([config.seed, 1])
-  need = config.num_steps * config.batch_size
-  epochs = -(-need // config.num_train)
-  idx = [np.concatenate([rng.permutation(config.num_train) for _ in range(epochs)])[:need] for _ in range(num_tasks)]
-  return np.stack(idx).reshape(num_tasks, config.num_steps, config.batch_size).transpose(1, 0, 2)
+def task_batches(d: Data) -> tuple:
+  """(Hidden [T, S, B, L, H], labels [T, S, B]): every task's minibatch at every step."""
+  take = lambda x: np.stack([x[t][d.minibatches[t]] for t in range(len(d.minibatches))])
+  return jax.tree.map(take, d.train[0]), take(d.train[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Posteriors.
 
 
 def _schedule(learning_rate: float, num_steps: int):
@@ -110,36 +143,83 @@ def adamw(config) -> optax.GradientTransformation:
   return optax.adamw(_schedule(a.learning_rate, config.num_steps), a.b1, a.b2, a.eps, weight_decay=a.weight_decay)
 
 
-def build_posteriors(config, apply, init: dict, train, batches, cache: str, costs: dict) -> dict:
-  """{"adamw_sg": DiagGaussian, "ivon": DiagGaussian}, each stacked over the T tasks (one compiled call, vmapped
-  over tasks) and cached by config in `cache`.
-
-  `train` = (Hidden [T, N, ...], labels [T, N]); `batches` = (Hidden [T, S, B, ...], labels [T, S, B]).
-  """
-  num_tasks = train[1].shape[0]
-  keys = jax.random.split(jax.random.key(config.seed), (2, num_tasks))
-  a, v = config.adamw, config.ivon
-  subset = lambda *names: {**{n: config.to_dict()[n] for n in names}, **{n: config.to_dict()[n] for n in (
-      "seed", "tasks", "test_fraction", "model_path", "max_length", "num_train", "lora", "num_steps", "batch_size")}}
-
-  def adamw_sg(key, batches, inputs, labels, apply):
+def _adamw_sg(a, num_steps: int, init: dict, apply, train: tuple, keys, batches):
+  """AdamW-SG (`a` = config.adamw) of every task, vmapped over the leading task axis of `train`, `keys`, `batches`;
+  the Fisher pass runs over all of the task's training texts."""
+  def one(key, batches, inputs, labels, apply):
     return fit.adamw_sg(key, functools.partial(bert.cross_entropy, apply), init, batches,
-                        learning_rate=_schedule(a.learning_rate, config.num_steps), fisher_data=(inputs, labels),
+                        learning_rate=_schedule(a.learning_rate, num_steps), fisher_data=(inputs, labels),
                         logits_fn=apply, weight_decay=a.weight_decay, b1=a.b1, b2=a.b2, eps=a.eps, fisher=a.fisher,
                         fisher_chunk_size=a.fisher_chunk_size)
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, 0, 0, None)))(keys, batches, *train, apply)
 
-  def ivon(key, batches, apply):
-    return fit.ivon(key, functools.partial(bert.cross_entropy, apply), init, batches,
-                    ess=v.ess_scale * config.num_train, learning_rate=_schedule(v.learning_rate, config.num_steps),
-                    hess_init=v.hess_init, weight_decay=v.weight_decay, mc_samples=v.mc_samples)
 
-  out = {}
-  out["adamw_sg"] = _timed(costs, "posteriors adamw_sg", lambda: checkpoint.cached_posterior(
-      cache, "adamw_sg", subset("adamw"),
-      lambda: jax.jit(jax.vmap(adamw_sg, in_axes=(0, 0, 0, 0, None)))(keys[0], batches, *train, apply)))
-  out["ivon"] = _timed(costs, "posteriors ivon", lambda: checkpoint.cached_posterior(
-      cache, "ivon", subset("ivon"), lambda: jax.jit(jax.vmap(ivon, in_axes=(0, 0, None)))(keys[1], batches, apply)))
-  return out
+def _ivon(v, num_steps: int, ess: float, init: dict, apply, keys, batches):
+  """IVON (`v` = config.ivon) of every task, vmapped over the leading task axis of `keys` and `batches`."""
+  def one(key, batches, apply):
+    return fit.ivon(key, functools.partial(bert.cross_entropy, apply), init, batches, ess=ess,
+                    learning_rate=_schedule(v.learning_rate, num_steps), hess_init=v.hess_init,
+                    weight_decay=v.weight_decay, mc_samples=v.mc_samples)
+  return jax.jit(jax.vmap(one, in_axes=(0, 0, None)))(keys, batches, apply)
+
+
+def build_posteriors(config, d: Data, cache: str) -> dict[str, checkpoint.Cached]:
+  """{"adamw_sg": DiagGaussian, "ivon": DiagGaussian}, each stacked over the T tasks and cached in `cache`.
+
+  A cache entry is keyed on the learner with its bound arguments (its settings, the common start, the frozen top
+  layer in `apply`, the keys), the content of the training texts' hidden states and labels, and the minibatch indices.
+  """
+  keys = jax.random.split(jax.random.key(config.seed), (2, len(config.tasks)))
+  learners = {
+      "adamw_sg": functools.partial(_adamw_sg, config.adamw, config.num_steps, d.init, d.apply, d.train, keys[0]),
+      "ivon": functools.partial(_ivon, config.ivon, config.num_steps, config.ivon.ess_scale * config.num_train,
+                                d.init, d.apply, keys[1])}
+  batches = task_batches(d)
+  return {name: checkpoint.cached(cache, name, {"fit": learn, "train": d.train, "minibatches": d.minibatches},
+                                  lambda learn=learn: learn(batches))
+          for name, learn in learners.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Previews.
+
+
+def correct(apply: jax.tree_util.Partial, trainable: dict, batch: tuple) -> jax.Array:
+  """[N] per test text: 1.0 where the predicted label argmax_c apply(trainable, inputs)[n, c] is labels[n], else 0.0.
+
+  `functools.partial(correct, apply)` is the `eval_fn` of `bmerge.compare` with per-example results.
+  """
+  inputs, labels = batch
+  return (jnp.argmax(apply(trainable, inputs), axis=-1) == jnp.asarray(labels)).astype(jnp.float32)
+
+
+def entries(posteriors: dict) -> list[Entry]:
+  """Simple averaging of the AdamW models, and Hessian-weighted merging of AdamW-SG and of IVON."""
+  return [Entry("simple", posteriors["adamw_sg"], merge.simple_average, DESCRIBE["simple"]),
+          Entry("adamw_sg", posteriors["adamw_sg"], merge.hessian_weighted, DESCRIBE["adamw_sg"]),
+          Entry("ivon", posteriors["ivon"], merge.hessian_weighted, DESCRIBE["ivon"])]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The exact answer.
+
+
+def joint_training(config, d: Data, alphas, cache: str, workdir: str) -> checkpoint.Cached:
+  """Per-example results [G', N] of weighted joint LoRA finetuning (AdamW) at every alpha, cached in `cache`.
+
+  Every alpha starts from the common initialisation and takes `config.batch_size` texts of every task per step, the
+  single-task runs' minibatches, so at a vertex it trains exactly what that task's AdamW run trained.
+  """
+  train = functools.partial(exact.joint_train, functools.partial(bert.task_losses, d.apply), d.init, alphas,
+                            adamw(config), None, stepwise=True, eval_fn=functools.partial(correct, d.apply),
+                            eval_batch=d.test, chunk_size=config.exact_chunk_size)
+  joint_batches = jax.tree.map(lambda x: np.swapaxes(x, 0, 1), task_batches(d))  # [S, T, B, ...]
+  return checkpoint.cached(cache, "exact", {"train": train, "data": d.train, "minibatches": d.minibatches},
+                           lambda: train(joint_batches, workdir=workdir, tag="exact", progress=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report.
 
 
 def _edge_notes(exact_alphas, previews: dict, alphas, exact_acc: np.ndarray, names) -> tuple[list, dict]:
@@ -199,88 +279,62 @@ def reading(summary: dict, lines: dict, vertex_gaps: dict) -> str:
   return "\n".join(out)
 
 
-class Setup(NamedTuple):
-  """Everything the learners, the previews and joint training share."""
-
-  model: bert.Classifier  # MiniLM + LoRA + head at their common initialisation
-  apply: jax.tree_util.Partial  # apply(trainable, Hidden) -> logits: the adapted top layers and the head
-  init: dict  # the common initial LoRA + head parameters
-  train: tuple  # (Hidden [T, N, L, H], labels [T, N]): every task's training texts after the frozen layers
-  test: tuple  # (Hidden [T * N_test, L, H], labels, membership [T * N_test, T]): the eval batch of task_accuracies
-  task_batches: tuple  # (Hidden [T, S, B, L, H], labels [T, S, B]): the minibatch sequence of every task
-
-
-def prepare(config, workdir: str) -> Setup:
-  """The model at its initialisation and the texts after its frozen layers (cached in `<workdir>/hidden`)."""
-  num_tasks = len(config.tasks)
-  model = build_model(config)
-  texts = load_texts(config)
-  flat = [t for split in ("train", "test") for task in texts[split][0] for t in task]
-  hidden = cached_hidden(model, flat, config, os.path.join(workdir, "hidden"))
-  apply, init = bert.split(model, start_layer=bert.frozen_layers(model))
-  n_train = num_tasks * config.num_train
-  train = (jax.tree.map(lambda x: x[:n_train].reshape((num_tasks, config.num_train) + x.shape[1:]), hidden),
-           np.stack(texts["train"][1]))
-  test = (jax.tree.map(lambda x: x[n_train:], hidden), np.concatenate(texts["test"][1]),
-          np.repeat(np.eye(num_tasks, dtype=np.float32), config.num_test, axis=0))
-  idx = minibatches(config, num_tasks)  # [S, T, B]
-  take = lambda x: np.stack([x[t][idx[:, t]] for t in range(num_tasks)])  # [T, S, B, ...]
-  return Setup(model, apply, init, train, test, (jax.tree.map(take, train[0]), take(train[1])))
+def _notes(config) -> str:
+  return ("Our accuracies are fractions in [0, 1] and the MSE is over the joint-training alphas. The paper's RoBERTa "
+          "row finetunes the whole model after an IMDB stage; here only LoRA on "
+          f"{'/'.join(config.lora.targets)} of layers {list(config.lora.layers)} and the head train, on "
+          f"{config.num_train} texts per task for {config.num_steps} steps of {config.batch_size} texts per task, "
+          f"tested on {config.num_test} texts per task; joint training takes {config.batch_size} texts of every "
+          f"task per step. IVON's effective sample size is {config.ivon.ess_scale:g} x N (a tempered posterior; a "
+          "common scale of every task's precision leaves the Hessian-weighted merge unchanged). The simple average "
+          "uses the AdamW runs of AdamW-SG (their cost is in 'posteriors adamw_sg', with the Fisher pass). Costs are "
+          "the seconds each build took when it ran (a resumed run reports them as stored).")
 
 
-def run(config, workdir: str) -> bmerge.comparison.Comparison:
-  """Caches the frozen layers, trains the posteriors, previews, trains jointly at the exact alphas, reports."""
-  os.makedirs(workdir, exist_ok=True)
-  costs: dict[str, float] = {}
-  names = list(config.tasks)
-  num_tasks = len(names)
-  alphas = grid.simplex(num_tasks, config.spacing)
-  exact_alphas = grid.simplex(num_tasks, config.exact_spacing)
-  if any(not np.any(np.all(np.isclose(alphas, a), axis=1)) for a in exact_alphas):  # fail before any training
-    raise ValueError(f"config.exact_spacing = {config.exact_spacing} must be a multiple of config.spacing = "
-                     f"{config.spacing}: every joint-training alpha must be a preview alpha.")
-  t0 = time.perf_counter()
-  apply, init, train, test, task_batches = prepare(config, workdir)[1:]
-  costs["load + cache frozen layers"] = time.perf_counter() - t0
-
-  posts = build_posteriors(config, apply, init, train, task_batches, os.path.join(workdir, "posteriors"), costs)
-  eval_fn = functools.partial(bert.task_accuracies, apply)
-
-  t0 = time.perf_counter()
-  joint_batches = jax.tree.map(lambda x: np.swapaxes(x, 0, 1), task_batches)  # [S, T, B, ...]
-  exact_acc = np.asarray(exact.joint_train(functools.partial(bert.task_losses, apply), init, exact_alphas,
-                                           adamw(config), None, joint_batches, stepwise=True, eval_fn=eval_fn,
-                                           eval_batch=test, chunk_size=config.exact_chunk_size, workdir=workdir,
-                                           tag="exact", progress=False))
-  costs["exact"] = time.perf_counter() - t0
-
-  entries = [Entry("simple", posts["adamw_sg"], merge.simple_average, DESCRIBE["simple"]),
-             Entry("adamw_sg", posts["adamw_sg"], merge.hessian_weighted, DESCRIBE["adamw_sg"]),
-             Entry("ivon", posts["ivon"], merge.hessian_weighted, DESCRIBE["ivon"])]
-  out = bmerge.compare(
-      entries, eval_fn, test, alphas, exact=exact_acc, exact_alphas=exact_alphas, folder=workdir, workdir=workdir,
-      percent=True, metric="test accuracy (mean over tasks)", task_names=names, costs=costs, paper=PAPER,
-      title="MiniLM + LoRA on sentiment in three domains (paper Figs. 5-6)", details={"config": config.to_dict()},
-      chunk_size=config.chunk_size, recommend="adamw_sg")
-  # The reading needs the scores, so it is written into the report once they exist.
-  edge_lines, edges = _edge_notes(exact_alphas, out.previews, alphas, exact_acc, names)
-  vertices = [int(np.flatnonzero(np.all(np.isclose(exact_alphas, e), axis=1))[0]) for e in np.eye(num_tasks)]
-  at = [int(np.flatnonzero(np.all(np.isclose(alphas, e), axis=1))[0]) for e in np.eye(num_tasks)]
-  vertex_gaps = {n: float(np.mean(np.abs(v[at, 0] - exact_acc[vertices, 0]))) for n, v in out.previews.items()}
+def _add_reading(out: bmerge.Comparison, alphas, exact_alphas, names) -> bmerge.Comparison:
+  """The reading (which needs the scores) and the two-task lines, added to metrics.json and the report."""
+  previews = {n: v for n, v in out.surfaces.items() if n != "exact"}
+  exact_acc = out.surfaces["exact"]
+  edge_lines, edges = _edge_notes(exact_alphas, previews, alphas, exact_acc, names)
+  vertices = [int(np.flatnonzero(np.all(np.isclose(exact_alphas, e), axis=1))[0]) for e in np.eye(len(names))]
+  at = [int(np.flatnonzero(np.all(np.isclose(alphas, e), axis=1))[0]) for e in np.eye(len(names))]
+  vertex_gaps = {n: float(np.mean(np.abs(v[at, 0] - exact_acc[vertices, 0]))) for n, v in previews.items()}
   notes = [reading(out.summary, edges, vertex_gaps), "",
            "Along the two-task lines (the simplex edges where the third weight is 0; paper Fig. 5): the MSE of the "
            "mean per-task accuracy against joint training, and the largest gap (preview minus exact, in points) with "
            "the weight of the first-named task there:", ""] + edge_lines + [
            "", f"Paper, {PAPER['gemma']}: Hessian weighting tracked joint training better along the line.", "",
-           "Our accuracies are fractions in [0, 1] and the MSE is over the joint-training alphas. The paper's RoBERTa "
-           "row finetunes the whole model after an IMDB stage; here only LoRA on "
-           f"{'/'.join(config.lora.targets)} of layers {list(config.lora.layers)} and the head train, on "
-           f"{config.num_train} texts per task for {config.num_steps} steps of {config.batch_size} texts per task, "
-           f"tested on {config.num_test} texts per task; joint training takes {config.batch_size} texts of every "
-           f"task per step. IVON's effective sample size is {config.ivon.ess_scale:g} x N (a tempered posterior; a "
-           "common scale of every task's precision leaves the Hessian-weighted merge unchanged). The simple average "
-           "uses the AdamW runs of AdamW-SG (their cost is in 'posteriors adamw_sg', with the Fisher pass)."]
+           out.summary.get("notes", "")]
   summary = {**out.summary, "notes": "\n".join(notes), "pair_lines": edges}
   out.paths["metrics"].write_text(json.dumps(summary, indent=1, allow_nan=False))
-  report.write(workdir, summary, [pathlib.Path(workdir) / f for f in summary["figures"]])
+  report.write(out.paths["metrics"].parent, summary,
+               [out.paths["metrics"].parent / f for f in summary["figures"]])
   return out._replace(summary=summary)
+
+
+def run(config, workdir: str) -> bmerge.Comparison:
+  """Data, posteriors, previews, the exact answer and the report, in that order; everything cached in `workdir`."""
+  os.makedirs(workdir, exist_ok=True)
+  cache = os.path.join(workdir, "cache")
+  names = list(config.tasks)
+  alphas = grid.simplex(len(names), config.spacing)
+  exact_alphas = grid.simplex(len(names), config.exact_spacing)
+  if any(not np.any(np.all(np.isclose(alphas, a), axis=1)) for a in exact_alphas):  # fail before any training
+    raise ValueError(f"config.exact_spacing = {config.exact_spacing} must be a multiple of config.spacing = "
+                     f"{config.spacing}: every joint-training alpha must be a preview alpha.")
+
+  d = load_data(config, cache)
+  posteriors = build_posteriors(config, d, cache)
+  items = entries({name: p.value for name, p in posteriors.items()})
+  joint = joint_training(config, d, exact_alphas, cache, workdir)
+
+  costs = {"hidden states (frozen layers)": d.cost, "exact": joint.cost("exact"),
+           **{f"posteriors {name}": p.cost(f"posteriors {name}") for name, p in posteriors.items()}}
+  options = bmerge.CompareOptions(
+      metric="test accuracy (mean over tasks)", percent=True, task_names=names, costs=costs, paper=PAPER,
+      title="MiniLM + LoRA on sentiment in three domains (paper Figs. 5-6)", notes=_notes(config),
+      details={"config": config.to_dict()}, chunk_size=config.chunk_size, recommend="adamw_sg")
+  out = bmerge.compare(items, functools.partial(correct, d.apply), d.test, alphas, exact=joint.value,
+                       exact_alphas=exact_alphas, examples=d.test_tasks, folder=workdir, workdir=workdir,
+                       options=options)
+  return _add_reading(out, alphas, exact_alphas, names)

@@ -3,10 +3,12 @@
 `bmerge.exact.joint_train_ivon` (weighted joint finetuning with IVON).
 
 The ResNet-20 parameter count is checked in tests/test_resnet.py and the warm start's Hessian on a closed form in
-tests/test_fit.py; here the ResNet finetunes of the `:small` run are checked to keep the pretrained Hessian.
+tests/test_fit.py. Here the `:small` run (one module fixture) is checked against oracles computed in the tests: its
+previews at every alpha off the vertices against the float64 merges (Eqs. 2, 10 and the EM of Eq. 12) evaluated
+alone, its vertices against the tasks' own finetunes, the exact answer at a vertex against a single-task IVON run,
+its posteriors' cache keys against changes of config, data and seed, and its resumption.
 """
 
-import functools
 import json
 import math
 import os
@@ -19,9 +21,14 @@ import optax
 import pytest
 
 import bmerge
+from bmerge import _fingerprint
+from bmerge import checkpoint
+from bmerge import data
 from bmerge import exact
 from bmerge import fit
 from bmerge import grid
+from bmerge import metrics
+from bmerge.merge import em
 from bmerge.models import resnet
 from bmerge.optim import ivon, ivon_posterior, ivon_sample
 from bmerge.optim import multi_ivon
@@ -157,17 +164,61 @@ def _rows(alphas, vertex):
   return int(np.flatnonzero(np.all(np.isclose(alphas, vertex), axis=1))[0])
 
 
+def _pipeline(config, workdir):
+  """The run's data, model and posteriors, rebuilt by the experiment's own stages (the posteriors from its cache)."""
+  from experiments import resnet as exp
+  d = exp.load_data(config)
+  model = resnet.make(d.num_classes, config.width, config.blocks_per_stage)
+  k_post, k_joint = jax.random.split(jax.random.key(config.seed))
+  posteriors = exp.build_posteriors(config, model, d, k_post, os.path.join(workdir, "cache"))
+  return model, d, posteriors, k_joint
+
+
+def _decisions(model, d):
+  """`decide(params) -> (correct [N], margin [N])` of one network on the test images, from its logits: whether the
+  top class is the label, and the gap between its two largest logits (BatchNorm statistics recomputed on the
+  calibration batch, as every evaluation of the experiment)."""
+  logits_fn = jax.jit(resnet.make_eval_fn(model, lambda logits, y: logits, map_over_models=False))
+
+  def decide(params):
+    logits = np.asarray(logits_fn(params, d.test), np.float64)
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return (np.argmax(logits, axis=1) == d.test[2]).astype(np.float32), top2[:, 1] - top2[:, 0]
+  return decide
+
+
+def _assert_same_decisions(got, want, margin, err_msg=""):
+  """Per-example results agree wherever the reference network's decision is not a near-tie (top-2 logit gap >= 1e-4;
+  float32 rounding moves logits by ~1e-6); near-ties are rare, so the check covers almost every example."""
+  decided = margin >= 1e-4
+  assert decided.mean() > 0.99, err_msg
+  np.testing.assert_array_equal(np.asarray(got)[decided], want[decided], err_msg=err_msg)
+
+
+@pytest.fixture(scope="module")
+def rebuilt(small_run):
+  """The `:small` run's model, data and posteriors rebuilt from its cache, and `decide` on its test images."""
+  config, workdir, _ = small_run
+  model, d, posteriors, k_joint = _pipeline(config, workdir)
+  return model, d, posteriors, k_joint, _decisions(model, d)
+
+
 def test_small_run_reports_every_method_and_stage(small_run):
   config, workdir, comparison = small_run
   m = json.load(open(os.path.join(workdir, "metrics.json")))
   assert m == json.loads(json.dumps(comparison.summary))
   assert set(m["methods"]) == {"simple", "ivon_hess", "multi_ivon_k4", "multi_ivon_k6"}
-  assert m["num_alphas"] == m["num_exact_alphas"] == len(grid.simplex(3, config.spacing)) == 6
+  assert m["num_alphas"] == len(grid.simplex(3, config.spacing)) == 15
+  assert m["num_exact_alphas"] == len(grid.simplex(3, config.exact_spacing)) == 6
+  # Per-example results: one column per test image; an image of class 5 counts in two tasks.
+  assert sum(m["test_examples_per_task"]) > m["num_examples"] == comparison.exact.shape[1]
   for name, row in m["methods"].items():
     assert 0 <= row["mse"] < 1 and any(np.allclose(row["best_alpha"], a) for a in grid.simplex(3, config.spacing))
+    assert row["mse_ci"][0] <= row["mse"] <= row["mse_ci"][1], name  # bootstrap over the test images
+  seconds = {stage: cost["seconds"] for stage, cost in m["costs"].items()}
   for stage in ("pretraining", "exact", "posteriors ivon_hess", "posteriors multi_ivon_k6", "preview ivon_hess"):
-    assert m["costs"][stage] > 0
-  assert m["costs"]["posteriors ivon_hess"] == pytest.approx(m["costs"]["posteriors multi_ivon_k6"] / 2)
+    assert seconds[stage] > 0 and not m["costs"][stage]["loaded"], stage
+  assert seconds["posteriors ivon_hess"] == pytest.approx(seconds["posteriors multi_ivon_k6"] / 2)  # 1 seed of 2
   assert set(m["pareto"]) == set(m["methods"]) and m["recommendation"]["from"] == "multi_ivon_k6"
   assert m["paper"]["methods"]["simple"]["mse"] == 0.0252 and "multi_ivon_k30" not in m["paper"]["methods"]
   text = open(comparison.paths["report"]).read()
@@ -181,23 +232,43 @@ def test_small_run_reports_every_method_and_stage(small_run):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def _pipeline(config, workdir):
-  """The run's data, model, cached posteriors and evaluation function, rebuilt as the experiment builds them."""
+def test_small_run_previews_at_interior_alphas_match_float64_oracles(small_run, rebuilt):
+  """At every previewed alpha off the vertices (edges and interior), each preview's per-image results are those of
+  the merged network its rule defines, computed here in float64 from the cached posteriors: simple averaging
+  sum_t alpha_t theta_t (Eq. 2), IVON-Hess (sum_t alpha_t H_t)^-1 sum_t alpha_t H_t theta_t (Eq. 10), and the
+  mixtures' EM (Eq. 12) by `bmerge.merge.em.find_mode_reference` (Algorithm 1 as written, per alpha) in float64."""
   from experiments import resnet as exp
-  ds, pre_data, tasks, joint_data, eval_batch = exp._prepare(config)
-  model = resnet.make(ds.num_classes, config.width, config.blocks_per_stage)
-  k_post, k_joint = jax.random.split(jax.random.key(config.seed))
-  costs = {}
-  pre, mixtures = exp.build_posteriors(config, model, pre_data, tasks, k_post, os.path.join(workdir, "posteriors"),
-                                       costs)
-  evaluate = jax.jit(resnet.make_eval_fn(model, resnet.accuracies, map_over_models=False))
-  return model, pre, mixtures, joint_data, eval_batch, evaluate, k_joint
+  config, _, comparison = small_run
+  _, d, posteriors, _, decide = rebuilt
+  assert posteriors.loaded  # the same config, data and seed find the run's posteriors
+  alphas = grid.simplex(3, config.spacing)
+  rows = [g for g, a in enumerate(alphas) if np.count_nonzero(a) > 1]
+  assert any(np.all(alphas[g] > 0) for g in rows)  # the interior of the simplex, not only its edges
+  f64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
+  for e in exp.entries(config, posteriors.mixtures):
+    q = f64(e.posteriors)
+    for g in rows:
+      a = alphas[g]
+      if e.name == "simple":
+        theta = jax.tree.map(lambda m, a=a: np.tensordot(a, m, 1), q)
+      elif e.name == "ivon_hess":
+        theta = jax.tree.map(lambda m, h, a=a: np.tensordot(a, h * m, 1) / np.tensordot(a, h, 1), q.mean, q.precision)
+      else:
+        with jax.enable_x64(True):
+          theta = f64(em.find_mode_reference(jax.tree.map(jnp.asarray, q), jnp.asarray(a), config.em_iters))
+      merged = jax.tree.map(lambda x: np.asarray(x[0], np.float64), e.rule(e.posteriors, alphas[g:g + 1]))
+      chex.assert_trees_all_close(merged, theta, rtol=2e-4, atol=1e-5)
+      want, margin = decide(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta))
+      _assert_same_decisions(comparison.previews[e.name][g], want, margin, f"{e.name} at alpha {a}")
+      np.testing.assert_allclose(comparison.surfaces[e.name][g],
+                                 metrics.per_task_accuracy(comparison.previews[e.name][g], d.test_tasks))
 
 
-def test_small_run_previews_and_exact_answer_against_independent_oracles(small_run):
+def test_small_run_vertices_curvature_and_exact_answer_against_independent_oracles(small_run, rebuilt):
   from experiments import resnet as exp
-  config, workdir, comparison = small_run
-  model, pre, mixtures, joint_data, eval_batch, evaluate, k_joint = _pipeline(config, workdir)
+  config, _, comparison = small_run
+  model, d, posteriors, k_joint, decide = rebuilt
+  pre, mixtures = posteriors.pretrained, posteriors.mixtures
   alphas = grid.simplex(3, config.spacing)
   f = config.finetune
 
@@ -206,14 +277,12 @@ def test_small_run_previews_and_exact_answer_against_independent_oracles(small_r
   chex.assert_trees_all_equal(items["multi_ivon_k4"].posteriors.components,
                               jax.tree.map(lambda a: a[:, [1, 2, 4, 5]], mixtures.components))
 
-  # At a vertex the IVON-Hess and simple previews are that task's finetuned model (seed 0, last stop), whose
-  # accuracy is computed here without any merge.
+  # At a vertex the IVON-Hess and simple previews are that task's finetuned model (seed 0, last stop), evaluated
+  # here without any merge.
   for t in range(3):
-    q_t = jax.tree.map(lambda a, t=t: a[t, 2], mixtures.components.mean)  # seed 0, stop 6
-    own = np.asarray(evaluate(q_t, eval_batch))
-    row = _rows(alphas, np.eye(3)[t])
+    want, margin = decide(jax.tree.map(lambda a, t=t: a[t, 2], mixtures.components.mean))  # seed 0, stop 6
     for name in ("ivon_hess", "simple"):
-      np.testing.assert_allclose(comparison.previews[name][row], own, atol=1e-6, err_msg=f"{name} task {t}")
+      _assert_same_decisions(comparison.previews[name][_rows(alphas, np.eye(3)[t])], want, margin, f"{name} {t}")
 
   # The finetunes started from the pretrained posterior keep its Hessian (beta2 0.9999 over 6 updates: the noisy
   # Hessian estimates move a few parameters by several per cent), while their means moved. A run that ignored the
@@ -228,30 +297,84 @@ def test_small_run_previews_and_exact_answer_against_independent_oracles(small_r
   assert abs(np.log(comparison.summary["hessian_kept"]["median"])) < 0.02
 
   # The exact answer at the vertex of task 2 is task 2's own IVON finetune from the pretrained posterior on the same
-  # mixed minibatches (its loss: the cross-entropy of the batch's task-2 examples), same key and budget.
-  batches = exp._stream(config.seed, joint_data, f.batch_size, config.joint.num_steps * f.updates_per_step)
+  # mixed minibatches (its loss: the cross-entropy of the batch's task-2 examples), same key and budget; the
+  # minibatches are rebuilt here from the library's index stream of the joint data.
+  n = config.joint.num_steps * f.updates_per_step
+  idx = data.minibatch_indices(config.seed, [len(d.joint[1])], n, f.batch_size)[0]
+  batches = [tuple(a[i] for a in d.joint) for i in idx]
   task2 = fit.ivon(k_joint, lambda p, b: resnet.task_cross_entropies(model, p, b)[1], pre.mean, batches,
                    ess=config.pretrain.ess, learning_rate=f.learning_rate, mc_samples=f.mc_samples,
                    hess_init=config.pretrain.hess_init, beta1=f.beta1, beta2=f.beta2, weight_decay=f.weight_decay,
                    init_posterior=pre)
-  np.testing.assert_allclose(comparison.exact[_rows(alphas, [0, 1, 0])], np.asarray(evaluate(task2.mean, eval_batch)),
-                             atol=1e-6)
-  # Joint finetuning differs across alphas (the weights matter) and the per-task accuracies are in [0, 1].
-  assert np.ptp(comparison.exact[:, 0]) > 0 and np.all((comparison.exact >= 0) & (comparison.exact <= 1))
+  exact_alphas = grid.simplex(3, config.exact_spacing)
+  _assert_same_decisions(comparison.exact[_rows(exact_alphas, [0, 1, 0])], *decide(task2.mean))
+  # Joint finetuning differs across alphas (the weights matter); the surfaces are per-task accuracies in [0, 1].
+  surface = comparison.surfaces["exact"]
+  np.testing.assert_allclose(surface, metrics.per_task_accuracy(comparison.exact, d.test_tasks))
+  assert np.ptp(surface[:, 0]) > 0 and np.all((surface >= 0) & (surface <= 1))
+
+
+def test_posterior_cache_keys_follow_the_config_the_data_and_the_seed(small_run, rebuilt, monkeypatch):
+  """The posteriors' cache keys (`checkpoint.cached`) change with a learner's setting, with one pixel of a task's
+  images and with the seed, and only where the posterior depends on them; nothing is trained here (the cache is
+  intercepted and answers with the run's posteriors)."""
+  from experiments import resnet as exp
+  config = small_run[0]
+  model, d, posteriors, _, _ = rebuilt
+  pre = posteriors.pretrained
+
+  def keys(config, d):
+    seen = {}
+
+    def intercept(path_dir, name, inputs, build_fn):
+      del path_dir, build_fn
+      seen[name] = _fingerprint.fingerprint(inputs)
+      value = pre if name == "pretrain" else jax.tree.map(lambda a: a[0], posteriors.mixtures)
+      return checkpoint.Cached(value, 1.0, True, bmerge.timing.machine())
+    with monkeypatch.context() as m:
+      m.setattr(exp.checkpoint, "cached", intercept)
+      exp.build_posteriors(config, model, d, jax.random.split(jax.random.key(config.seed))[0], "unused")
+    return seen
+
+  base = keys(config, d)
+  assert set(base) == {"pretrain", "task0-multi_ivon", "task1-multi_ivon", "task2-multi_ivon"}
+  changed = lambda new: {n for n in base if new[n] != base[n]}
+  assert keys(config, d) == base
+  lr = config.copy_and_resolve_references()
+  lr.finetune.learning_rate *= 2
+  assert changed(keys(lr, d)) == {"task0-multi_ivon", "task1-multi_ivon", "task2-multi_ivon"}
+  ess = config.copy_and_resolve_references()
+  ess.pretrain.ess *= 2
+  assert changed(keys(ess, d)) == set(base)
+  x, y = d.tasks[1]
+  pixel = x.copy()
+  pixel.flat[0] += 0.5
+  assert changed(keys(config, d._replace(tasks=[d.tasks[0], (pixel, y), d.tasks[2]]))) == {"task1-multi_ivon"}
+  seed = config.copy_and_resolve_references()
+  seed.seed = 1
+  assert changed(keys(seed, exp.load_data(seed))) == set(base)
+
+
+def _stored(workdir):
+  """Modification times of every file the run stored below its folder (cache, joint-training and preview rows)."""
+  return {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, names in os.walk(workdir)
+          for n in names if d != workdir}
 
 
 def test_small_run_resumes_without_recomputing(small_run):
   from experiments import resnet as exp
   config, workdir, comparison = small_run
-  files = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, names in os.walk(workdir)
-           for n in names if n.endswith(".npz") or "ocdbt" in d}
+  files = _stored(workdir)
   again = exp.run(config, workdir)
-  after = {os.path.join(d, n): os.stat(os.path.join(d, n)).st_mtime_ns for d, _, names in os.walk(workdir)
-           for n in names if n.endswith(".npz") or "ocdbt" in d}
-  assert after == files  # no posterior, preview or joint-training row was computed again
+  assert _stored(workdir) == files  # no posterior, preview or joint-training row was computed or written again
   np.testing.assert_array_equal(again.exact, comparison.exact)
   for name, values in comparison.previews.items():
     np.testing.assert_array_equal(again.previews[name], values)
+  # The cached stages report the seconds their builds took when they ran, not the time to load them.
+  for stage in ("pretraining", "posteriors multi_ivon (all seeds and stops)", "exact"):
+    before, after = comparison.summary["costs"][stage], again.summary["costs"][stage]
+    assert after["seconds"] == before["seconds"] and after["run"] == before["run"], stage
+    assert after["loaded"] and not before["loaded"], stage
 
 
 def test_paper_variant_runs_its_cifar10_path_on_tfds_mock_data(tmp_path):
@@ -270,19 +393,20 @@ def test_paper_variant_runs_its_cifar10_path_on_tfds_mock_data(tmp_path):
   config.finetune.batch_size = 8
   config.finetune.num_seeds, config.finetune.stop_steps, config.finetune.updates_per_step = 2, (1, 2), 2
   config.mixture_stops = ((2,), (1, 2))  # K = 2, 4
-  config.joint.num_steps, config.spacing, config.em_iters = 1, 0.5, 2
+  config.joint.num_steps, config.spacing, config.exact_spacing, config.em_iters = 1, 0.5, 0.5, 2
   kept = ("dataset", "pool", "tasks", "overlap", "chunk_size", "map_over_models")
   assert all(config[k] == paper[k] for k in kept) and config.joint.chunk_size == paper.joint.chunk_size
   assert (config.dataset, config.pool, config.map_over_models) == ("cifar10", 1, False)
   with tfds.testing.mock_data(num_examples=120):
     comparison = exp.run(config, str(tmp_path))
-    _, pre, mixtures, _, eval_batch, evaluate, _ = _pipeline(config, str(tmp_path))
-  assert eval_batch[1].shape[1:] == (32, 32, 3)
-  assert pre.mean["stem_conv"]["kernel"].shape == (3, 3, 3, 4)  # the first convolution reads three colour channels
+    model, d, posteriors, _ = _pipeline(config, str(tmp_path))
+  assert d.test[1].shape[1:] == (32, 32, 3)
+  assert posteriors.pretrained.mean["stem_conv"]["kernel"].shape == (3, 3, 3, 4)  # three colour channels in
+  decide = _decisions(model, d)
   alphas = grid.simplex(3, config.spacing)
   for t in range(3):
-    own = np.asarray(evaluate(jax.tree.map(lambda a, t=t: a[t, 1], mixtures.components.mean), eval_batch))
-    np.testing.assert_allclose(comparison.previews["simple"][_rows(alphas, np.eye(3)[t])], own, atol=1e-6)
+    want, margin = decide(jax.tree.map(lambda a, t=t: a[t, 1], posteriors.mixtures.components.mean))
+    _assert_same_decisions(comparison.previews["simple"][_rows(alphas, np.eye(3)[t])], want, margin)
   assert set(comparison.summary["methods"]) == {"simple", "ivon_hess", "multi_ivon_k2", "multi_ivon_k4"}
-  assert comparison.exact.shape == comparison.previews["simple"].shape == (len(alphas), own.shape[0])
-  assert np.all((comparison.exact >= 0) & (comparison.exact <= 1))
+  assert comparison.exact.shape == comparison.previews["simple"].shape == (len(alphas), len(d.test[2]))
+  assert np.all((comparison.surfaces["exact"] >= 0) & (comparison.surfaces["exact"] <= 1))

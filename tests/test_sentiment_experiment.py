@@ -1,5 +1,6 @@
 """The sentiment experiment (experiments/sentiment.py) end to end on its `:small` config: the real MiniLM with LoRA on
-a handful of texts per task. One run (a module fixture) is checked against what must hold whatever the numbers."""
+a handful of texts per task. One run (a module fixture) is checked against what must hold whatever the numbers, and
+its previews against float64 oracles at alphas inside the simplex."""
 
 import functools
 import importlib.util
@@ -12,17 +13,19 @@ import sys
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 import bmerge
 from bmerge import _fingerprint
-from bmerge.io import _sentiment
 from bmerge import checkpoint
 from bmerge import exact
 from bmerge import grid
 from bmerge import merge
+from bmerge import metrics
+from bmerge.io import _sentiment
 from bmerge.models import bert
 from configs import sentiment as sentiment_config
 from experiments import sentiment
@@ -40,56 +43,108 @@ def done(tmp_path_factory):
   config = sentiment_config.get_config("small")
   workdir = str(tmp_path_factory.mktemp("sentiment"))
   out = sentiment.run(config, workdir)
-  setup = sentiment.prepare(config, workdir)  # the hidden states come back from the run's cache
-  posts = {name: checkpoint.restore_posterior(next(pathlib.Path(workdir, "posteriors").glob(f"{name}-*")))[0]
-           for name in ("adamw_sg", "ivon")}
-  return config, workdir, out, setup, posts
+  cache = os.path.join(workdir, "cache")
+  d = sentiment.load_data(config, cache)  # the hidden states come back from the run's cache
+  cached = sentiment.build_posteriors(config, d, cache)
+  assert all(c.loaded for c in cached.values())  # the same config, data and seed find the run's posteriors
+  return config, workdir, out, d, {name: c.value for name, c in cached.items()}
+
+
+@pytest.fixture(scope="module")
+def decide(done):
+  return _decisions(done[3])
 
 
 def _row(alphas, alpha) -> int:
   return int(np.flatnonzero(np.all(np.isclose(alphas, alpha), axis=1))[0])
 
 
+def _decisions(d):
+  """`decide(trainable) -> (correct [N], margin [N])` on the test texts, from the logits: whether the predicted label
+  is right, and the gap between the two logits."""
+  logits_fn = jax.jit(lambda trainable: d.apply(trainable, d.test[0]))
+
+  def decide(trainable):
+    logits = np.asarray(logits_fn(trainable), np.float64)
+    return (np.argmax(logits, axis=1) == d.test[1]).astype(np.float32), np.abs(logits[:, 1] - logits[:, 0])
+  return decide
+
+
+def _assert_same_decisions(got, want, margin, err_msg=""):
+  """Per-example results agree wherever the reference model's decision is not a near-tie (logit gap >= 1e-4; float32
+  rounding moves logits by ~1e-6); near-ties are rare, so the check covers almost every text."""
+  decided = margin >= 1e-4
+  assert decided.mean() > 0.95, err_msg
+  np.testing.assert_array_equal(np.asarray(got)[decided], want[decided], err_msg=err_msg)
+
+
 @needs_model_and_data
-def test_preview_at_a_vertex_is_that_tasks_model(done):
-  config, _, out, setup, posts = done
+def test_preview_at_a_vertex_is_that_tasks_model(done, decide):
+  config, _, out, _, posts = done
   alphas = grid.simplex(3, config.spacing)
-  accuracy = jax.jit(bert.task_accuracies)
   for method, post in (("simple", posts["adamw_sg"]), ("adamw_sg", posts["adamw_sg"]), ("ivon", posts["ivon"])):
     for t, model_t in enumerate(bmerge.unstack(post.mean)):
-      expected = np.asarray(accuracy(setup.apply, model_t, setup.test))
-      np.testing.assert_allclose(out.previews[method][_row(alphas, np.eye(3)[t])], expected, atol=1e-6,
-                                 err_msg=f"{method}, task {t}")
+      _assert_same_decisions(out.previews[method][_row(alphas, np.eye(3)[t])], *decide(model_t),
+                             err_msg=f"{method}, task {t}")
 
 
 @needs_model_and_data
-def test_joint_training_at_a_vertex_is_the_single_task_adamw_run(done):
-  config, _, out, setup, posts = done
+def test_previews_at_interior_alphas_match_float64_oracles(done, decide):
+  """At every previewed alpha off the vertices (edges and interior), each preview's per-text results are those of the
+  merged LoRA + head its rule defines, computed here in float64 from the cached posteriors: simple averaging
+  sum_t alpha_t theta_t (Eq. 2) and the Hessian-weighted merge (sum_t alpha_t H_t)^-1 sum_t alpha_t H_t theta_t
+  (Eq. 10) of AdamW-SG and of IVON."""
+  config, _, out, d, posts = done
+  alphas = grid.simplex(3, config.spacing)
+  rows = [g for g, a in enumerate(alphas) if np.count_nonzero(a) > 1]
+  assert sum(np.all(alphas[g] > 0) for g in rows) == 3  # (0.5, 0.25, 0.25) and its permutations
+  for e in sentiment.entries(posts):
+    q = jax.tree.map(lambda x: np.asarray(x, np.float64), e.posteriors)
+    for g in rows:
+      a = alphas[g]
+      if e.name == "simple":
+        theta = {k: np.tensordot(a, m, 1) for k, m in q.mean.items()}
+      else:
+        theta = {k: np.tensordot(a, q.precision[k] * m, 1) / np.tensordot(a, q.precision[k], 1)
+                 for k, m in q.mean.items()}
+      merged = jax.tree.map(lambda x: np.asarray(x[0], np.float64), e.rule(e.posteriors, alphas[g:g + 1]))
+      chex.assert_trees_all_close(merged, theta, rtol=1e-5, atol=1e-6)
+      want, margin = decide({k: jnp.asarray(v, jnp.float32) for k, v in theta.items()})
+      _assert_same_decisions(out.previews[e.name][g], want, margin, f"{e.name} at alpha {a}")
+  # The scored surfaces are the per-task accuracies of those per-text results.
+  for name, values in out.previews.items():
+    np.testing.assert_allclose(out.surfaces[name], metrics.per_task_accuracy(values, d.test_tasks))
+
+
+@needs_model_and_data
+def test_joint_training_at_a_vertex_is_the_single_task_adamw_run(done, decide):
+  config, _, out, d, posts = done
   # Same init, optimizer, budget and minibatches: alpha = e_t trains exactly what task t's AdamW run trained.
-  joint_batches = jax.tree.map(lambda x: np.swapaxes(x, 0, 1), setup.task_batches)
-  vertices = exact.joint_train(functools.partial(bert.task_losses, setup.apply), setup.init, np.eye(3),
+  joint_batches = jax.tree.map(lambda x: np.swapaxes(x, 0, 1), sentiment.task_batches(d))
+  vertices = exact.joint_train(functools.partial(bert.task_losses, d.apply), d.init, np.eye(3),
                                sentiment.adamw(config), None, joint_batches, stepwise=True, progress=False)
   chex.assert_trees_all_close(vertices, posts["adamw_sg"].mean, atol=1e-5, rtol=1e-4)
-  # ... so the exact accuracies at the vertices are those of the simple-averaging preview there.
+  # ... so the exact results at the vertices are those of the simple-averaging preview there.
   exact_alphas, alphas = grid.simplex(3, config.exact_spacing), grid.simplex(3, config.spacing)
-  for t in range(3):
-    np.testing.assert_allclose(out.exact[_row(exact_alphas, np.eye(3)[t])],
-                               out.previews["simple"][_row(alphas, np.eye(3)[t])], atol=1e-6)
+  for t, model_t in enumerate(bmerge.unstack(posts["adamw_sg"].mean)):
+    want, margin = decide(model_t)
+    _assert_same_decisions(out.exact[_row(exact_alphas, np.eye(3)[t])], want, margin, f"exact, task {t}")
+    _assert_same_decisions(out.previews["simple"][_row(alphas, np.eye(3)[t])], want, margin, f"simple, task {t}")
 
 
 @needs_model_and_data
 def test_merging_acts_only_on_lora_and_head(done):
-  config, _, _, setup, posts = done
+  config, _, _, d, posts = done
   # The posteriors hold exactly the LoRA adapters of the chosen layers and the head.
   keys = set(posts["adamw_sg"].mean)
-  assert keys == set(posts["ivon"].mean) == set(setup.init)
+  assert keys == set(posts["ivon"].mean) == set(d.init)
   top = bert.load().config.num_layers - 1
   assert keys == {f"encoder.layers.{top}.attention.{p}.lora.lora_{ab}" for p in config.lora.targets for ab in "ab"} | {
       "head.kernel", "head.bias"}
   # A merged model written into the classifier changes those parameters and nothing else: every other array is the
   # pretrained MiniLM's, and the classifier computes what the previews' `apply` computes.
   merged = jax.tree.map(lambda x: x[0], merge.hessian_weighted(posts["adamw_sg"], np.array([[0.2, 0.3, 0.5]])))
-  model = setup.model  # at the common initialisation; only its trainable parameters are rewritten
+  model = d.model  # at the common initialisation; only its trainable parameters are rewritten
   bert.merge_trainable(model, merged)
   state = bert.flatten_state(nnx.to_pure_dict(nnx.state(model)))
   pretrained = bert.read_hf_weights()
@@ -99,20 +154,22 @@ def test_merging_acts_only_on_lora_and_head(done):
     np.testing.assert_array_equal(np.asarray(state[key]), pretrained[key], err_msg=key)
   for key in keys:
     np.testing.assert_array_equal(np.asarray(state[key]), np.asarray(merged[key]), err_msg=key)
-  hidden = setup.test[0]
-  np.testing.assert_allclose(model(hidden, bert.frozen_layers(model)), setup.apply(merged, hidden), atol=1e-5)
+  hidden = d.test[0]
+  np.testing.assert_allclose(model(hidden, bert.frozen_layers(model)), d.apply(merged, hidden), atol=1e-5)
 
 
 @needs_model_and_data
 def test_metrics_json_the_paper_row_and_the_reading(done):
-  config, workdir, out, _, _ = done
+  config, workdir, out, d, _ = done
   m = json.loads(pathlib.Path(workdir, "metrics.json").read_text())
   assert m == out.summary
   assert set(m["methods"]) == {"simple", "adamw_sg", "ivon"}
   assert (m["num_alphas"], m["num_exact_alphas"], m["num_tasks"]) == (15, 6, 3)
+  assert m["num_examples"] == 3 * config.num_test == out.exact.shape[1]
   assert m["task_names"] == list(config.tasks) and m["percent"] and m["maximize"]
   for row in m["methods"].values():
     assert 0 <= row["mse"] <= 1 and 0 <= row["best_preview"] <= 1 and 0 <= row["exact_at_best"] <= 1
+    assert row["mse_ci"][0] <= row["mse"] <= row["mse_ci"][1]  # bootstrap over the test texts
   paper = m["paper"]["methods"]
   assert (paper["simple"]["mse"], paper["adamw_sg"]["mse"], m["paper"]["exact_best"]) == (0.0314, 0.0281, 95.5)
   assert (paper["simple"]["best_preview"], paper["adamw_sg"]["best_preview"]) == (93.5, 93.6)
@@ -120,24 +177,26 @@ def test_metrics_json_the_paper_row_and_the_reading(done):
   simple, hessian = m["methods"]["simple"]["mse"], m["methods"]["adamw_sg"]["mse"]
   if simple != hessian:  # (a tie keeps the paper's order)
     assert m["paper_ordering"]["holds"] == (simple > hessian)
-  assert {"load + cache frozen layers", "posteriors adamw_sg", "posteriors ivon", "exact", "preview simple",
+  assert {"hidden states (frozen layers)", "posteriors adamw_sg", "posteriors ivon", "exact", "preview simple",
           "preview adamw_sg", "preview ivon"} <= set(m["costs"])
 
-  # The overall accuracy is the mean of the per-task accuracies, in the previews and in joint training.
-  for values in itertools.chain(out.previews.values(), [out.exact]):
+  # Every task has num_test texts, so the overall accuracy is also the mean of the per-task accuracies.
+  for values in out.surfaces.values():
     np.testing.assert_allclose(values[:, 0], values[:, 1:].mean(axis=1), atol=1e-6)
 
   # The two-task lines, by brute force: exact alphas with the third weight 0, the pair's mean accuracy.
   alphas, exact_alphas = grid.simplex(3, config.spacing), grid.simplex(3, config.exact_spacing)
   names = config.tasks
   assert set(m["pair_lines"]) == {f"{names[i]} & {names[j]}" for i, j in itertools.combinations(range(3), 2)}
+  exact_acc = metrics.per_task_accuracy(out.exact, d.test_tasks)
   for i, j in itertools.combinations(range(3), 2):
     other = 3 - i - j
     rows = [r for r, a in enumerate(exact_alphas) if a[other] == 0]
     assert len(rows) == round(1 / config.exact_spacing) + 1
-    exact_pair = out.exact[rows][:, [1 + i, 1 + j]].mean(axis=1)
+    exact_pair = exact_acc[rows][:, [1 + i, 1 + j]].mean(axis=1)
     for method, values in out.previews.items():
-      preview_pair = values[[_row(alphas, exact_alphas[r]) for r in rows]][:, [1 + i, 1 + j]].mean(axis=1)
+      accuracy = metrics.per_task_accuracy(values, d.test_tasks)
+      preview_pair = accuracy[[_row(alphas, exact_alphas[r]) for r in rows]][:, [1 + i, 1 + j]].mean(axis=1)
       line = m["pair_lines"][f"{names[i]} & {names[j]}"][method]
       assert line["mse"] == pytest.approx(np.mean((preview_pair - exact_pair) ** 2), abs=1e-12)
       assert abs(line["largest_gap"]) == pytest.approx(np.max(np.abs(preview_pair - exact_pair)), abs=1e-12)
@@ -154,19 +213,49 @@ def test_metrics_json_the_paper_row_and_the_reading(done):
 
 
 @needs_model_and_data
+def test_cache_keys_follow_the_config_and_the_data(done, monkeypatch):
+  """The posteriors' cache keys (`checkpoint.cached`) change with a learner's setting (that learner's only) and with
+  one label of the training texts (both); nothing is trained here (the cache is intercepted)."""
+  config, _, _, d, posts = done
+
+  def keys(config, d):
+    seen = {}
+
+    def intercept(path_dir, name, inputs, build_fn):
+      del path_dir, build_fn
+      seen[name] = _fingerprint.fingerprint(inputs)
+      return checkpoint.Cached(posts[name], 1.0, True, bmerge.timing.machine())
+    with monkeypatch.context() as m:
+      m.setattr(sentiment.checkpoint, "cached", intercept)
+      sentiment.build_posteriors(config, d, "unused")
+    return seen
+
+  base = keys(config, d)
+  assert set(base) == {"adamw_sg", "ivon"} and keys(config, d) == base
+  changed = lambda new: {n for n in base if new[n] != base[n]}
+  lr = config.copy_and_resolve_references()
+  lr.adamw.learning_rate *= 2
+  assert changed(keys(lr, d)) == {"adamw_sg"}
+  labels = d.train[1].copy()
+  labels[1, 0] = 1 - labels[1, 0]
+  assert changed(keys(config, d._replace(train=(d.train[0], labels)))) == {"adamw_sg", "ivon"}
+
+
+@needs_model_and_data
 def test_resume_keys_are_the_same_in_a_new_process(done):
-  # Joint training and the previews store their chunks under a content hash of `apply`, whose NNX graphdefs print
-  # functions with their memory addresses; a rerun (a new process) must find this run's chunks, not train again.
-  config, _, _, setup, _ = done
+  # The cached hidden states are keyed on the model, joint training and the previews on `apply`, whose NNX graphdefs
+  # print functions with their memory addresses; a rerun (a new process) must find this run's work, not redo it.
+  config, _, _, d, _ = done
   code = ("import functools; from bmerge import _fingerprint; from bmerge.models import bert; "
           "from configs import sentiment as c; from experiments import sentiment as s; "
           "model = s.build_model(c.get_config('small')); "
           "apply, _ = bert.split(model, start_layer=bert.frozen_layers(model)); "
-          "print(_fingerprint.fingerprint([functools.partial(f, apply) for f in (bert.task_losses, "
-          "bert.task_accuracies)]))")
+          "print(_fingerprint.fingerprint([model] + [functools.partial(f, apply) for f in (bert.task_losses, "
+          "s.correct)]))")
   root = pathlib.Path(__file__).resolve().parents[1]
   there = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
-  here = _fingerprint.fingerprint([functools.partial(f, setup.apply) for f in (bert.task_losses, bert.task_accuracies)])
+  here = _fingerprint.fingerprint([sentiment.build_model(config)] + [
+      functools.partial(f, d.apply) for f in (bert.task_losses, sentiment.correct)])
   assert there.stdout.strip() == here
 
 
@@ -179,15 +268,3 @@ def test_config_variants():
                for a in grid.simplex(3, c.exact_spacing))
   with pytest.raises(ValueError, match="unknown config variant"):
     sentiment_config.get_config("huge")
-
-
-def test_minibatches_are_epochs_of_a_permutation():
-  config = sentiment_config.get_config("small")
-  idx = sentiment.minibatches(config, 3)
-  assert idx.shape == (config.num_steps, 3, config.batch_size)
-  for t in range(3):
-    seq = idx[:, t].reshape(-1)
-    for start in range(0, len(seq), config.num_train):  # each full epoch visits every text once
-      epoch = seq[start:start + config.num_train]
-      assert len(set(epoch.tolist())) == len(epoch) and epoch.max() < config.num_train
-  assert not np.array_equal(idx[:, 0], idx[:, 1])  # tasks draw their own orders
