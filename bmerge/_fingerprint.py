@@ -95,7 +95,7 @@ def _global_name(value) -> str | None:
 
 
 def _attributes(value) -> dict:
-  """The instance attributes of `value` (`__dict__` and `__slots__`; dunders such as a ufunc's `__qualname__` left out)."""
+  """The instance attributes of `value`: `__dict__` and `__slots__`, without dunders (a ufunc's `__qualname__`)."""
   attrs = {}
   for cls in type(value).__mro__:
     slots = cls.__dict__.get("__slots__", ())

@@ -1,4 +1,8 @@
-"""Tests of bmerge.optim.ivon: the reference trajectories, closed forms, and the optax battery."""
+"""Tests of bmerge.optim.ivon: the reference trajectories, closed forms over many steps, errors, wrappers, devices.
+
+The optax contract (one step against its closed form, purity, jit, vmap, dtypes, inject_hyperparams, MultiSteps) is
+checked for every IVON setting by the battery in test_learner_contracts.py.
+"""
 
 import json
 import math
@@ -14,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import ivon_step, quadratic
 
 import bmerge
 from bmerge import checkpoint
@@ -85,21 +90,14 @@ def test_reference_settings_differ_in_what_they_test():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 2. Closed forms and the hand formula.
-
-
-def _quadratic():
-  a = {"u": jnp.array([0.5, 2.0, 8.0]), "v": jnp.array([[1.0, 4.0], [0.25, 3.0]])}
-  c = {"u": jnp.array([1.0, -2.0, 0.5]), "v": jnp.array([[3.0, -1.0], [2.0, 0.0]])}
-  loss = lambda p: sum(jnp.sum(0.5 * a[k] * (p[k] - c[k]) ** 2) for k in p)
-  return a, c, loss
+# 2. Closed forms over many steps (one step of each setting: test_learner_contracts.py).
 
 
 def test_fixed_point_is_the_exact_gaussian_posterior_of_a_quadratic(x64):
   # loss(theta) = 1/2 sum a (theta - c)^2 per example, so the exact posterior of ess * loss with the prior
   # N(0, 1/(ess delta)) is N(a c / (a + delta), 1/(ess (a + delta))). With antithetic noise +-1/sqrt(ess (h + delta))
   # the price estimate is exactly h_hat = a and g_bar is the gradient at the mean, so IVON must converge to it.
-  a, c, loss = _quadratic()
+  (a, c), loss = quadratic(), quadratic().loss
   ess, wd = 50.0, 0.1
   tx = ivon(0.05, ess, hess_init=0.3, beta2=0.99, weight_decay=wd)
   params = jax.tree.map(jnp.zeros_like, c)
@@ -122,7 +120,7 @@ def test_fixed_point_is_the_exact_gaussian_posterior_of_a_quadratic(x64):
 
 def test_random_sampling_estimates_the_curvature_without_bias():
   # E[n g] = a / (ess (h + delta)) for g = a (m + n - c), so h_hat is unbiased for a; time-averaged h ≈ a.
-  a, c, loss = _quadratic()
+  (a, c), loss = quadratic(), quadratic().loss
   ess, wd = 100.0, 1e-4
   tx = ivon(0.05, ess, hess_init=1.0, beta2=0.995, weight_decay=wd)
   params = jax.tree.map(jnp.zeros_like, c)
@@ -141,39 +139,6 @@ def test_random_sampling_estimates_the_curvature_without_bias():
   chex.assert_trees_all_close(params, jax.tree.map(lambda a, c: a * c / (a + wd), a, c), atol=0.05)
 
 
-def _hand_step(hp, params, hess, mom, count, grads, noise):
-  """One IVON update written out in float64 numpy from the paper's equations (Shen et al. 2024, Alg. 1), leaf by leaf.
-
-  grads and noise carry the Monte-Carlo axis first; returns (updates, hess, momentum) as dicts.
-  """
-  lr, ess, h0, b1, b2, wd = (hp[k] for k in ("lr", "ess", "h0", "b1", "b2", "wd"))
-  clip = hp.get("clip", np.inf)
-  out = ({}, {}, {})
-  for k in params:
-    g, n = np.asarray(grads[k], np.float64), np.asarray(noise[k], np.float64)
-    p, h, m = (np.asarray(a[k], np.float64) for a in (params, hess, mom))
-    m = b1 * m + (1 - b1) * g.mean(0)
-    h_hat = ess * (h + wd) * (n * g).mean(0)
-    h_new = b2 * h + (1 - b2) * h_hat + 0.5 * (1 - b2) ** 2 * (h - h_hat) ** 2 / (h + wd)
-    step = np.clip((m / (1 - b1 ** (count + 1)) + wd * p) / (h_new + wd), -clip, clip)
-    out[0][k], out[1][k], out[2][k] = -lr * (h0 + wd) * step, h_new, m
-  return out
-
-
-def test_update_by_hand_one_step():
-  hp = dict(lr=0.3, ess=7.0, h0=0.8, b1=0.9, b2=0.95, wd=0.05)
-  tx = ivon(hp["lr"], hp["ess"], hp["h0"], hp["b1"], hp["b2"], hp["wd"])
-  params = {"x": jnp.array([0.7, -1.2])}
-  noise = {"x": jnp.array([[0.1, -0.3], [-0.2, 0.05]])}
-  grads = {"x": jnp.array([[1.0, 2.0], [-0.5, 0.4]])}
-  state = tx.init(params)
-  updates, state = tx.update(grads, state, params, noise=noise)
-  u, h, m = _hand_step(hp, params, {"x": np.full(2, 0.8)}, {"x": np.zeros(2)}, 0, grads, noise)
-  np.testing.assert_allclose(state.momentum["x"], m["x"], rtol=1e-6)
-  np.testing.assert_allclose(state.hess["x"], h["x"], rtol=1e-6)
-  np.testing.assert_allclose(updates["x"], u["x"], rtol=1e-6)
-
-
 def test_grads_without_mc_axis_mean_one_sample():
   tx = ivon(0.1, 10.0, beta2=0.9)
   params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
@@ -184,19 +149,6 @@ def test_grads_without_mc_axis_mean_one_sample():
   with_axis = tx.update(jax.tree.map(lambda x: x[None], grads), state, params,
                         noise=jax.tree.map(lambda x: x[None], noise))
   chex.assert_trees_all_equal(plain, with_axis)
-
-
-def test_gradsq_ignores_noise_and_matches_its_formula():
-  ess, wd, b2 = 10.0, 1e-3, 0.9
-  tx = ivon(0.1, ess, beta2=b2, weight_decay=wd, hess_approx="gradsq")
-  params = {"w": jnp.zeros(2)}
-  grads = {"w": jnp.array([[1.0, -2.0], [3.0, 0.5]])}
-  _, s1 = tx.update(grads, tx.init(params), params)
-  _, s2 = tx.update(grads, tx.init(params), params, noise={"w": jnp.ones((2, 2))})
-  h_hat = ess * jnp.mean(grads["w"] ** 2, 0)
-  h = b2 + (1 - b2) * h_hat + 0.5 * (1 - b2) ** 2 * (1 - h_hat) ** 2 / (1 + wd)
-  chex.assert_trees_all_close(s1.hess["w"], h, rtol=1e-6)
-  chex.assert_trees_all_equal(s1, s2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -235,119 +187,11 @@ def test_update_errors_name_the_argument():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 4. The optax battery (after optax/contrib/_common_test.py).
-
-
-def _problem(dtype=jnp.float32):
-  params = {"w": jnp.array([[0.5, -1.0], [2.0, 0.1]], dtype), "b": jnp.array([0.3, -0.2, 1.0], dtype)}
-  loss = lambda p: jnp.sum(p["w"] ** 2) + jnp.sum((p["b"] - 1.0) ** 2)
-  return params, loss
-
-
-def _ivon_step(tx, loss, ess=10.0, wd=1e-4, num_samples=2):
-  def step(key, params, state):
-    samples, noise = ivon_sample(key, state, params, ess, wd, num_samples)
-    grads = jax.vmap(jax.grad(lambda p: loss(p).astype(jnp.float32)))(samples)
-    updates, state = tx.update(grads, state, params, noise=noise)
-    return optax.apply_updates(params, updates), state
-  return step
-
-
-def test_jit_traces_once_and_state_keeps_structure():
-  params, loss = _problem()
-  tx = ivon(0.1, 10.0)
-  step = jax.jit(chex.assert_max_traces(_ivon_step(tx, loss), n=1))
-  state = tx.init(params)
-  struct = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-  for key in jax.random.split(jax.random.key(0), 3):
-    params, state = step(key, params, state)
-  assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == struct
-  assert isinstance(state, IVONState) and state.count.dtype == jnp.int32
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-def test_steps_on_low_precision_params_move_the_state_and_keep_its_dtypes(dtype):
-  # Three real steps on params of `dtype`: each matches the float64 hand formula on the same gradients and noise, the
-  # state keeps its structure and dtype (a lax.cond between the old and the new state compiles), and it moves.
-  dtype = jnp.dtype(dtype)
-  with jax.enable_x64(dtype == jnp.float64):
-    params0, loss = _problem(dtype)
-    hp = dict(lr=0.1, ess=10.0, h0=1.0, b1=0.9, b2=0.9, wd=1e-4)
-    tx = ivon(hp["lr"], hp["ess"], hp["h0"], hp["b1"], hp["b2"], hp["wd"])
-    update = jax.jit(tx.update)
-    pick = jax.jit(lambda take, old, new: jax.lax.cond(take, lambda: new, lambda: old))
-    state_dtype = jnp.promote_types(dtype, jnp.float32)
-    state_tol = 1e-12 if state_dtype == jnp.float64 else 1e-5
-    params, state = params0, tx.init(params0)
-    struct = jax.tree.map(lambda x: (x.shape, x.dtype), state)
-    for t, key in enumerate(jax.random.split(jax.random.key(1), 3)):
-      samples, noise = ivon_sample(key, state, params, hp["ess"], hp["wd"], 2)
-      grads = jax.vmap(jax.grad(lambda p: loss(p).astype(jnp.float32)))(samples)
-      updates, new_state = update(grads, state, params, noise=noise)
-      u, h, m = _hand_step(hp, params, state.hess, state.momentum, t, grads, noise)
-      chex.assert_trees_all_close(new_state.hess, h, rtol=state_tol)
-      chex.assert_trees_all_close(new_state.momentum, m, rtol=state_tol, atol=state_tol)
-      # The updates are rounded to the params' dtype: half an ulp of it, relative.
-      chex.assert_trees_all_close(jax.tree.map(lambda x: np.asarray(x, np.float64), updates), u,
-                                  rtol=max(float(jnp.finfo(dtype).eps), state_tol), atol=1e-12)
-      assert jax.tree.map(lambda x: (x.shape, x.dtype), new_state) == struct
-      assert all(x.dtype == dtype for x in jax.tree.leaves((updates, samples)))
-      state = pick(jnp.asarray(t >= 0), state, new_state)  # traced predicate: both branches must agree
-      params = optax.apply_updates(params, updates)
-      assert all(x.dtype == dtype for x in jax.tree.leaves(params))
-    assert update._cache_size() == 1 and pick._cache_size() == 1  # one trace: the state's types never changed
-    assert isinstance(state, IVONState) and int(state.count) == 3 and state.count.dtype == jnp.int32
-    assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == struct
-    assert all(x.dtype == state_dtype for x in jax.tree.leaves((state.hess, state.momentum)))
-    # The state and the params moved: h away from h0, a momentum, params by many ulps.
-    assert min(float(jnp.max(jnp.abs(x - hp["h0"]))) for x in jax.tree.leaves(state.hess)) > 0.05
-    assert min(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(state.momentum)) > 0.05
-    moved = jax.tree.map(lambda a, b: np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))), params,
-                         params0)
-    assert min(jax.tree.leaves(moved)) > 0.05, moved
-
-
-def _hand_trajectory(hp, params, loss, keys, num_samples=2):
-  """Params, updates and states of IVON steps by the hand formula, with the noise `ivon_sample` draws for each key."""
-  hess = jax.tree.map(lambda p: np.full(p.shape, hp["h0"]), params)
-  mom = jax.tree.map(lambda p: np.zeros(p.shape), params)
-  state = IVONState(jnp.zeros([], jnp.int32), mom, hess)
-  out = []
-  for t, key in enumerate(keys):
-    state = IVONState(jnp.asarray(t, jnp.int32), jax.tree.map(jnp.asarray, state.momentum),
-                      jax.tree.map(jnp.asarray, state.hess))
-    samples, noise = ivon_sample(key, state, jax.tree.map(jnp.float32, params), hp["ess"], hp["wd"], num_samples)
-    grads = jax.vmap(jax.grad(loss))(samples)
-    updates, hess, mom = _hand_step(hp, params, state.hess, state.momentum, t, grads, noise)
-    params = {k: np.asarray(params[k], np.float64) + updates[k] for k in params}
-    state = IVONState(t + 1, mom, hess)
-    out.append((params, updates, state))
-  return out
-
-
-def test_inject_hyperparams_matches_the_hand_formula():
-  params, loss = _problem()
-  hp = dict(lr=0.1, ess=10.0, h0=0.5, b1=0.9, b2=0.99, wd=1e-4, clip=0.5)
-  tx_inj = optax.inject_hyperparams(ivon)(learning_rate=0.1, ess=10.0, hess_init=0.5, beta2=0.99, clip_radius=0.5)
-  step_inj = jax.jit(_ivon_step(tx_inj, loss))
-  keys = jax.random.split(jax.random.key(2), 3)
-  p, s = params, tx_inj.init(params)
-  for key, (p_hand, u_hand, s_hand) in zip(keys, _hand_trajectory(hp, params, loss, keys)):
-    p_new, s = step_inj(key, p, s)
-    chex.assert_trees_all_close(jax.tree.map(lambda a, b: a - b, p_new, p), u_hand, rtol=1e-4, atol=1e-6)
-    chex.assert_trees_all_close(s.inner_state.hess, s_hand.hess, rtol=1e-4, atol=1e-6)
-    chex.assert_trees_all_close(s.inner_state.momentum, s_hand.momentum, rtol=1e-4, atol=1e-7)
-    assert max(float(jnp.max(jnp.abs(u))) for u in jax.tree.leaves(u_hand)) > 1e-2  # a real step, not all zeros
-    p = p_new
-  # A changed injected learning rate takes effect (as inject_hyperparams promises): no move, h still updates.
-  s.hyperparams["learning_rate"] = jnp.asarray(0.0)
-  p3, s3 = step_inj(jax.random.key(3), p, s)
-  chex.assert_trees_all_close(p3, p)
-  assert not np.allclose(s3.inner_state.hess["w"], s.inner_state.hess["w"])
+# 4. Schedules, wrappers and Flax params (the optax battery: test_learner_contracts.py).
 
 
 def test_learning_rate_schedule_uses_the_step_count():
-  params, loss = _problem()
+  params, loss = quadratic().start(), quadratic().loss
   sched = optax.linear_schedule(0.2, 0.0, 4)
   tx = ivon(sched, 10.0, beta2=0.99)
   state, update = tx.init(params), jax.jit(tx.update)
@@ -363,32 +207,8 @@ def test_learning_rate_schedule_uses_the_step_count():
   chex.assert_trees_all_close(u, jax.tree.map(jnp.zeros_like, u))  # schedule at 0 after 4 steps
 
 
-def test_multisteps_with_one_noise_equals_the_averaged_gradient():
-  params, _ = _problem()
-  tx = ivon(0.1, 10.0, beta2=0.99)
-  ms = optax.MultiSteps(tx, every_k_schedule=3)
-  noise = jax.tree.map(lambda p: 0.1 * jnp.ones_like(p), params)
-  grads = [jax.tree.map(lambda p, i=i: (i + 1.0) * p - i, params) for i in range(3)]
-  state = ms.init(params)
-  update = jax.jit(ms.update)
-  for i, g in enumerate(grads):
-    updates, state = update(g, state, params, noise=noise)
-    if i < 2:
-      chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
-  # Oracle: one IVON step by the hand formula on the averaged gradient (S = 1, the shared noise).
-  mean_grad = jax.tree.map(lambda *g: sum(g)[None] / 3, *grads)
-  hp = dict(lr=0.1, ess=10.0, h0=1.0, b1=0.9, b2=0.99, wd=1e-4)
-  u, h, m = _hand_step(hp, params, jax.tree.map(jnp.ones_like, params), jax.tree.map(jnp.zeros_like, params), 0,
-                       mean_grad, jax.tree.map(lambda n: n[None], noise))
-  chex.assert_trees_all_close(updates, u, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(find_ivon_state(state).hess, h, rtol=1e-5, atol=1e-7)
-  chex.assert_trees_all_close(find_ivon_state(state).momentum, m, rtol=1e-5, atol=1e-7)
-  assert int(find_ivon_state(state).count) == 1
-  assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(updates)) > 1e-2  # a real step, not all zeros
-
-
 def test_chain_passes_noise_and_find_ivon_state_digs_it_out():
-  params, loss = _problem()
+  params, loss = quadratic().start(), quadratic().loss
   tx = ivon(0.1, 10.0)
   chained = optax.chain(optax.identity(), tx, optax.scale(0.5))
   state, cstate = tx.init(params), chained.init(params)
@@ -415,7 +235,7 @@ def test_flax_linen_params_and_nnx_state():
 
   def fit(params, apply_fn):
     loss = lambda p: jnp.mean((apply_fn(p, x)[:, 0] - y) ** 2)
-    step = jax.jit(_ivon_step(tx, loss, ess, wd))
+    step = jax.jit(ivon_step(tx, loss, ess, wd))
     state, start = tx.init(params), loss(params)
     for key in jax.random.split(jax.random.key(1), 200):
       params, state = step(key, params, state)

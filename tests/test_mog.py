@@ -1,11 +1,10 @@
 """Mixture-of-Gaussians VI: recovering mixture targets exactly, K = 1 is VON, diagonal = full in 1-D, merging."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import logistic_regression
 from jax.scipy.special import logsumexp
 from jax.scipy.stats import multivariate_normal, norm
 
@@ -13,7 +12,7 @@ import bmerge
 from bmerge import merge
 from bmerge.optim import mog, von
 
-# The target of acceptance 5: 0.3 N(-2, 0.5^2) + 0.7 N(2, 0.5^2).
+# The bimodal target: 0.3 N(-2, 0.5^2) + 0.7 N(2, 0.5^2).
 WEIGHTS = np.array([0.3, 0.7])
 MEANS = np.array([-2.0, 2.0])
 PRECS = np.array([4.0, 4.0])
@@ -65,14 +64,6 @@ def test_k2_recovers_a_correlated_2d_mixture(x64):
   assert np.max(np.abs(state.precision - prec)) <= 0.02 * np.max(np.abs(prec))
 
 
-@functools.lru_cache(maxsize=None)
-def _logreg():
-  rng = np.random.default_rng(1)
-  x = np.concatenate([rng.normal(size=(60, 2)), np.ones((60, 1))], axis=1)
-  y = (rng.uniform(size=60) < 1 / (1 + np.exp(-x @ np.array([1.5, -1.0, 0.5])))).astype(float)
-  return lambda t: jnp.sum(jnp.logaddexp(0.0, x @ t) - y * (x @ t)) + 0.5 * t @ t
-
-
 @pytest.mark.parametrize("estimator, antithetic, control_variate, num_samples", [
     ("hessian", False, True, 3),  # any samples: the control variate removes E[a_1]'s Monte-Carlo term exactly
     ("hessian", True, False, 4),  # the plain estimator: antithetic pairs make that term 0 to rounding
@@ -81,7 +72,7 @@ def _logreg():
 def test_k1_is_von(x64, estimator, antithetic, control_variate, num_samples):
   # Same key, same samples, same trajectory. (VON's default PD form for Stein is a different precision step, so
   # Stein is compared with the plain form; MoG's halving never triggers here.)
-  loss = _logreg()
+  loss = logistic_regression(1, 60).loss
   kw = dict(num_samples=num_samples, estimator=estimator, antithetic=antithetic)
   algo_von = von.von(loss, 0.3, pd_correction=False, **kw)
   algo_mog = mog.mog(loss, 0.3, control_variate=control_variate, **kw)
@@ -175,17 +166,6 @@ def test_validation_names_the_argument(call, match):
     call()
 
 
-def test_factory_step_compiles_once_and_matches_fit(x64):
-  algo = mog.mog(_bimodal_loss, beta=FIT_1D["beta"], beta_w=FIT_1D["beta_w"], num_samples=FIT_1D["num_samples"])
-  s = algo.init(*INIT_1D)
-  for key in jax.random.split(jax.random.key(5), FIT_1D["num_steps"]):
-    s, _ = algo.step(key, s)
-  assert algo.step._cache_size() == 1
-  fitted = mog.fit(jax.random.key(5), _bimodal_loss, *INIT_1D, **FIT_1D)
-  np.testing.assert_allclose(fitted.mean, s.mean, rtol=1e-10)
-  np.testing.assert_allclose(fitted.log_weights, s.log_weights, rtol=1e-10, atol=1e-12)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # End to end: fitted mixtures straight into the mixture-weighted merge.
 
@@ -225,8 +205,8 @@ def test_mixture_merge_of_fitted_mixtures(x64):
 
 def test_k1_mixture_merge_equals_hessian_merge(x64):
   # A one-component mixture from MoG is VON's posterior (test_k1_is_von); EM with K = 1 is Eq. 10.
-  fitted = mog.fit(jax.random.key(0), _logreg(), np.zeros((1, 3)), np.eye(3)[None], 20, 0.5, num_samples=4,
-                   antithetic=True)
+  fitted = mog.fit(jax.random.key(0), logistic_regression(1, 60).loss, np.zeros((1, 3)), np.eye(3)[None], 20, 0.5,
+                   num_samples=4, antithetic=True)
   rng = np.random.default_rng(0)
   a = rng.normal(size=(3, 3))
   other = bmerge.Mixture(bmerge.FullGaussian(rng.normal(size=(1, 3)), (a @ a.T + np.eye(3))[None]), np.zeros(1))

@@ -7,11 +7,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+from conftest import ivon_step
 
 import bmerge
-from bmerge.optim import IVONState, ivon, ivon_posterior, ivon_sample
+from bmerge.optim import IVONState, ivon, ivon_posterior
 from bmerge.optim import multi_ivon
 
 ESS, WD = 32.0, 1e-3
@@ -41,13 +41,12 @@ def _fns(t):
     params = {"w": 0.1 * jax.random.normal(key, (3,)), "b": jnp.zeros(())}
     return Carry(params, TX.init(params))
 
+  train = ivon_step(TX, _loss, ESS, WD, 2)
+
   def step_fn(key, carry, step):
     i = (step % 4) * 8  # minibatches of 8 cycle over the 32 points
     xb, yb = jax.lax.dynamic_slice_in_dim(x, i, 8), jax.lax.dynamic_slice_in_dim(y, i, 8)
-    samples, noise = ivon_sample(key, carry.opt_state, carry.params, ESS, WD, 2)
-    grads = jax.vmap(jax.grad(_loss), in_axes=(0, None, None))(samples, xb, yb)
-    updates, opt_state = TX.update(grads, carry.opt_state, carry.params, noise=noise)
-    return Carry(optax.apply_updates(carry.params, updates), opt_state)
+    return Carry(*train(key, carry.params, carry.opt_state, xb, yb))
 
   posterior_fn = lambda c: ivon_posterior(c.params, c.opt_state, ESS, WD)
   return init_fn, step_fn, posterior_fn
@@ -107,7 +106,7 @@ def _flat(tree):
 
 
 def test_multi_ivon_mixtures_go_straight_into_the_merge_rules():
-  # Acceptance 7: per-task MultiIVON mixtures -> bmerge.merge.mixture_weighted; single IVON posteriors ->
+  # Per-task MultiIVON mixtures -> bmerge.merge.mixture_weighted; single IVON posteriors ->
   # bmerge.merge.hessian_weighted; K = 1 mixtures reduce to the Hessian-weighted merge.
   keys = jax.random.split(jax.random.key(1), 2)
   mixtures = [multi_ivon.collect(keys, *_fns(t), stop_steps=[10, 20, 30]) for t in range(2)]

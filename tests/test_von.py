@@ -1,11 +1,10 @@
 """Variational online Newton against closed forms: conjugate linear regression, Newton's step, the Laplace mean."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import logistic_regression
 
 import bmerge
 from bmerge import merge
@@ -27,25 +26,6 @@ def _linreg(seed, n=40, p=3):
   prec = x.T @ x / SIGMA2 + a0
   mean = np.linalg.solve(prec, x.T @ y / SIGMA2)
   return loss, mean, prec, (x, y, a0)
-
-
-@functools.lru_cache(maxsize=None)
-def _logreg(seed=1, n=100, p=3, repeat=1.0):
-  """Logistic regression (each example counted `repeat` times) with a N(0, I) prior, and its MAP by Newton's method."""
-  rng = np.random.default_rng(seed)
-  x = np.concatenate([rng.normal(size=(n, p - 1)), np.ones((n, 1))], axis=1)
-  y = (rng.uniform(size=n) < 1 / (1 + np.exp(-x @ np.array([1.5, -1.0, 0.5])))).astype(float)
-
-  def loss(theta):
-    z = x @ theta
-    return repeat * jnp.sum(jnp.logaddexp(0.0, z) - y * z) + 0.5 * theta @ theta
-
-  newton = jax.jit(lambda m: m - jnp.linalg.solve(jax.hessian(loss)(m), jax.grad(loss)(m)))
-  m = jnp.zeros(p)
-  for _ in range(30):
-    m = newton(m)
-  np.testing.assert_allclose(jax.grad(loss)(m), 0.0, atol=1e-9)
-  return loss, np.asarray(m), np.asarray(jax.hessian(loss)(m)), (x, y)
 
 
 def _rel(a, b):
@@ -74,7 +54,7 @@ def test_hessian_estimator_plain_samples_converge_in_expectation(x64):
 
 
 def test_rho_one_at_the_mean_is_newtons_method(x64):
-  loss, _, _, _ = _logreg()
+  loss = logistic_regression(1, 100).loss
   m = np.array([0.3, -0.2, 0.1])
   state = von.init(m, 2.0 * np.eye(3))
   g, h = jax.grad(loss)(m), jax.hessian(loss)(m)
@@ -83,18 +63,14 @@ def test_rho_one_at_the_mean_is_newtons_method(x64):
   np.testing.assert_allclose(out.mean, m - np.linalg.solve(h, g), rtol=1e-10)
 
 
-def test_one_step_with_rho_one_on_a_quadratic_is_the_exact_newton_step(x64):
-  # The Hessian is constant and antithetic pairs make the gradient average exactly the gradient at the mean, so one
-  # full VON step from anywhere lands on the minimiser, which is the posterior mean.
-  loss, mean, prec, _ = _linreg(3)
+def test_step_info_is_the_mean_loss_at_its_samples_and_the_step_size(x64):
+  # (One step against its closed form: the step-form battery in test_learner_contracts.py.)
+  loss, _, _, _ = _linreg(3)
   state = von.init(np.array([5.0, -3.0, 1.0]), 0.1 * np.eye(3))
-  out, info = von.step(jax.random.key(2), state, loss, rho=1.0, num_samples=4, antithetic=True)
-  np.testing.assert_allclose(out.precision, prec, rtol=1e-12)
-  np.testing.assert_allclose(out.mean, mean, rtol=1e-9)
-  # The info is the mean loss-bar at the step's samples (the same key draws the same samples) and the rho used.
-  samples = von.sample(jax.random.key(2), state, 4, antithetic=True)
+  _, info = von.step(jax.random.key(2), state, loss, rho=0.7, num_samples=4, antithetic=True)
+  samples = von.sample(jax.random.key(2), state, 4, antithetic=True)  # the same key draws the same samples
   np.testing.assert_allclose(info.loss, np.mean([loss(t) for t in samples]), rtol=1e-12)
-  assert float(info.step_size) == 1.0
+  assert float(info.step_size) == 0.7
 
 
 def test_logistic_regression_lands_on_the_laplace_mean(x64):
@@ -103,7 +79,8 @@ def test_logistic_regression_lands_on_the_laplace_mean(x64):
   # times, 6e-4 at 100, 2e-4 at 300. So the check uses strong curvature (each example counted 300 times, 3e4
   # effective examples), where the two must agree to 1e-3. (The paper setting, rho = 0.1, 3 samples, 25 steps, is
   # still 6e-3 away here: the mean contracts by (1 - rho) per step, and 0.9^25 = 0.07 of the start distance remains.)
-  loss, map_, hess, _ = _logreg(repeat=300.0)
+  problem = logistic_regression(1, 100, repeat=300.0)
+  loss, map_, hess = problem.loss, problem.map, problem.hessian
   rho = lambda i: jnp.where(i < 30, 0.5, 0.1)
   state = von.fit(jax.random.key(0), loss, np.zeros(3), np.eye(3), num_steps=60, rho=rho, num_samples=4,
                   antithetic=True)
@@ -124,7 +101,8 @@ def test_gauss_newton_equals_hessian_on_linear_regression(x64):
 
 def test_gauss_newton_helper_is_the_logistic_hessian(x64):
   # For logistic regression (linear logits, convex loss in the logits) the GGN is the exact Hessian.
-  loss, map_, _, (x, y) = _logreg()
+  problem = logistic_regression(1, 100)
+  loss, x = problem.loss, problem.x
   ggn = von.gauss_newton(lambda t: x @ t, lambda z: jax.nn.sigmoid(z) * (1 - jax.nn.sigmoid(z)),
                          regularizer_hessian=np.eye(3))
   theta = np.array([0.4, 0.1, -0.7])
@@ -180,36 +158,6 @@ def test_pd_correction_closed_form_and_positivity(x64):
   for key in jax.random.split(jax.random.key(6), 30):
     s, _ = algo.step(key, s)
     assert np.min(np.linalg.eigvalsh(s.precision)) > 0
-
-
-def test_fit_equals_a_loop_of_jitted_steps(x64):
-  loss, _, _, _ = _logreg()
-  kw = dict(rho=0.3, num_samples=3, estimator="stein")
-  fitted = von.fit(jax.random.key(7), loss, np.zeros(3), np.eye(3), num_steps=8, **kw)
-  algo = von.von(loss, **kw)
-  s = algo.init(np.zeros(3), np.eye(3))
-  for key in jax.random.split(jax.random.key(7), 8):
-    s, _ = algo.step(key, s)
-  np.testing.assert_allclose(fitted.mean, s.mean, rtol=1e-10)
-  np.testing.assert_allclose(fitted.precision, s.precision, rtol=1e-10)
-  assert fitted.mean.dtype == jnp.float64 and fitted.precision.shape == (3, 3)
-
-
-def test_step_compiles_once():
-  calls = []
-
-  def loss(t):
-    calls.append(None)  # runs once per trace
-    return jnp.sum(t**2)
-
-  algo = von.von(loss, rho=0.5, num_samples=2)
-  s = algo.init(jnp.zeros(2), jnp.eye(2))
-  s, _ = algo.step(jax.random.key(0), s)
-  n = len(calls)
-  for key in jax.random.split(jax.random.key(1), 3):
-    s, _ = algo.step(key, s)
-  assert len(calls) == n
-  assert s.mean.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("kwargs, match", [
