@@ -436,7 +436,9 @@ def _pareto(p: _Previews, ex: Optional[_Exact], s: _Setup) -> dict:
       fc = metrics.compare_fronts(ex.alphas, v[ex.rows], ex.per_task, s.maximize)
       out[n] = {"recall": fc.recall, "igd": fc.igd, "igd_plus": fc.igd_plus,
                 "hypervolume_exact": fc.hypervolume_exact, "hypervolume_preview": fc.hypervolume_preview,
-                "exact_front_size": int(fc.exact_front.size), "preview_front_size": int(fc.preview_front.size)}
+                "exact_front_size": int(fc.exact_front.size), "preview_front_size": int(fc.preview_front.size),
+                "epsilon": fc.epsilon.tolist(), "recall_random": fc.random_recall,
+                "igd_plus_random": fc.random_igd_plus, "hypervolume_random": fc.random_hypervolume}
   return {"pareto": out}
 
 

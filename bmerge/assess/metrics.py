@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from typing import Mapping, NamedTuple, Optional, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "best",
     "bootstrap_interval",
     "compare_fronts",
+    "front_reference",
     "histogram",
     "hypervolume",
     "igd_plus",
@@ -359,42 +361,115 @@ def igd_plus(points, reference_front, maximize: bool = True) -> float:
   return float(moocore.igd_plus(pts, ref=ref, maximise=maximize))
 
 
+def front_reference(exact, maximize: bool = True) -> np.ndarray:
+  r"""The hypervolume reference point of a set of exact results: the exact front's nadir, 10 % of its range further out.
+
+  With E the exact Pareto front of `exact` [G, M] and s = +1 to maximise (-1 to minimise), per column j
+
+  .. math:: r_j = s \big( \min_{e \in E} s\,m_{ej} - 0.1\,(\max_{e \in E} s\,m_{ej} - \min_{e \in E} s\,m_{ej}) \big),
+
+  so the front's extreme points add volume too (with the nadir itself as reference they would add none), and alphas
+  that give a task up entirely (worse than every front point there) add nothing. A column whose front range is 0
+  takes the range of all G rows instead, and 1 where that is 0 too. `compare_fronts` and the Pareto-front benchmark
+  (`experiments/pareto.py`) measure every hypervolume against this point.
+
+  Args:
+    exact: [G, M] exact metrics (e.g. per-task accuracy of joint training at every alpha).
+    maximize: whether larger is better in every column.
+
+  Returns:
+    [M] the reference point, in the metrics' units.
+
+  Example:
+    >>> from bmerge import metrics
+    >>> exact = [[0.9, 0.1], [0.6, 0.6], [0.1, 0.9], [0.05, 0.05]]   # the last row is off the front
+    >>> metrics.front_reference(exact).round(3).tolist()           # front nadir 0.1, range 0.8
+    [0.02, 0.02]
+  """
+  sign = _sign(maximize)
+  values = sign * _checks.matrix(exact, "exact", what="[G, M]")
+  front = values[pareto_front(values)]
+  nadir, span = front.min(axis=0), front.max(axis=0) - front.min(axis=0)
+  span = np.where(span > 0, span, np.ptp(values, axis=0))
+  return sign * (nadir - 0.1 * np.where(span > 0, span, 1.0))
+
+
+def _front_span(values: np.ndarray) -> np.ndarray:
+  """[M] the range of the Pareto front of `values` (larger is better), per column."""
+  front = values[pareto_front(values)]
+  return front.max(axis=0) - front.min(axis=0)
+
+
+def _covered(chosen: np.ndarray, targets: np.ndarray, eps: np.ndarray) -> np.ndarray:
+  """[len(targets)] bool: some row of `chosen` reaches every column of a target row to within eps (larger is
+  better), i.e. additively eps-dominates it."""
+  if len(chosen) == 0:
+    return np.zeros(len(targets), dtype=bool)
+  return np.any(np.all(chosen[None, :, :] >= targets[:, None, :] - eps, axis=-1), axis=1)
+
+
+def _random_subsets(num_rows: int, size: int, num_samples: int, seed: int):
+  """Every `size`-subset of range(num_rows) when there are at most `num_samples` of them, else `num_samples` uniform
+  random ones (`np.random.default_rng(seed)`)."""
+  if math.comb(num_rows, size) <= num_samples:
+    return [np.asarray(c, dtype=np.int64) for c in itertools.combinations(range(num_rows), size)]
+  rng = np.random.default_rng(seed)
+  return [np.sort(rng.choice(num_rows, size, replace=False)) for _ in range(num_samples)]
+
+
 class FrontComparison(NamedTuple):
-  """The preview's Pareto front judged by the exact metrics of its alphas."""
+  """The preview's Pareto front judged by the exact metrics of its alphas, next to a random subset of its size."""
 
   exact_front: np.ndarray  # [F] indices of the exact front
   preview_front: np.ndarray  # [F'] indices of the preview's front
-  recovered: np.ndarray  # indices on both fronts
+  recovered: np.ndarray  # indices of the exact front within `epsilon` of the preview front's exact values
   recall: float  # |recovered| / |exact_front|: share of the truly Pareto-optimal alphas the preview finds
   igd: float  # inverted generational distance, see `compare_fronts`
   igd_plus: float  # IGD+ (Pareto compliant), see `igd_plus`
   hypervolume_exact: float  # HV of exact[exact_front]
   hypervolume_preview: float  # HV of exact[preview_front]
-  reference: np.ndarray  # [M] the HV reference point: column-wise worst of `exact` minus 10 % of its range
+  reference: np.ndarray  # [M] the HV reference point (`front_reference`)
+  epsilon: np.ndarray  # [M] the tolerance of `recall`, in the metrics' units
+  random_recall: float  # the mean recall of a uniformly random subset of F' alphas (exact)
+  random_igd_plus: float  # its mean IGD+
+  random_hypervolume: float  # its mean HV
 
 
-def compare_fronts(alphas, preview, exact, maximize: bool = True) -> FrontComparison:
+def compare_fronts(alphas, preview, exact, maximize: bool = True, *, epsilon=None, num_samples: int = 200,
+                   seed: int = 0) -> FrontComparison:
   r"""Compares the Pareto front of the preview with the exact one, for several metrics per alpha ([G, M]).
 
   The question is whether the alphas the preview calls Pareto-optimal are really good trade-offs (the view of the
   paper's later version, "Variational Model Merging for Pareto Front Estimation in Multitask Finetuning"). With E the
-  exact front and P the preview's front (both sets of grid indices), and every score computed on the *exact*
-  metrics m:
+  exact front and P the preview's front (both sets of grid indices), every score computed on the *exact*
+  metrics m, and s = +1 to maximise (-1 to minimise):
 
-  * recall = |E ∩ P| / |E|, the share of exactly Pareto-optimal alphas the preview recovers;
+  * recall: the share of E that P reaches to within epsilon in every metric,
+    :math:`\frac{1}{|E|}\,\big|\{e \in E : \exists p \in P,\ \forall j:\ s\,m_{pj} \ge s\,m_{ej} - \epsilon_j\}\big|`
+    (additive epsilon-dominance; with epsilon = 0 only the front's own points, or ties, count);
   * IGD (inverted generational distance, Coello & Cortés 2005): the mean over the exact front of the distance to the
     nearest alpha of the preview front, 0 when P covers E, in the units of the metric:
     :math:`\frac{1}{|E|}\sum_{e \in E} \min_{p \in P} \|m(\alpha_e) - m(\alpha_p)\|_2`;
   * IGD+ (`igd_plus`) of m[P] against m[E]: the same with only shortfalls counted, Pareto compliant;
-  * the hypervolumes HV(m[E]; r) and HV(m[P]; r) (`hypervolume`, any M) with r the column-wise worst exact metric
-    moved 10 % of the column's range further out (the usual "slightly worse than the nadir" reference);
-    HV(m[P]) <= HV(m[E]), with equality when the preview's choices lose nothing.
+  * the hypervolumes HV(m[E]; r) and HV(m[P]; r) (`hypervolume`, any M) with r = `front_reference(exact)`, the exact
+    front's nadir moved 10 % of its range further out; HV(m[P]) <= HV(m[E]), with equality when the preview's choices
+    lose nothing.
+
+  Each score of P is worth reading next to that of a uniformly random subset S of |P| alphas of the grid, which a
+  preview that knows nothing also achieves: the mean recall is exact,
+  :math:`\frac{1}{|E|}\sum_{e \in E} \big(1 - \binom{G - c_e}{|P|} / \binom{G}{|P|}\big)` with :math:`c_e` the
+  number of alphas that reach e to within epsilon; the mean IGD+ and HV are averaged over every subset when there are
+  at most `num_samples` of them, else over `num_samples` random ones.
 
   Args:
     alphas: [G, T] the grid (used for validation of G only; the indices refer to its rows).
     preview: [G, M] preview metrics (e.g. per-task accuracy of the merged model).
     exact: [G, M] exact metrics.
     maximize: whether larger is better in every column.
+    epsilon: the tolerance of `recall` in the metrics' units, one value or [M]; default 1 % of the exact front's range
+      per column (a tenth of the reference point's margin).
+    num_samples: random subsets behind the mean IGD+ and HV of a random subset.
+    seed: seed of those subsets.
 
   Returns:
     A `FrontComparison`.
@@ -405,8 +480,10 @@ def compare_fronts(alphas, preview, exact, maximize: bool = True) -> FrontCompar
     >>> exact = np.array([[0.9, 0.1], [0.6, 0.6], [0.1, 0.9], [0.5, 0.5]])
     >>> preview = np.array([[0.9, 0.2], [0.4, 0.4], [0.2, 0.9], [0.5, 0.5]])
     >>> c = metrics.compare_fronts(np.ones((4, 1)), preview, exact)
-    >>> c.exact_front.tolist(), c.preview_front.tolist(), round(c.recall, 3)
-    ([0, 1, 2], [0, 2, 3], 0.667)
+    >>> c.exact_front.tolist(), c.preview_front.tolist(), round(c.recall, 3), round(c.random_recall, 3)
+    ([0, 1, 2], [0, 2, 3], 0.667, 0.75)
+    >>> round(metrics.compare_fronts(np.ones((4, 1)), preview, exact, epsilon=0.1).recall, 3)   # (.5, .5) reaches (.6, .6)
+    1.0
   """
   sign = _sign(maximize)
   exact = _checks.matrix(exact, "exact", what="[G, M]")
@@ -414,19 +491,35 @@ def compare_fronts(alphas, preview, exact, maximize: bool = True) -> FrontCompar
   if preview.shape != exact.shape:
     raise ValueError(f"`preview` has shape {preview.shape} but `exact` has {exact.shape}; expected equal shapes.")
   _checks.matrix(alphas, "alphas", rows=exact.shape[0], rows_of="`exact`")
+  num_samples = _checks.positive_int(num_samples, "num_samples")
+  seed = _checks.integer(seed, "seed", minimum=0)
+  g, m = exact.shape
+  values = sign * exact
+  if epsilon is None:
+    eps = 0.01 * _front_span(values)
+  else:
+    eps = _checks.numeric(epsilon, "epsilon")
+    if eps.ndim > 1 or (eps.ndim == 1 and eps.shape[0] != m) or not np.all(np.isfinite(eps)) or np.any(eps < 0):
+      raise ValueError(f"`epsilon` must be one non-negative value or {m} (one per column of `exact`), got {epsilon!r}.")
+    eps = np.broadcast_to(eps, (m,)).astype(np.float64)
   e_front = pareto_front(exact, maximize)
   p_front = pareto_front(preview, maximize)
-  recovered = np.intersect1d(e_front, p_front)
-  # Reference: 10 % of the range beyond the column-wise worst exact value, so the extreme points of the front add
-  # volume too (with the worst point itself as reference they would add none).
-  worst, top = np.min(sign * exact, axis=0), np.max(sign * exact, axis=0)
-  ref = sign * (worst - 0.1 * np.where(top > worst, top - worst, 1.0))
+  recovered = e_front[_covered(values[p_front], values[e_front], eps)]
+  ref = front_reference(exact, maximize)
+  # A random subset of |P| alphas: the chance that it holds one of the c_e alphas that reach e is exact.
+  k = p_front.size
+  reach = np.sum(np.all(values[None, :, :] >= values[e_front][:, None, :] - eps, axis=-1), axis=1)
+  random_recall = float(np.mean([1.0 - math.comb(g - int(c), k) / math.comb(g, k) for c in reach]))
+  subsets = _random_subsets(g, k, num_samples, seed)
   return FrontComparison(exact_front=e_front, preview_front=p_front, recovered=recovered,
                          recall=float(recovered.size / e_front.size),
                          igd=float(moocore.igd(exact[p_front], ref=exact[e_front])),
                          igd_plus=igd_plus(exact[p_front], exact[e_front], maximize),
                          hypervolume_exact=hypervolume(exact[e_front], ref, maximize),
-                         hypervolume_preview=hypervolume(exact[p_front], ref, maximize), reference=ref)
+                         hypervolume_preview=hypervolume(exact[p_front], ref, maximize), reference=ref,
+                         epsilon=eps, random_recall=random_recall,
+                         random_igd_plus=float(np.mean([igd_plus(exact[s], exact[e_front], maximize) for s in subsets])),
+                         random_hypervolume=float(np.mean([hypervolume(exact[s], ref, maximize) for s in subsets])))
 
 
 # ----------------------------------------------------------------------------------------------------------------

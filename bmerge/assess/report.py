@@ -308,17 +308,27 @@ def _pareto_section(summary) -> list[str]:
   lines = ["## Per-task metrics: Pareto fronts", "",
            f"Each alpha gives one metric per task{tasks}. The exact front is the set of alphas whose joint-training "
            "metrics no other alpha beats in every task; a preview's front is the same for its own predictions. "
-           "Judged on the exact metrics: recall is the share of the exact front's alphas the preview's front also "
-           "holds; IGD the mean distance from the exact front to the nearest alpha of "
+           "Judged on the exact metrics: recall is the share of the exact front's alphas that some alpha of the "
+           "preview's front reaches to within epsilon in every task (epsilon: 1 % of the exact front's range per "
+           "task); IGD the mean distance from the exact front to the nearest alpha of "
            "the preview's front; IGD+ the same counting only shortfalls (Pareto compliant; 0 is perfect); HV the "
-           "hypervolume of the exact metrics at the preview front's alphas, as a share of the exact front's.", "",
-           "| method | recall | IGD | IGD+ | HV share | preview front size | exact front size |",
-           "|---|---|---|---|---|---|---|"]
+           "hypervolume of the exact metrics at the preview front's alphas, as a share of the exact front's "
+           "(reference: the exact front's nadir, 10 % of its range further out). In (parentheses): the mean of a "
+           "uniformly random subset of as many alphas, what a preview that knows nothing gets.", "",
+           "| method | recall (random) | IGD | IGD+ (random) | HV share (random) | preview front size | "
+           "exact front size |", "|---|---|---|---|---|---|---|"]
   for m, v in pareto.items():
-    hv = v.get("hypervolume_preview")
-    share = f"{hv / v['hypervolume_exact']:.3f}" if hv is not None and v.get("hypervolume_exact") else "n/a"
+    hv, total = v.get("hypervolume_preview"), v.get("hypervolume_exact")
+    share = f"{hv / total:.3f}" if hv is not None and total else "n/a"
     igd_plus = f"{v['igd_plus']:.4f}" if v.get("igd_plus") is not None else "n/a"
-    lines.append(f"| {m} | {v['recall']:.2f} | {v['igd']:.4f} | {igd_plus} | {share} | {v['preview_front_size']} | "
+    recall = f"{v['recall']:.2f}"
+    if v.get("recall_random") is not None:
+      recall += f" ({v['recall_random']:.2f})"
+    if v.get("igd_plus_random") is not None and v.get("igd_plus") is not None:
+      igd_plus += f" ({v['igd_plus_random']:.4f})"
+    if v.get("hypervolume_random") is not None and total:
+      share += f" ({v['hypervolume_random'] / total:.3f})"
+    lines.append(f"| {m} | {recall} | {v['igd']:.4f} | {igd_plus} | {share} | {v['preview_front_size']} | "
                  f"{v['exact_front_size']} |")
   return lines + [""]
 
