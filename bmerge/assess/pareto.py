@@ -63,6 +63,7 @@ import scipy.optimize
 
 from bmerge import _checks
 from bmerge import _fingerprint
+from bmerge.assess import metrics
 from bmerge.grid import lattice
 
 __all__ = ["MODELS", "ParetoEstimate", "ParetoHistory", "estimate", "recommend"]
@@ -212,11 +213,12 @@ def _correct(preview, alphas, verified_idx, exact_max):
 def _eps_nondominated(values, eps):
   """Rows not dominated by another row by a margin eps (per row, per task): no j with v_j >= v_i + eps_i."""
   keep = np.ones(len(values), dtype=bool)
+  front = values[moocore.is_nondominated(values, maximise=True)]  # a row dominating by eps has a front row that does
   for start in range(0, len(values), 512):
     block = values[start:start + 512]
     margin = block + eps[start:start + 512]
-    dominated = np.all(values[None, :, :] >= margin[:, None, :], axis=-1) & np.any(
-        values[None, :, :] > margin[:, None, :], axis=-1)
+    dominated = np.all(front[None, :, :] >= margin[:, None, :], axis=-1) & np.any(
+        front[None, :, :] > margin[:, None, :], axis=-1)
     keep[start:start + 512] = ~np.any(dominated, axis=1)
   return np.flatnonzero(keep)
 
@@ -350,8 +352,10 @@ def estimate(alphas, preview: Union[np.ndarray, Callable[[np.ndarray], np.ndarra
     key: an int seed or a `jax.random` key; breaks ties between candidates of equal predicted contribution.
     maximize: whether larger is better, for all tasks or one bool per task.
     batch_size: alphas per call of `exact_fn` (the last batch may be smaller).
-    reference: [T] the hypervolume reference point in the metrics' units; default: the worst predicted value of
-      each task over the initial candidates, moved 10 % of the predicted range further out.
+    reference: [T] the hypervolume reference point in the metrics' units; default: `metrics.front_reference` of
+      the current prediction (the predicted front's nadir moved 10 % of its range further out, per task), recomputed
+      after every calibration, so a preview in other units than the exact values (a biased one) does not leave it
+      beyond every exact value.
     workdir: where verified runs are stored (keyed by the content of `exact_fn` and of each alpha); a rerun with the
       same inputs reads them instead of calling `exact_fn` again.
 
@@ -372,9 +376,8 @@ def estimate(alphas, preview: Union[np.ndarray, Callable[[np.ndarray], np.ndarra
   preview_fn = preview if callable(preview) else None
   values = _values(preview_fn(alphas) if preview_fn else preview, alphas.shape, "preview")
   prior = values * sign  # every task "larger is better" from here on
-  if reference is None:
-    lo, hi = prior.min(axis=0), prior.max(axis=0)
-    ref = lo - 0.1 * np.maximum(hi - lo, 1e-12)
+  if reference is None:  # follows the prediction: calibrated values may sit far from the preview's units
+    ref = metrics.front_reference(prior)
   else:
     ref = _values(np.reshape(reference, (1, -1)) if np.ndim(reference) == 1 else reference, (1, num_tasks),
                   "reference")[0] * sign
@@ -387,7 +390,8 @@ def estimate(alphas, preview: Union[np.ndarray, Callable[[np.ndarray], np.ndarra
     pass
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(alphas))
-  spacing, finest = _spacing(alphas), _spacing(alphas) / 4
+  spacing = _spacing(alphas) if preview_fn is not None else 0.0  # refinement only with a callable preview
+  finest = spacing / 4
 
   store = _Store(workdir, exact_fn)
   errors: list = []
@@ -414,12 +418,14 @@ def estimate(alphas, preview: Union[np.ndarray, Callable[[np.ndarray], np.ndarra
         prior = np.concatenate([prior, _values(preview_fn(fresh), fresh.shape, "preview(refined alphas)") * sign])
         order = np.concatenate([order, len(order) + rng.permutation(len(fresh))])
     pred, std, models, rmse = _correct(prior, alphas, verified_idx, verified_vals)
+    if reference is None:
+      ref = metrics.front_reference(pred)
     hist_n.append(len(verified_idx))
-    hist_hv.append(_hv(verified_vals, ref))
     hist_model.append(models)
     hist_rmse.append(rmse)
 
   front = np.flatnonzero(moocore.is_nondominated(np.where(np.isfinite(pred), pred, -np.inf), maximise=True))
+  hist_hv = [_hv(verified_vals[:n], ref) for n in hist_n]  # against the final reference, comparable across rows
   history = ParetoHistory(np.asarray(hist_n, dtype=np.int64), np.asarray(hist_hv),
                           np.asarray(hist_model, dtype=str).reshape(-1, num_tasks),
                           np.asarray(hist_rmse).reshape(-1, num_tasks))
