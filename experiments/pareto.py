@@ -125,13 +125,14 @@ def load_problem(folder) -> Problem:
 
 
 def synthetic_problem(spacing: float = 0.1, seeds: int = 2, seed: int = 0) -> Problem:
-  """Three tasks with a curved exact front, interior alphas a little worse (interference), accuracies on a grid of
-  1/400; two previews: `good` (a monotone distortion of the exact values with a smooth bias in alpha, as a merged
-  model's accuracy often is) and `poor` (a larger bias that moves its front), each with seed noise."""
+  """Three tasks with a curved exact front and worse interior alphas (interference: about 40 % of the alphas are on
+  the front), accuracies on a grid of 1/400; two previews: `good` (a monotone distortion of the exact values with a
+  smooth bias in alpha, as a merged model's accuracy often is) and `poor` (a larger bias that moves its front), each
+  with seed noise."""
   alphas = lattice.simplex(3, spacing)
   rng = np.random.default_rng(seed)
-  interference = 0.5 * np.prod(alphas, axis=1, keepdims=True) * 27 / 4
-  exact = 0.55 + 0.4 * np.sqrt(alphas) - 0.05 * interference + 0.02 * alphas[:, [1, 2, 0]]
+  interference = 27 * np.prod(alphas, axis=1, keepdims=True)  # 1 at the centre, 0 on the edges
+  exact = 0.55 + 0.4 * np.sqrt(alphas) - 0.3 * interference + 0.02 * alphas[:, [1, 2, 0]]
   exact = np.round(exact * 400) / 400
   good, poor, exacts = [], [], []
   for _ in range(seeds):
@@ -339,6 +340,7 @@ def share_figure(result: dict, problem_list: list[Problem], config, path: pathli
     ax.axhline(1.0, color="k", linewidth=0.6)
     ax.set_xscale("log")
     ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.minorticks_off()
     ax.set_title(f"{p.name} (recommended: {p.recommend})", fontsize=9)
     ax.set_xlabel("B (exact runs)")
     ax.set_ylabel("hv_share")
@@ -359,7 +361,7 @@ def front_figure(problem: Problem, budget: int, path: pathlib.Path) -> pathlib.P
   front = metrics.pareto_front(exact)
   pairs = list(itertools.combinations(range(t), 2))
   panels = len(pairs) + (1 if t == 3 else 0)
-  fig = Figure(figsize=(3.6 * panels, 3.4), dpi=110, layout="constrained")
+  fig = Figure(figsize=(3.6 * panels, 3.8), dpi=110, layout="constrained")
   axes = fig.subplots(1, panels, squeeze=False)[0]
   lo, hi = plot.front_view(exact[front])
   raw = problem.previews[problem.recommend][0]
@@ -379,7 +381,7 @@ def front_figure(problem: Problem, budget: int, path: pathlib.Path) -> pathlib.P
     ax.set_ylabel(problem.task_names[j], fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-  axes[0].legend(fontsize=6)
+  fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=5, fontsize=7)
   if t == 3:
     ax = axes[-1]
     xy = plot.barycentric_to_cartesian

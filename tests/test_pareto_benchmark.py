@@ -165,7 +165,8 @@ def test_a_compare_folder_loads_with_previews_on_the_exact_rows(tmp_path):
   exact_alphas = alphas[::2]
 
   def score(theta, _):  # [overall, task 1, task 2] losses: smaller is better
-    per_task = jnp.array([jnp.sum((theta - jnp.array([0.0, 1.0])) ** 2), jnp.sum((theta - jnp.array([2.0, -1.0])) ** 2)])
+    per_task = jnp.stack([jnp.sum((theta - jnp.array([0.0, 1.0])) ** 2),
+                          jnp.sum((theta - jnp.array([2.0, -1.0])) ** 2)])
     return jnp.concatenate([jnp.mean(per_task, keepdims=True), per_task])
 
   joint = np.array([[0.5, 0.3, 0.7]]) * np.ones((len(exact_alphas), 1)) + exact_alphas[:, :1]

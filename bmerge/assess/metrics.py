@@ -482,7 +482,8 @@ def compare_fronts(alphas, preview, exact, maximize: bool = True, *, epsilon=Non
     >>> c = metrics.compare_fronts(np.ones((4, 1)), preview, exact)
     >>> c.exact_front.tolist(), c.preview_front.tolist(), round(c.recall, 3), round(c.random_recall, 3)
     ([0, 1, 2], [0, 2, 3], 0.667, 0.75)
-    >>> round(metrics.compare_fronts(np.ones((4, 1)), preview, exact, epsilon=0.1).recall, 3)   # (.5, .5) reaches (.6, .6)
+    >>> c = metrics.compare_fronts(np.ones((4, 1)), preview, exact, epsilon=0.1)   # (.5, .5) reaches (.6, .6)
+    >>> round(c.recall, 3)
     1.0
   """
   sign = _sign(maximize)
@@ -511,6 +512,7 @@ def compare_fronts(alphas, preview, exact, maximize: bool = True, *, epsilon=Non
   reach = np.sum(np.all(values[None, :, :] >= values[e_front][:, None, :] - eps, axis=-1), axis=1)
   random_recall = float(np.mean([1.0 - math.comb(g - int(c), k) / math.comb(g, k) for c in reach]))
   subsets = _random_subsets(g, k, num_samples, seed)
+  random_igd_plus = float(np.mean([igd_plus(exact[s], exact[e_front], maximize) for s in subsets]))
   return FrontComparison(exact_front=e_front, preview_front=p_front, recovered=recovered,
                          recall=float(recovered.size / e_front.size),
                          igd=float(moocore.igd(exact[p_front], ref=exact[e_front])),
@@ -518,7 +520,7 @@ def compare_fronts(alphas, preview, exact, maximize: bool = True, *, epsilon=Non
                          hypervolume_exact=hypervolume(exact[e_front], ref, maximize),
                          hypervolume_preview=hypervolume(exact[p_front], ref, maximize), reference=ref,
                          epsilon=eps, random_recall=random_recall,
-                         random_igd_plus=float(np.mean([igd_plus(exact[s], exact[e_front], maximize) for s in subsets])),
+                         random_igd_plus=random_igd_plus,
                          random_hypervolume=float(np.mean([hypervolume(exact[s], ref, maximize) for s in subsets])))
 
 
