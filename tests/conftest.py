@@ -9,6 +9,8 @@ data missing.
 
 import functools
 import os
+import subprocess
+import sys
 from typing import Callable, NamedTuple
 
 import jax
@@ -18,6 +20,7 @@ import optax
 import pytest
 
 REQUIRE_DATA = "BMERGE_REQUIRE_DATA"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
@@ -51,6 +54,20 @@ def x64():
   """Runs the test body with float64 enabled (the oracle precision)."""
   with jax.enable_x64(True):
     yield
+
+
+def run_python(code: str, *, devices=None, timeout: float = 300, **env) -> str:
+  """Runs `code` in a fresh Python process that imports bmerge from this checkout, and returns its stdout.
+
+  With `devices`, JAX sees that many CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count). Keywords are
+  set as environment variables. A non-zero exit fails the test with the end of the process's stderr.
+  """
+  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **env)
+  if devices is not None:
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------

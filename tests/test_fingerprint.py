@@ -2,9 +2,6 @@
 equal content hashes the same, in this process and in a fresh one; what cannot be read is refused by type and place."""
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 import threading
 
@@ -12,14 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_python
 
 import bmerge
 from bmerge import _fingerprint
 from bmerge import grid
 from bmerge import merge
 from bmerge._fingerprint import fingerprint
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _scaled(scale):
@@ -162,10 +158,7 @@ def test_equal_inputs_fingerprint_the_same_here_and_in_a_fresh_process():
   here = _fingerprint.fingerprints(scope["build"]())
   assert here == _fingerprint.fingerprints(scope["build"]())  # equal objects built twice
   code = EQUAL_INPUTS + "from bmerge import _fingerprint\nprint(sorted(_fingerprint.fingerprints(build()).items()))"
-  env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert proc.stdout.strip() == str(sorted(here.items()))
+  assert run_python(code, timeout=120).strip() == str(sorted(here.items()))
   # Each input changes the combined key: one entry of one array is enough.
   changed = scope["build"]()
   changed["nnx"] = jax.tree.map(lambda x: x.at[0].add(1.0) if x.ndim else x, changed["nnx"])

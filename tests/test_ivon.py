@@ -8,8 +8,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 
 import chex
@@ -18,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ivon_step, quadratic
+from conftest import REPO, ivon_step, quadratic, run_python
 
 import bmerge
 from bmerge import checkpoint
@@ -26,7 +24,6 @@ from bmerge.optim import IVONState, find_ivon_state, ivon, ivon_posterior, ivon_
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 SETTINGS = ("defaults", "mc3_clip", "norescale_nodebias", "gradsq")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -312,10 +309,7 @@ def test_two_host_devices_shard_map_and_sharded_jit():
       np.testing.assert_allclose(out[1].hess["b"], ref[1].hess["b"], rtol=1e-5)
       print("OK")
   """)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+  assert "OK" in run_python(script, devices=2, timeout=120)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -368,7 +362,7 @@ def test_predictive_averages_over_posterior_samples():
 
 
 def test_readme_example():
-  guide = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bmerge", "GUIDE.md")).read()
+  guide = open(os.path.join(REPO, "bmerge", "GUIDE.md")).read()
   code = guide.split("<!-- guide-code:")[1].split("```python\n", 1)[1].split("```", 1)[0]
   scope = {"__name__": "guide_ivon"}
   exec(compile(code, "bmerge/GUIDE.md (IVON)", "exec"), scope)

@@ -1,12 +1,10 @@
 """The grid axis is sharded across devices and the results equal the single-device ones."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
+from conftest import run_python
 
 # Inputs and the computations, run once in a 4-device subprocess and once here on one device.
 SETUP = textwrap.dedent("""
@@ -43,11 +41,11 @@ SETUP = textwrap.dedent("""
       }
 """)
 
-# Where arrays live, for the 4-device subprocesses: which rows of axis 0 each device holds, and a spy on the compiled
-# merge-and-evaluate call of `bmerge.preview` that keeps every chunk's output (a jax.Array still on the devices).
+# Where arrays live, for the 4-device subprocesses (run_python(..., devices=4)): which rows of axis 0 each device
+# holds, and a spy on the compiled merge-and-evaluate call of `bmerge.preview` that keeps every chunk's output (a
+# jax.Array still on the devices).
 PLACEMENT = textwrap.dedent("""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax
 
     def rows_by_device(x):  # {device id: (first row, end row)} of axis 0, for every device holding a piece of x
@@ -122,9 +120,7 @@ SCRIPT = PLACEMENT + SETUP + textwrap.dedent("""
 
 def test_grid_sharded_over_four_devices_equals_single_device(tmp_path):
   out = tmp_path / "sharded.npz"
-  proc = subprocess.run([sys.executable, "-c", SCRIPT], env=dict(os.environ, OUT=str(out)), capture_output=True,
-                        text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_python(SCRIPT, devices=4, OUT=str(out))
   sharded = np.load(out)
   scope = {}
   exec(SETUP, scope)
@@ -193,9 +189,7 @@ MODEL_SCRIPT = PLACEMENT + MODEL_SETUP + textwrap.dedent("""
 
 def test_preview_with_params_sharded_across_a_model_axis_equals_one_device(tmp_path):
   out = tmp_path / "model_sharded.npy"
-  proc = subprocess.run([sys.executable, "-c", MODEL_SCRIPT], env=dict(os.environ, OUT=str(out)),
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  run_python(MODEL_SCRIPT, devices=4, OUT=str(out))
   scope = {}
   exec(MODEL_SETUP, scope)
   single = scope["bmerge"].preview(scope["merge"].hessian_weighted, scope["q"], scope["alphas"], scope["evaluate"],
