@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from bmerge import _checks
 from bmerge import timing
@@ -712,12 +713,24 @@ def compare(entries: Sequence[Entry | tuple], eval_fn: Callable[[PyTree, Any], A
   s = _setup(entries, eval_fn, alphas, overall, maximize, examples, folder, opts)
   ex = _exact(exact, exact_alphas, s)
   p = _preview_entries(entries, eval_fn, batch, workdir, s, opts, previews)
+  stages = tqdm(total=5 if s.folder is not None else 4, desc="comparison: scores", unit="stage", leave=False,
+                disable=not opts.progress)
   summary = _header(entries, ex, s, opts)
   summary.update(_scores(p, ex, s, summary["entries"]))
+  stages.update(1)
+  stages.set_description("comparison: Pareto fronts")
   summary.update(_pareto(p, ex, s))
+  stages.update(1)
+  stages.set_description("comparison: intervals")
   summary.update(_intervals(p, ex, s, opts, summary["methods"]))
+  stages.update(1)
+  stages.set_description("comparison: recommendation")
   summary.update(_outcome(p, ex, s, opts, summary))
+  stages.update(1)
+  stages.set_description("comparison: report and figures")
   paths = _write(p, ex, s, opts, summary) if s.folder is not None else {}
+  stages.update(1 if s.folder is not None else 0)
+  stages.close()
   surfaces = dict(p.surface, **({} if ex is None else {"exact": ex.surface}))
   call = dict(entries=entries, eval_fn=eval_fn, batch=batch, alphas=alphas, exact_alphas=None if ex is None else
               ex.alphas, folder=folder, workdir=workdir, overall=overall, maximize=maximize, examples=examples,
