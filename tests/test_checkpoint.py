@@ -293,3 +293,17 @@ def test_cached_posterior_rebuilds_after_a_crashed_save(tmp_path, monkeypatch):
   assert len(calls) == 2
   assert not any(".orbax-checkpoint-tmp" in p.name for p in tmp_path.iterdir())
   assert len(_cache_dirs(tmp_path, "t")) == 1
+
+
+def test_cached_call_keys_on_the_function_and_its_arguments(tmp_path):
+  """A setting closed over by a jit-vmapped function, or an argument's bytes, changes the key; equal ones hit."""
+  make = lambda scale: jax.jit(jax.vmap(lambda x: scale * x))
+  x = np.arange(6.0).reshape(3, 2)
+  first = checkpoint.cached_call(tmp_path, "f", make(2.0), x)
+  np.testing.assert_array_equal(first.value, 2 * x)
+  assert checkpoint.cached_call(tmp_path, "f", make(2.0), x.copy()).loaded
+  assert not checkpoint.cached_call(tmp_path, "f", make(3.0), x).loaded
+  assert not checkpoint.cached_call(tmp_path, "f", make(2.0), x + np.eye(3, 2)).loaded
+  assert not checkpoint.cached_call(tmp_path, "f", jax.jit(jax.vmap(lambda x: 2.0 * x + 0.0)), x).loaded  # new code
+  with pytest.raises(TypeError, match="`fn`"):
+    checkpoint.cached_call(tmp_path, "f", 3.0, x)

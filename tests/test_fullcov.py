@@ -5,10 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.special import logsumexp
 
 from bmerge.merge import _fullcov as fc
 from bmerge import grid
+from merge_oracles import em as _em_oracle
+from merge_oracles import eq10 as _eq10_oracle
 
 
 def _spd(rng, lead, p, log_spread=1.0):
@@ -19,49 +20,6 @@ def _spd(rng, lead, p, log_spread=1.0):
 
 def _inputs(rng, t=3, k=3, p=21, log_spread=1.0):
   return rng.normal(size=(t, k, p)), _spd(rng, (t, k), p, log_spread), rng.normal(size=(t, k))
-
-
-def _eq10_oracle(alphas, means, precs, prior=None):
-  """Eq. 10 alpha by alpha with np.linalg.solve, float64."""
-  out = []
-  for a in alphas:
-    s, b = np.einsum("t,tij->ij", a, precs), np.einsum("t,tij,tj->i", a, precs, means)
-    if prior is not None:
-      s, b = s + (1 - a.sum()) * prior[1], b + (1 - a.sum()) * prior[1] @ prior[0]
-    out.append(np.linalg.solve(s, b))
-  return np.stack(out)
-
-
-def _em_oracle(alpha, means, precs, log_weights, num_iters, prior=None, x0=None):
-  """Algorithm 1 for one alpha as written, float64 numpy: (theta, F per iterate, last step)."""
-  logpi = log_weights - logsumexp(log_weights, axis=1, keepdims=True)
-  gamma = 1.0 - alpha.sum()
-  p = means.shape[-1]
-  log_norm = 0.5 * np.linalg.slogdet(precs)[1] - 0.5 * p * np.log(2 * np.pi)
-
-  def m_step(w):
-    s, b = np.einsum("tk,tkij->ij", w, precs), np.einsum("tk,tkij,tkj->i", w, precs, means)
-    if prior is not None:
-      s, b = s + gamma * prior[1], b + gamma * prior[1] @ prior[0]
-    return np.linalg.solve(s, b)
-
-  def log_joint(x):
-    diff = x - means
-    lj = logpi + log_norm - 0.5 * np.einsum("tki,tkij,tkj->tk", diff, precs, diff)
-    f = np.sum(alpha * logsumexp(lj, axis=1))
-    if prior is not None:
-      f += gamma * (0.5 * np.linalg.slogdet(prior[1])[1] - 0.5 * p * np.log(2 * np.pi)
-                    - 0.5 * (x - prior[0]) @ prior[1] @ (x - prior[0]))
-    return lj, f
-
-  x = m_step(alpha[:, None] * np.exp(logpi)) if x0 is None else x0
-  objective, step = [], 0.0
-  for _ in range(num_iters):
-    lj, f = log_joint(x)
-    objective.append(f)
-    x_new = m_step(np.exp(lj - logsumexp(lj, axis=1, keepdims=True)) * alpha[:, None])
-    x, step = x_new, np.max(np.abs(x_new - x))
-  return x, np.array(objective + [log_joint(x)[1]]), step
 
 
 def test_blocked_cholesky_solve_and_logdet_equal_numpy(x64):

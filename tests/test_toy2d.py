@@ -96,7 +96,7 @@ def test_metrics_json_matches_the_saved_arrays(small):
   assert len(saved["exact_best_alpha"]) == 3
   stages = {"posteriors simple", "posteriors von", "posteriors mog", "preview simple", "preview von", "preview mog",
             "exact", "figures of the plane"}
-  assert stages <= set(saved["costs"]) and all(v >= 0.0 for v in saved["costs"].values())
+  assert stages <= set(saved["costs"]) and all(v["seconds"] >= 0.0 for v in saved["costs"].values())
   order = saved["paper_ordering"]
   assert order["paper"] == ["simple", "von", "mog"]
   assert order["holds"] == (saved["methods"]["simple"]["mse"] > saved["methods"]["von"]["mse"] >
@@ -161,6 +161,28 @@ def test_merged_models_minimise_their_surrogates(small):
     assert np.all(norms < 1e-3 * _scale(posts[m])), (m, norms.max())
 
 
+def test_previews_off_the_vertices_equal_float64_oracles(small):
+  """At every alpha off the vertices, each merged model is the float64 oracle's (Eq. 2, Eq. 10 solved alpha by alpha,
+  Algorithm 1's EM, from the saved posteriors), and each preview's per-task losses are the float64 losses there."""
+  import merge_oracles  # pylint: disable=g-import-not-at-top
+  config, _, result, _ = small
+  arr = result["arrays"]
+  off = np.flatnonzero(np.max(arr["alphas"], axis=1) < 1)
+  assert len(off) == len(arr["alphas"]) - 3
+  a, b = _task_arrays(config)
+  for m in ("simple", "von", "mog"):
+    theta = merge_oracles.merged(result["posteriors"][m], arr["alphas"][off], config.em_iters)  # [G, 2]
+    np.testing.assert_allclose(arr[f"{m}_theta"][off], theta, atol=2e-5, err_msg=m)
+    z = np.einsum("tnp,gp->gtn", a, theta) + b  # [G, T, N]
+    zmax = z.max(axis=-1)
+    losses = zmax + np.log(np.exp(z - zmax[..., None]).sum(-1)) + 0.5 * config.l2 * np.sum(theta ** 2, -1)[:, None]
+    np.testing.assert_allclose(result["previews"][m][off], losses, rtol=1e-5, atol=1e-5, err_msg=m)
+  # The oracles tell the rules apart: the three merged models differ by far more than the tolerance.
+  von, mog = (merge_oracles.merged(result["posteriors"][m], arr["alphas"][off], config.em_iters)
+              for m in ("von", "mog"))
+  assert np.max(np.abs(von - mog)) > 1e-2
+
+
 def test_figures_and_report_are_written(small):
   _, workdir, result, _ = small
   names = {os.path.basename(p) for p in result["figures"]}
@@ -184,6 +206,13 @@ def test_second_run_restores_the_posteriors(small):
   for m in ("simple", "von", "mog"):
     np.testing.assert_array_equal(again["arrays"][f"{m}_theta"], result["arrays"][f"{m}_theta"])
   assert again["metrics"]["methods"] == result["metrics"]["methods"]
+  # Every stage restored reports the seconds, run and machine stored when it was computed; the figures are redrawn.
+  first, second = result["metrics"]["costs"], again["metrics"]["costs"]
+  for stage in ("posteriors simple", "posteriors von", "posteriors mog", "exact", "preview von", "preview mog"):
+    assert not first[stage]["loaded"] and second[stage]["loaded"], stage
+    assert second[stage]["run"] == first[stage]["run"], stage
+    assert second[stage]["seconds"] == pytest.approx(first[stage]["seconds"], rel=1e-12), stage  # sums of chunks
+  assert not second["figures of the plane"]["loaded"]
 
 
 # ----------------------------------------------------------------------------------------------------------------

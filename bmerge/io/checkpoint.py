@@ -45,6 +45,7 @@ from bmerge.posteriors import Mixture
 __all__ = [
     "Cached",
     "cached",
+    "cached_call",
     "cached_posterior",
     "config_fingerprint",
     "restore_arrays",
@@ -446,6 +447,28 @@ def cached(path_dir: PathLike, name: str, inputs: Any, build_fn: Callable[[], An
                where="the value of `build_fn`")
     _log.info("cached: built and saved %s", path)
   return built
+
+
+def cached_call(path_dir: PathLike, name: str, fn: Callable[..., Any], *args: Any) -> Cached:
+  """`fn(*args)` through `cached`, keyed by the content of `fn` and of `args`.
+
+  The key holds `fn`'s qualified name, code, defaults and closure values (a `jax.jit` or `jax.vmap` wrapper by the
+  function it wraps, a `functools.partial` by its bound arguments) and every argument's content (arrays by their
+  bytes, PRNG keys by their key data), so settings closed over by `fn` and data passed to it both count.
+
+  Example:
+    >>> import tempfile
+    >>> scale = lambda s: (lambda x: s * x)
+    >>> with tempfile.TemporaryDirectory() as d:
+    ...   first = cached_call(d, "scaled", scale(2.0), np.ones(2))
+    ...   again = cached_call(d, "scaled", scale(2.0), np.ones(2))
+    ...   other = cached_call(d, "scaled", scale(3.0), np.ones(2))
+    >>> first.loaded, again.loaded, other.loaded, other.value.tolist()
+    (False, True, False, [3.0, 3.0])
+  """
+  if not callable(fn):
+    raise TypeError(f"`fn` must be callable, got {type(fn).__name__}.")
+  return cached(path_dir, name, {"fn": fn, "args": args}, lambda: fn(*args))
 
 
 def cached_posterior(path_dir: PathLike, name: str, inputs: Any, build_fn: Callable[[], Any]):
