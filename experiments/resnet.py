@@ -107,6 +107,8 @@ def _stops(config) -> list[int]:
 
 
 class Posteriors(NamedTuple):
+  """The posteriors of `build_posteriors` and what their builds cost."""
+
   pretrained: bmerge.DiagGaussian  # the IVON posterior of pretraining
   mixtures: bmerge.Mixture  # the T per-task MultiIVON mixtures, stacked (K = seeds x stops, seed-major)
   costs: dict  # stage -> `bmerge.timing.Cost` of the builds (as measured when they ran)

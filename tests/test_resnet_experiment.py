@@ -246,20 +246,19 @@ def test_small_run_previews_at_interior_alphas_match_float64_oracles(small_run, 
   assert any(np.all(alphas[g] > 0) for g in rows)  # the interior of the simplex, not only its edges
   f64 = lambda tree: jax.tree.map(lambda a: np.asarray(a, np.float64), tree)
   for e in exp.entries(config, posteriors.mixtures):
-    q = f64(e.posteriors)
-    for g in rows:
-      a = alphas[g]
-      if e.name == "simple":
-        theta = jax.tree.map(lambda m, a=a: np.tensordot(a, m, 1), q)
-      elif e.name == "ivon_hess":
-        theta = jax.tree.map(lambda m, h, a=a: np.tensordot(a, h * m, 1) / np.tensordot(a, h, 1), q.mean, q.precision)
-      else:
-        with jax.enable_x64(True):
-          theta = f64(em.find_mode_reference(jax.tree.map(jnp.asarray, q), jnp.asarray(a), config.em_iters))
-      merged = jax.tree.map(lambda x: np.asarray(x[0], np.float64), e.rule(e.posteriors, alphas[g:g + 1]))
-      chex.assert_trees_all_close(merged, theta, rtol=2e-4, atol=1e-5)
-      want, margin = decide(jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), theta))
-      _assert_same_decisions(comparison.previews[e.name][g], want, margin, f"{e.name} at alpha {a}")
+    q, a = f64(e.posteriors), alphas[rows]
+    if e.name == "simple":
+      theta = jax.tree.map(lambda m: np.tensordot(a, m, 1), q)
+    elif e.name == "ivon_hess":
+      theta = jax.tree.map(lambda m, h: np.tensordot(a, h * m, 1) / np.tensordot(a, h, 1), q.mean, q.precision)
+    else:
+      with jax.enable_x64(True):
+        reference = jax.vmap(lambda alpha, q=q: em.find_mode_reference(q, alpha, config.em_iters))
+        theta = f64(jax.jit(reference)(jnp.asarray(a)))
+    chex.assert_trees_all_close(f64(e.rule(e.posteriors, a)), theta, rtol=2e-4, atol=1e-5)  # the float32 merge
+    for r, g in enumerate(rows):
+      want, margin = decide(jax.tree.map(lambda x, r=r: jnp.asarray(x[r], jnp.float32), theta))
+      _assert_same_decisions(comparison.previews[e.name][g], want, margin, f"{e.name} at alpha {alphas[g]}")
       np.testing.assert_allclose(comparison.surfaces[e.name][g],
                                  metrics.per_task_accuracy(comparison.previews[e.name][g], d.test_tasks))
 

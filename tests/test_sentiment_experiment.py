@@ -8,8 +8,6 @@ import itertools
 import json
 import os
 import pathlib
-import subprocess
-import sys
 
 import chex
 import jax
@@ -27,6 +25,7 @@ from bmerge import merge
 from bmerge import metrics
 from bmerge.io import _sentiment
 from bmerge.models import bert
+from conftest import run_python
 from configs import sentiment as sentiment_config
 from experiments import sentiment
 
@@ -100,15 +99,16 @@ def test_previews_at_interior_alphas_match_float64_oracles(done, decide):
   assert sum(np.all(alphas[g] > 0) for g in rows) == 3  # (0.5, 0.25, 0.25) and its permutations
   for e in sentiment.entries(posts):
     q = jax.tree.map(lambda x: np.asarray(x, np.float64), e.posteriors)
-    for g in rows:
+    merged = e.rule(e.posteriors, alphas[rows])  # as the preview merges, in float32
+    for r, g in enumerate(rows):
       a = alphas[g]
       if e.name == "simple":
         theta = {k: np.tensordot(a, m, 1) for k, m in q.mean.items()}
       else:
         theta = {k: np.tensordot(a, q.precision[k] * m, 1) / np.tensordot(a, q.precision[k], 1)
                  for k, m in q.mean.items()}
-      merged = jax.tree.map(lambda x: np.asarray(x[0], np.float64), e.rule(e.posteriors, alphas[g:g + 1]))
-      chex.assert_trees_all_close(merged, theta, rtol=1e-5, atol=1e-6)
+      chex.assert_trees_all_close({k: np.asarray(v[r], np.float64) for k, v in merged.items()}, theta, rtol=1e-5,
+                                  atol=1e-6)
       want, margin = decide({k: jnp.asarray(v, jnp.float32) for k, v in theta.items()})
       _assert_same_decisions(out.previews[e.name][g], want, margin, f"{e.name} at alpha {a}")
   # The scored surfaces are the per-task accuracies of those per-text results.
@@ -252,11 +252,10 @@ def test_resume_keys_are_the_same_in_a_new_process(done):
           "apply, _ = bert.split(model, start_layer=bert.frozen_layers(model)); "
           "print(_fingerprint.fingerprint([model] + [functools.partial(f, apply) for f in (bert.task_losses, "
           "s.correct)]))")
-  root = pathlib.Path(__file__).resolve().parents[1]
-  there = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+  there = run_python(code, timeout=120)
   here = _fingerprint.fingerprint([sentiment.build_model(config)] + [
       functools.partial(f, d.apply) for f in (bert.task_losses, sentiment.correct)])
-  assert there.stdout.strip() == here
+  assert there.strip() == here
 
 
 def test_config_variants():
