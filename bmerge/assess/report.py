@@ -12,7 +12,6 @@ References:
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from typing import Any, Mapping, Optional, Sequence
@@ -352,11 +351,15 @@ def _cost_section(summary) -> list[str]:
     lines.append(f"| {k} | {v['seconds']:.2f} | {compile_s} | {'yes' if v.get('loaded') else 'no'} | "
                  f"{v.get('run') or 'n/a'} |")
   lines.append("")
-  machines = {json.dumps(v["machine"], sort_keys=True) for v in costs.values() if isinstance(v.get("machine"), Mapping)}
-  for m in sorted(machines):
-    m = json.loads(m)
+  machines = {}  # one line per run: its machine, and the date of its first stage
+  for v in costs.values():
+    m = v.get("machine")
+    if isinstance(m, Mapping) and (m.get("run") not in machines or str(m.get("date")) < str(
+        machines[m.get("run")].get("date"))):
+      machines[m.get("run")] = m
+  for m in machines.values():
     lines.append(f"Run {m.get('run')}: {m.get('cpu')}, {m.get('cores')} cores, {m.get('backend')} x"
-                 f"{m.get('device_count')} ({m.get('device_kind')}), {m.get('date')}.")
+                 f"{m.get('device_count')} ({m.get('device_kind')}), from {m.get('date')}.")
   if machines:
     lines.append("")
   g, ge = summary.get("num_alphas"), summary.get("num_exact_alphas")
