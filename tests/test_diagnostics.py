@@ -226,9 +226,15 @@ def test_a_collapsing_hessian_warns_naming_beta2_hess_init_and_ess():
   kw = dict(ess=float(N), learning_rate=0.01, mc_samples=4)
   steps = _indices(steps=30)  # with beta2 = 0.5 each step keeps about 0.6 of h while it is far above the curvature
   with pytest.warns(fit.CurvatureWarning, match=r"fit.ivon: beta2=0.5, hess_init=1, ess=128, learning_rate=0.01: the "
-                                                r"Hessian estimate fell from 1 to [0-9.e-]+ .*try beta2 closer to 1"):
+                                                r"Hessian estimate fell from 1 to [0-9.e-]+ .*try beta2 closer to 1"
+                    ) as fresh:
     _, info = fit.ivon(jax.random.key(0), _isotropic(1e-4), P0, steps, beta2=0.5, return_info=True, **kw)
   assert info.hess_end[1] < 1e-2 * info.hess_start[1]
+  assert "pass their IVON posterior as init_posterior" in str(fresh[0].message)  # a fresh run: where h started
+  q_pre = bmerge.DiagGaussian(P0, jax.tree.map(lambda p: jnp.full_like(p, 2.0 * N), P0))  # h = 2 - wd
+  with pytest.warns(fit.CurvatureWarning, match=r"fell from 2 to") as warm:
+    fit.ivon(jax.random.key(0), _isotropic(1e-4), P0, steps, beta2=0.5, init_posterior=q_pre, **kw)
+  assert "init_posterior" not in str(warm[0].message)
   with pytest.warns(fit.CurvatureWarning, match=r"rose from 1 to .*try a hess_init closer to the loss's curvature"):
     fit.ivon(jax.random.key(0), _isotropic(1e4), P0, steps, beta2=0.5, **kw)
   with warnings.catch_warnings():  # beta2 close to 1 keeps the estimate: nothing to warn about
@@ -273,3 +279,21 @@ def test_bfloat16_params_give_a_bfloat16_mean_and_a_float32_precision():
   wide = curvature.diagonal_fisher(None, logits_fn, jax.tree.map(lambda a: a.astype(jnp.float32), q.mean), (X, y),
                                    prior_precision=N * 1e-4)
   chex.assert_trees_all_close(q.precision, wide.precision, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The guide's IVON settings on a reduced version of its measured problem (experiments/benchmarks/ivon_settings.py):
+# sized to run in well under a minute.
+
+
+def test_the_guides_ivon_settings_put_the_previews_pick_within_3_points_of_the_exact_best():
+  from experiments.benchmarks import ivon_settings  # pylint: disable=g-import-not-at-top
+  # Digits in 3 tasks, an MLP 64-16-10 pretrained with beta2 = 0.999, each task finetuned from the pretrained posterior
+  # with the default (warm-start) beta2, ess = the task size and lr (hess_init + wd) = 0.01 (the guide's settings).
+  p = ivon_settings.make_problem(0, hidden=16, pretrain_steps=400, pretrain_lr=0.2, pretrain_beta2=0.999, steps=100,
+                                 batch=32, hess_init=0.5)
+  row = ivon_settings.measure(p, "posterior", None, 0.01, p.mean_task_size, spacing=0.5, seed=0, steps=100,
+                              hess_init=0.5)
+  assert row.warned == "-"  # no diagnostic warning from the finetunes
+  assert row.kept > 0.9  # they keep the pretrained curvature (the default warm-start beta2 keeps 95 %)
+  assert row.gap <= 3.0, row  # exact accuracy at the preview's best alpha vs the best exact accuracy, in points

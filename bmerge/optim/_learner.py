@@ -298,11 +298,12 @@ class Checker:
   """Warns about what a run's counters show, once per kind; silent while they are traced (under a user's jit / vmap).
 
   `driver` names the call in the messages ("fit.ivon"), `settings` the hyperparameters to name (e.g. beta2, hess_init,
-  ess, learning_rate), `where` what the run is (" (seed 2)").
+  ess, learning_rate), `where` what the run is (" (seed 2)"), `fresh` whether h started at `hess_init` (no pretrained
+  posterior).
   """
 
-  def __init__(self, driver: str, settings: dict, where: str = ""):
-    self.prefix = driver + where
+  def __init__(self, driver: str, settings: dict, where: str = "", fresh: bool = False):
+    self.prefix, self.fresh = driver + where, fresh
     self.settings = ", ".join(f"{k}={_setting(v)}" for k, v in settings.items())
     self.warned = set()
 
@@ -341,7 +342,10 @@ class Checker:
     if b * CURVATURE_RATIO < a:
       self._warn("curvature", f"{self.settings}: the Hessian estimate fell from {a:.3g} to {b:.3g} {change}, so the "
                  "steps, which scale as 1 / (h + weight_decay), grew as much; try beta2 closer to 1 or a smaller "
-                 "learning rate.", CurvatureWarning, stacklevel)
+                 "learning rate." + (" Finetuning from pretrained params: pass their IVON posterior as init_posterior "
+                                     "(h then starts from the curvature it learnt). From scratch, h falling from "
+                                     "hess_init to the loss's curvature is expected: only the larger steps need care."
+                                     if self.fresh else ""), CurvatureWarning, stacklevel)
     elif b > a * CURVATURE_RATIO:
       self._warn("curvature", f"{self.settings}: the Hessian estimate rose from {a:.3g} to {b:.3g} {change}, so the "
                  "steps, which scale as 1 / (h + weight_decay), shrank as much; try a hess_init closer to the loss's "

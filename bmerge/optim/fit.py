@@ -397,7 +397,7 @@ def ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: Py
                                   weight_decay=weight_decay, clip_radius=clip_radius, rescale_lr=rescale_lr,
                                   debias=debias, hess_approx=hess_approx, init_posterior=init_posterior)
   log_every = _learner.check_log_every(log_every, data.num_steps)
-  checker = _ivon_checker("fit.ivon", hp, learning_rate)
+  checker = _ivon_checker("fit.ivon", hp, learning_rate, init_posterior is None)
   hess_start = _learner.curvature_stats(state.hess)
   (mean, state), counters = _run(_ivon_step, static, hp, (params, state), key, data, log_every, checker)
   info = _learner.fit_info(counters, data.num_steps, log_every, params, mean,
@@ -407,9 +407,9 @@ def ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], params: Py
   return (posterior, info) if return_info else posterior
 
 
-def _ivon_checker(driver: str, hp: dict, learning_rate, where: str = "") -> _learner.Checker:
+def _ivon_checker(driver: str, hp: dict, learning_rate, fresh: bool, where: str = "") -> _learner.Checker:
   return _learner.Checker(driver, dict(beta2=hp["beta2"], hess_init=hp["hess_init"], ess=hp["ess"],
-                                       learning_rate=learning_rate), where)
+                                       learning_rate=learning_rate), where, fresh)
 
 
 def _check_info(checker: _learner.Checker, info: FitInfo, num_steps: int) -> None:
@@ -503,7 +503,8 @@ def multi_ivon(key: jax.Array, loss_fn: Callable[[PyTree, Any], jax.Array], para
   hess_start, infos = _learner.curvature_stats(state0.hess), []
   for j, (mean, state, _, counters) in enumerate(carries[len(stops) - 1::len(stops)]):  # each seed's last stop
     info = _learner.fit_info(counters, last, log_every, params, mean, hess_start, _learner.curvature_stats(state.hess))
-    _check_info(_ivon_checker("fit.multi_ivon", hp, learning_rate, f" (seed {j})"), info, last)
+    _check_info(_ivon_checker("fit.multi_ivon", hp, learning_rate, init_posterior is None, f" (seed {j})"), info,
+                last)
     infos.append(info)
   return (mixture, jax.tree.map(lambda *x: jnp.stack(x), *infos)) if return_info else mixture
 
