@@ -363,7 +363,7 @@ def front_figure(problem: Problem, budget: int, path: pathlib.Path) -> pathlib.P
   panels = len(pairs) + (1 if t == 3 else 0)
   fig = Figure(figsize=(3.6 * panels, 3.8), dpi=110, layout="constrained")
   axes = fig.subplots(1, panels, squeeze=False)[0]
-  lo, hi = plot.front_view(exact[front])
+  lo, hi = plot.front_view(np.vstack([exact[front], est.predicted[est.front]]))  # the body of both fronts
   raw = problem.previews[problem.recommend][0]
   raw_front = metrics.pareto_front(raw)
   for ax, (i, j) in zip(axes, pairs):
@@ -375,8 +375,8 @@ def front_figure(problem: Problem, budget: int, path: pathlib.Path) -> pathlib.P
                label="bmerge.pareto: predicted front")
     ax.scatter(est.verified_values[:, i], est.verified_values[:, j], s=40, marker="*", color="C3",
                label=f"verified ({budget} runs)")
-    ax.set_xlim(min(lo[i], np.min(est.predicted[est.front, i])), hi[i])
-    ax.set_ylim(min(lo[j], np.min(est.predicted[est.front, j])), hi[j])
+    ax.set_xlim(lo[i], hi[i])
+    ax.set_ylim(lo[j], hi[j])
     ax.set_xlabel(problem.task_names[i], fontsize=8)
     ax.set_ylabel(problem.task_names[j], fontsize=8)
     ax.tick_params(labelsize=7)
