@@ -443,6 +443,11 @@ def markdown(result: dict, problem_list: list[Problem], missing: list[str], conf
     lines.append(f"| {p.name} | {', '.join(p.task_names)} | {len(p.alphas)} | "
                  f"{len(metrics.pareto_front(p.exact[0]))} | {len(p.exact)} | {', '.join(p.previews)} | "
                  f"{p.recommend} | {p.source} |")
+  single = [p.name for p in problem_list if len(p.exact) == 1]
+  if single:
+    lines += ["", f"One preview seed ({', '.join(single)}): there `pareto_<family>`, `preview_front` and `uniform` are "
+              "deterministic (a key only breaks ties), so their intervals are points, and the interval of a "
+              "difference between two of them says nothing about another seed's training run."]
   if missing:
     lines += ["", "Not replayed (no saved surfaces): " + "; ".join(missing)]
   lines += ["", "## Goal (declared before the run)", "",
