@@ -144,7 +144,7 @@ def test_merging_acts_only_on_lora_and_head(done):
   # A merged model written into the classifier changes those parameters and nothing else: every other array is the
   # pretrained MiniLM's, and the classifier computes what the previews' `apply` computes.
   merged = jax.tree.map(lambda x: x[0], merge.hessian_weighted(posts["adamw_sg"], np.array([[0.2, 0.3, 0.5]])))
-  model = d.model  # at the common initialisation; only its trainable parameters are rewritten
+  model = nnx.clone(d.model)  # at the common initialisation; only its trainable parameters are rewritten
   bert.merge_trainable(model, merged)
   state = bert.flatten_state(nnx.to_pure_dict(nnx.state(model)))
   pretrained = bert.read_hf_weights()
@@ -245,7 +245,7 @@ def test_cache_keys_follow_the_config_and_the_data(done, monkeypatch):
 def test_resume_keys_are_the_same_in_a_new_process(done):
   # The cached hidden states are keyed on the model, joint training and the previews on `apply`, whose NNX graphdefs
   # print functions with their memory addresses; a rerun (a new process) must find this run's work, not redo it.
-  config, _, _, d, _ = done
+  d = done[3]
   code = ("import functools; from bmerge import _fingerprint; from bmerge.models import bert; "
           "from configs import sentiment as c; from experiments import sentiment as s; "
           "model = s.build_model(c.get_config('small')); "
@@ -253,8 +253,8 @@ def test_resume_keys_are_the_same_in_a_new_process(done):
           "print(_fingerprint.fingerprint([model] + [functools.partial(f, apply) for f in (bert.task_losses, "
           "s.correct)]))")
   there = run_python(code, timeout=120)
-  here = _fingerprint.fingerprint([sentiment.build_model(config)] + [
-      functools.partial(f, d.apply) for f in (bert.task_losses, sentiment.correct)])
+  here = _fingerprint.fingerprint([d.model] + [functools.partial(f, d.apply) for f in (bert.task_losses,
+                                                                                      sentiment.correct)])
   assert there.strip() == here
 
 
