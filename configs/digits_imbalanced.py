@@ -43,6 +43,8 @@ def get_config(arg=None):
   c.chunk_size = 128  # alphas per compiled preview / joint-training call
   c.recommend_k = 5  # top-k alphas printed as a ready-to-run config
   c.run_recommended = False  # also jointly train at those alphas and report the regret
+  # The report's intervals (bmerge.CompareOptions): a paired bootstrap over the test examples, num_samples resamples.
+  c.report = ml_collections.ConfigDict(dict(num_samples=1000, level=0.95, seed=0))
 
   if arg == "small":
     c.spacing = 0.25
