@@ -417,7 +417,8 @@ def test_per_example_errors_name_the_argument():
 
 
 def test_each_method_is_charged_its_own_compilation_and_a_resumed_run_reports_the_stored_costs(tmp_path):
-  """Two entries with the same rule and shapes: each compiles (compile_seconds > 0), and run time excludes it. A
+  """Two entries with the same rule and shapes: the second reuses the first's compiled preview and is charged the same
+  compilation (compile_seconds equal and > 0); run time excludes it. A
   resumed compare() reports exactly the first run's stored seconds, says the previews were loaded, and compares no
   figure of the old run with one of the new."""
   alphas = grid.simplex(3, 0.25)
@@ -430,6 +431,7 @@ def test_each_method_is_charged_its_own_compilation_and_a_resumed_run_reports_th
   for name in ("first", "second"):
     c = costs[f"preview {name}"]
     assert c["compile_seconds"] > 0 and c["seconds"] > 0 and not c["loaded"] and c["run"] == bmerge.timing.RUN
+  assert costs["preview second"]["compile_seconds"] == costs["preview first"]["compile_seconds"]
   assert costs["exact"]["seconds"] == 3.0 and costs["exact"]["compile_seconds"] == 0.5
   assert "x faster per alpha" in out.paths["report"].read_text() or "x slower per alpha" in out.paths[
       "report"].read_text()

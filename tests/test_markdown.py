@@ -24,6 +24,7 @@ README_MAX_LINES = 200
 QUICK_START_MAX_LINES = 25
 DEVICES_MARKER = re.compile(r"test: devices=(\d+)")
 GUIDE_CODE_MARKER = re.compile(r"guide-code: (tests/\S+\.py)")
+CONTINUES_MARKER = re.compile(r"test: continues the quick start")
 
 
 class Block(NamedTuple):
@@ -123,7 +124,9 @@ def _id(block: Block) -> str:
 
 PYTHON = _all({"python"})
 QUICK_START = PYTHON[0]  # the README's first block
-IN_PROCESS = [b for b in PYTHON[1:] if not DEVICES_MARKER.search(b.marker) and not GUIDE_CODE_MARKER.search(b.marker)]
+CONTINUES = [b for b in PYTHON if CONTINUES_MARKER.search(b.marker)]
+IN_PROCESS = [b for b in PYTHON[1:] if not DEVICES_MARKER.search(b.marker) and not GUIDE_CODE_MARKER.search(b.marker)
+              and b not in CONTINUES]
 ON_DEVICES = [b for b in PYTHON if DEVICES_MARKER.search(b.marker)]
 BY_OWN_TEST = [b for b in PYTHON if GUIDE_CODE_MARKER.search(b.marker)]
 SHELL = _all({"bash", "sh", "shell"})
@@ -155,6 +158,20 @@ def test_readme_quick_start(tmp_path, monkeypatch):
   # One alpha vector trains what the grid trains at that row (same start, data, steps; one test example may flip).
   assert abs(picked - everywhere[np.argmax(preview)]) <= 1.0 / len(ns["test"][1]) + 1e-6
   assert picked >= everywhere.max() - 0.03, (picked, everywhere.max())
+
+
+def test_readme_continuation_trains_at_the_recommended_alphas_and_estimates_the_front(tmp_path, monkeypatch):
+  """The block after the quick start runs in its namespace: train_at's two exact results are joint training at the
+  recommended alphas, and the Pareto estimate verified three alphas with the same function."""
+  (block,) = CONTINUES
+  ns = _exec(QUICK_START, tmp_path, monkeypatch)
+  exec(compile(block.code, f"{block.doc} python block {block.index}", "exec"), ns)  # pylint: disable=exec-used
+  out, front, train = ns["out"], ns["front"], ns["train"]
+  rec = np.asarray(out.summary["recommendation"]["alphas"])
+  assert out.summary["num_exact_alphas"] == 2 and len(rec) == 2
+  np.testing.assert_allclose(out.exact, train(rec), atol=1e-6)
+  assert front.verified_alphas.shape == (3, 3)
+  np.testing.assert_allclose(front.verified_values, train(front.verified_alphas), atol=1e-6)
 
 
 @pytest.mark.parametrize("block", IN_PROCESS, ids=_id)
