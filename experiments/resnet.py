@@ -302,11 +302,8 @@ def run(config, workdir: str) -> bmerge.Comparison:
   """Data, posteriors, previews, the exact answer and the report, in that order; everything cached in `workdir`."""
   os.makedirs(workdir, exist_ok=True)
   cache = os.path.join(workdir, "cache")
-  alphas = grid.simplex(len(config.tasks), config.spacing)
-  exact_alphas = grid.simplex(len(config.tasks), config.exact_spacing)
-  if any(not np.any(np.all(np.isclose(alphas, a), axis=1)) for a in exact_alphas):  # fail before any training
-    raise ValueError(f"config.exact_spacing = {config.exact_spacing} must be a multiple of config.spacing = "
-                     f"{config.spacing}: every joint-training alpha must be a preview alpha.")
+  # The preview grid and the joint-training grid inside it (checked before any training).
+  alphas, exact_alphas = grid.nested_simplex(len(config.tasks), config.spacing, config.exact_spacing)
 
   d = load_data(config)
   model = resnet.make(d.num_classes, config.width, config.blocks_per_stage)

@@ -38,6 +38,25 @@ def test_simplex_rejects_spacing_not_one_over_n(spacing):
     grid.simplex(3, spacing)
 
 
+@pytest.mark.parametrize("spacing,coarse", [(0.05, 0.1), (0.25, 0.5), (1 / 6, 1 / 3), (0.1, 0.1), (0.2, 1.0)])
+def test_nested_simplex_coarse_points_are_fine_points(spacing, coarse):
+  fine, rough = grid.nested_simplex(3, spacing, coarse)
+  np.testing.assert_array_equal(fine, grid.simplex(3, spacing))
+  np.testing.assert_array_equal(rough, grid.simplex(3, coarse))
+  assert all(np.any(np.all(np.isclose(fine, row, atol=1e-12), axis=1)) for row in rough)
+
+
+@pytest.mark.parametrize("spacing,coarse", [(0.25, 1 / 3), (0.1, 0.25), (0.5, 0.25)])
+def test_nested_simplex_rejects_a_coarse_grid_off_the_fine_one(spacing, coarse):
+  # Each pair has a coarse point that is no fine point (e.g. 1/3 on the lattice of 1/4), so scoring would fail late.
+  assert not all(np.any(np.all(np.isclose(grid.simplex(3, spacing), row), axis=1))
+                 for row in grid.simplex(3, coarse))
+  with pytest.raises(ValueError, match="`coarse_spacing`.*multiple of `spacing`"):
+    grid.nested_simplex(3, spacing, coarse)
+  with pytest.raises(ValueError, match="`coarse_spacing`"):
+    grid.nested_simplex(3, spacing, 0.3)  # not 1/m
+
+
 def test_simplex_rejects_bad_num_tasks():
   with pytest.raises(ValueError, match="num_tasks"):
     grid.simplex(0, 0.1)

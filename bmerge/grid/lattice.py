@@ -31,7 +31,7 @@ import numpy as np
 
 from bmerge import _checks
 
-__all__ = ["Scaling", "dirichlet", "line", "pair_edges", "refine", "scaled", "scaling", "simplex"]
+__all__ = ["Scaling", "dirichlet", "line", "nested_simplex", "pair_edges", "refine", "scaled", "scaling", "simplex"]
 
 
 def _divisions(spacing: float, name: str = "spacing") -> int:
@@ -71,6 +71,36 @@ def simplex(num_tasks: int, spacing: float) -> np.ndarray:
     rows.append([edges[i + 1] - edges[i] - 1 for i in range(num_tasks)])
   counts = np.asarray(rows, dtype=np.int64)[::-1].reshape(-1, num_tasks)
   return counts / float(n)
+
+
+def nested_simplex(num_tasks: int, spacing: float, coarse_spacing: float) -> tuple[np.ndarray, np.ndarray]:
+  """A fine simplex lattice and a coarser one inside it: the preview grid and the joint-training (exact) grid.
+
+  The lattice of spacing 1/m is a subset of the lattice of spacing 1/n exactly when m divides n (a point k/m is
+  (k n/m)/n), so previews on the fine grid can be scored at every point of the coarse one. Checked here, before any
+  training, with an error naming both spacings.
+
+  Args:
+    num_tasks: T.
+    spacing: the fine lattice's step 1/n (the preview grid).
+    coarse_spacing: the coarse lattice's step 1/m, with m dividing n (the exact grid; equal to `spacing` for one grid).
+
+  Returns:
+    `(simplex(num_tasks, spacing), simplex(num_tasks, coarse_spacing))`.
+
+  Example:
+    >>> from bmerge import grid
+    >>> fine, coarse = grid.nested_simplex(3, 0.05, 0.1)
+    >>> fine.shape, coarse.shape
+    ((231, 3), (66, 3))
+    >>> bool(all((fine == row).all(axis=1).any() for row in coarse))   # every coarse point is a fine one
+    True
+  """
+  n, m = _divisions(spacing), _divisions(coarse_spacing, "coarse_spacing")
+  if n % m:
+    raise ValueError(f"`coarse_spacing` = {coarse_spacing!r} must be a multiple of `spacing` = {spacing!r} (1/spacing "
+                     f"= {n} a multiple of 1/coarse_spacing = {m}), so that every coarse point is a fine one.")
+  return simplex(num_tasks, spacing), simplex(num_tasks, coarse_spacing)
 
 
 def line(spacing: float) -> np.ndarray:
