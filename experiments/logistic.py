@@ -132,8 +132,10 @@ def build_posteriors(config, d: Data, cache_dir: str) -> tuple[dict, dict]:
   stages = {}
 
   def cached_fit(name, fn, *args):
-    stages[f"posteriors {name}"] = checkpoint.cached_call(cache_dir, name, fn, *args)
-    return stages[f"posteriors {name}"].value
+    print(f"posteriors {name}: ...", end="", flush=True)  # the learners are single compiled calls: one line each
+    stages[f"posteriors {name}"] = got = checkpoint.cached_call(cache_dir, name, fn, *args)
+    print(" loaded" if got.loaded else f" built in {got.seconds + got.compile_seconds:.1f} s", flush=True)
+    return got.value
 
   # MAP of every task: joint training at the simplex vertices (the exact baseline's optimizer, budget and start, so
   # the previews' vertices are the exact solution's).
@@ -236,7 +238,7 @@ def train_exact(config, d: Data, alphas, evaluate, workdir: str, tag: str = "exa
   with timing.recording() as log:
     out = exact.joint_train(losses, jnp.zeros(p), alphas, gd(config.gd), config.gd.num_steps, d.train,
                             eval_fn=evaluate, eval_batch=d.test, chunk_size=config.chunk_size, workdir=workdir,
-                            tag=tag, progress=False)
+                            tag=tag, progress=True)
   return np.asarray(out), timing.combine(tag, log)
 
 
@@ -329,7 +331,7 @@ def run(config, workdir: str) -> bmerge.Comparison:
   details = {"config": config.to_dict(), "test_examples_per_task": d.test_tasks.sum(0).astype(int).tolist()}
   if config.run_recommended:  # joint training at the recommended alphas: the regret a user would see
     source = bmerge.preview(rule(recommend, config.em_iters), posts[recommend], alphas, evaluate, d.test,
-                            chunk_size=config.chunk_size, workdir=workdir, tag=f"preview_{recommend}", progress=False)
+                            chunk_size=config.chunk_size, workdir=workdir, tag=f"preview_{recommend}", progress=True)
     top = alphas[np.argsort(-np.mean(source, axis=1), kind="stable")[:config.recommend_k]]
     joint = np.mean(train_exact(config, d, top, evaluate, workdir, tag="recommended")[0], axis=1)
     details["recommended_joint"] = {"alphas": top.tolist(), "joint_accuracy": joint.tolist(),
@@ -342,7 +344,7 @@ def run(config, workdir: str) -> bmerge.Comparison:
   options = bmerge.CompareOptions(
       metric="test accuracy", percent=True, task_names=list(config.task_names), costs=costs, paper=_paper(config),
       title=f"{name} ({size}x{size}), {split} split: logistic regression, P = {p}", details=details,
-      recommend=recommend, top_k=config.recommend_k, chunk_size=config.chunk_size, progress=False,
+      recommend=recommend, top_k=config.recommend_k, chunk_size=config.chunk_size, progress=True,
       **config.report.to_dict())
   entries = [bmerge.Entry(m, posts[m], rule(m, config.em_iters), DESCRIBE[m]) for m in config.methods]
   comparison = bmerge.compare(entries, evaluate, d.test, alphas, exact=exact_correct, exact_alphas=exact_alphas,
