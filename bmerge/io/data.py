@@ -96,16 +96,15 @@ def _check_split_args(seed, fraction, name: str) -> None:
 
 def _stratified_split(x: np.ndarray, y: np.ndarray, seed: int, **size):
   """(train_x, test_x, train_y, test_y), stratified by class, chosen by `seed`; `size`: test_size= or train_size=."""
-  from sklearn.model_selection import train_test_split  # pylint: disable=g-import-not-at-top
-
-  return train_test_split(x, y, random_state=int(seed), stratify=y, **size)
+  selection = _checks.optional_import("sklearn.model_selection", "experiments", "bmerge.data's stratified splits",
+                                      "scikit-learn")
+  return selection.train_test_split(x, y, random_state=int(seed), stratify=y, **size)
 
 
 def _load_digits(seed: int, test_fraction: float) -> Dataset:
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-
+  datasets = _checks.optional_import("sklearn.datasets", "experiments", "bmerge.data.load('digits')", "scikit-learn")
   _check_split_args(seed, test_fraction, "test_fraction")
-  bunch = load_digits()
+  bunch = datasets.load_digits()
   x = (bunch.data / 16.0).astype(np.float32)
   y = bunch.target.astype(np.int32)
   train_x, test_x, train_y, test_y = _stratified_split(x, y, seed, test_size=test_fraction)
@@ -120,6 +119,7 @@ MNIST5K_SHA256 = "846f6cad587fea3877f6e0fe0a1968dfc68867ce170d3bc9fc2dccdbed1796
 def _mnist5k_raw() -> tuple[np.ndarray, np.ndarray]:
   """The shipped file parsed once per process: pixels uint8 [5000, 784] and labels int32 [5000], in file order."""
   package, path = MNIST5K_RESOURCE
+  _checks.optional_import(package, "experiments", "bmerge.data.load('mnist5k')")
   resource = importlib.resources.files(package).joinpath(path)
   blob = resource.read_bytes()
   _checks.sha256(blob, MNIST5K_SHA256, f"MNIST-5k's file {package}/{path} ({resource})")
@@ -139,7 +139,8 @@ def _load_mnist5k(seed: int, test_fraction: float) -> Dataset:
 
 
 def _load_tfds(name: str, data_dir: Optional[str]) -> Dataset:
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds = _checks.optional_import("tensorflow_datasets", "experiments", f"bmerge.data.load({name!r})",
+                                 "tensorflow-datasets")
 
   arrays = {}
   num_classes = None
