@@ -422,6 +422,7 @@ def test_each_method_is_charged_its_own_compilation_and_a_resumed_run_reports_th
   resumed compare() reports exactly the first run's stored seconds, says the previews were loaded, and compares no
   figure of the old run with one of the new."""
   alphas = grid.simplex(3, 0.25)
+  bmerge.grid.evaluate.clear_cache()  # as in a fresh process: another test may have compiled this preview already
   entries = [comparison.Entry("first", _posteriors(), merge.hessian_weighted),
              comparison.Entry("second", _posteriors(MEANS + 0.5), merge.hessian_weighted)]
   kw = dict(exact=_exact(alphas), workdir=str(tmp_path / "work"), progress=False,
