@@ -332,10 +332,6 @@ def _pareto_section(summary) -> list[str]:
   return lines + [""]
 
 
-def _seconds(cost) -> Optional[float]:
-  return cost.get("seconds") if isinstance(cost, Mapping) else cost
-
-
 def _cost_section(summary) -> list[str]:
   costs = summary.get("costs") or {}
   if not costs:
