@@ -19,4 +19,4 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m experiments.preview --config=configs/digits_imbalanced.py --workdir=runs/digits_imbalanced
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 -q
+	$(VENV)/bin/python -m pytest -n 2 --dist loadgroup -q

@@ -51,6 +51,7 @@ from bmerge.assess import metrics
 from bmerge.assess import pareto
 from bmerge.assess import plot
 from bmerge.grid import lattice
+from experiments import devices
 from experiments import pareto_baselines as baselines
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -547,6 +548,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  devices.apply()
   result = run(flags.FLAGS.config, flags.FLAGS.workdir)
   print(f"goal {'met' if result['goal']['met'] else 'not met'}; report: "
         f"{pathlib.Path(flags.FLAGS.config.output or flags.FLAGS.workdir).resolve() / 'report.md'}")

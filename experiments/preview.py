@@ -7,7 +7,8 @@ r"""The main job: build per-task posteriors, preview every alpha of a grid, comp
 
 The config's `experiment` names the module in `experiments/` whose `run(config, workdir)` does the work and returns
 the `bmerge.comparison.Comparison` of its previews against joint training. Everything finished is saved in the
-workdir; running the same command again resumes and recomputes nothing already done.
+workdir; running the same command again resumes and recomputes nothing already done. `--cpu_devices N` splits the CPU
+into N JAX devices first (default: one per core; see `experiments/devices.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from bmerge import report
+from experiments import devices
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py[:variant]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where posteriors, chunks, metrics, figures and the report go.")
@@ -30,6 +32,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save INFO lines out of the table
+  devices.apply()  # one JAX device per core (--cpu_devices): the grid stages spread their alphas over them
   config = FLAGS.config
   module = importlib.import_module(f"experiments.{config.experiment}")
   result = module.run(config, FLAGS.workdir)

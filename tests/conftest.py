@@ -5,12 +5,17 @@ A test that needs data which `make test` installs (the MiniLM wheel, the sentime
 still runs the rest. With the environment variable BMERGE_REQUIRE_DATA=1 (as .ci/run sets it) every skip of such a
 test, from the marker or from a `pytest.skip` in one of its fixtures, is a failure instead: CI cannot pass with the
 data missing.
+
+The tests share one persistent JAX compilation cache per run (across xdist workers and the subprocesses they start):
+a function compiled by one test (say the `:small` experiments' mixture EM) is loaded, not compiled again, by the next.
+Tests of compilation timing use functions that compile under the cache's one-second threshold.
 """
 
 import functools
 import os
 import subprocess
 import sys
+import tempfile
 from typing import Callable, NamedTuple
 
 import jax
@@ -24,6 +29,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def pytest_configure(config):
+  run = getattr(config, "workerinput", {}).get("testrunuid") or f"{os.getpid()}"
+  cache = os.path.join(tempfile.gettempdir(), f"bmerge-tests-jax-cache-{run}")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache  # subprocesses started by tests inherit it
+  jax.config.update("jax_compilation_cache_dir", cache)
   config.addinivalue_line("markers", "shipped_data(missing, reason): needs data that `make test` installs; skipped "
                           f"when missing, a failure instead when {REQUIRE_DATA}=1")
 

@@ -22,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "experiments/README.md", "experiments/benchmarks/README.md", "bmerge/GUIDE.md")
 README_MAX_LINES = 200
 QUICK_START_MAX_LINES = 25
-DEVICES_MARKER = re.compile(r"test: devices=(\d+)")
+DEVICES_MARKER = re.compile(r"test: (?:devices=(\d+)|fresh process)")  # run alone, seeing N CPU devices
 GUIDE_CODE_MARKER = re.compile(r"guide-code: (tests/\S+\.py)")
 CONTINUES_MARKER = re.compile(r"test: continues the quick start")
 
@@ -182,10 +182,12 @@ def test_python_block_runs(block, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("block", ON_DEVICES, ids=_id)
 def test_python_block_runs_on_forced_host_devices(block, tmp_path):
-  """Blocks marked `<!-- test: devices=N -->` run in a fresh process that sees N CPU devices."""
+  """Blocks marked `<!-- test: devices=N -->` run in a fresh process that sees N CPU devices; blocks marked
+  `<!-- test: fresh process -->` (those that configure JAX before its first computation) in one left as it is."""
   devices = DEVICES_MARKER.search(block.marker).group(1)
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             PYTHONPATH=str(ROOT))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  if devices:
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
   before = _repo_state()
   proc = subprocess.run([sys.executable, "-c", block.code], cwd=tmp_path, env=env, capture_output=True, text=True,
                         timeout=600)
@@ -272,10 +274,15 @@ for module_name, commands in json.load(sys.stdin).items():
     module = importlib.import_module(module_name)
     if hasattr(module, "define_flags"):
       module.define_flags()
+    shared = getattr(module, "devices", None)  # experiments.devices: its --cpu_devices is every entry point's flag
+    if shared is not None and "cpu_devices" not in FLAGS:
+      importlib.reload(shared)
   except Exception as e:
     errors.append(f"{module_name}: cannot import and define its flags: {type(e).__name__}: {e}")
     continue
-  own = {f.name for f in FLAGS.flags_by_module_dict().get(module_name, [])}
+  own = {f.name for name in (module_name, "experiments.devices")
+         for f in FLAGS.flags_by_module_dict().get(name, [])
+         if name == module_name or getattr(module, "devices", None) is not None}
   for argv in commands:
     where = f"python -m {module_name} {' '.join(argv)}"
     for arg in argv:

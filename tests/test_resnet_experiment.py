@@ -33,6 +33,9 @@ from bmerge.models import resnet
 from bmerge.optim import ivon, ivon_posterior, ivon_sample
 from bmerge.optim import multi_ivon
 
+# One worker runs this module, so its module fixture (the `:small` run) is computed once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("resnet_small")
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Library pieces, on small closed-form problems.

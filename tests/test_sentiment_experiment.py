@@ -29,6 +29,9 @@ from conftest import run_python
 from configs import sentiment as sentiment_config
 from experiments import sentiment
 
+# One worker runs this module, so its module fixture (the `:small` run) is computed once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("sentiment_small")
+
 _CACHE = _sentiment.data_dir() / _sentiment.SUBDIR
 needs_model_and_data = pytest.mark.shipped_data(
     importlib.util.find_spec(bert.MINILM_PACKAGE) is None

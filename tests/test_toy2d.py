@@ -9,6 +9,8 @@ training them again.
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +25,9 @@ from bmerge.optim import mog as mog_lib
 from bmerge.optim import von as von_lib
 from configs import toy2d as toy_config
 from experiments import toy2d
+
+# One worker runs this module, so its module fixture (the `:small` run) is computed once (make test: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("toy2d_small")
 
 METHOD_KEYS = {"mse", "best_alpha", "best_preview", "exact_at_best", "spearman", "regret_at_1", "regret_at_5"}
 
@@ -304,3 +309,24 @@ def test_posteriors_against_quadrature_of_the_target(small):
       tv[name] = 0.5 * area * np.sum(np.abs(q_dens - p))
     assert 0.0 <= kl["mog"] < 0.05 and kl["mog"] < 0.5 * kl["von"], (t, kl)
     assert tv["mog"] < 0.1 and tv["mog"] < tv["von"], (t, tv)
+
+
+def test_results_do_not_depend_on_the_cpu_device_count(small, tmp_path):
+  """The command line splits the CPU into one JAX device per core (`--cpu_devices`); run on 2 devices, the `:small`
+  experiment reports what the fixture's single-device run reported, to 1e-5."""
+  config, _, result, _ = small
+  assert jax.device_count() == 1
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "experiments.preview", "--config=configs/toy2d.py:small",
+                         f"--workdir={tmp_path}", "--cpu_devices=2"], cwd=root, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with open(os.path.join(tmp_path, "metrics.json")) as f:
+    split = json.load(f)
+  one = json.loads(json.dumps(result["metrics"]))
+  assert {c["machine"]["device_count"] for c in split["costs"].values() if c.get("machine")} == {2}
+  assert set(split["methods"]) == set(one["methods"])
+  for name, m in one["methods"].items():
+    for key in ("mse", "best_preview", "exact_at_best", "spearman"):
+      np.testing.assert_allclose(split["methods"][name][key], m[key], rtol=1e-5, atol=1e-7, err_msg=f"{name} {key}")
+    np.testing.assert_allclose(split["methods"][name]["best_alpha"], m["best_alpha"], atol=1e-7)

@@ -24,11 +24,11 @@ Defaults: (a)-(c) T=3, K=10, P=260,000, G=231 (simplex spacing 0.05), 10 iterati
 as such). `vmap` of the elementwise single-alpha EM materialises G x T x K x P floats (7.2 GB at the default sizes),
 so it is timed on `--vmap_alphas` alphas. `--nodiag` runs only (d)-(e), `--nofull` only (a)-(c). Run:
   python -m experiments.benchmarks.merge_grid [--params 260000] [--components 10] [--spacing 0.05]
-  python -m experiments.benchmarks.merge_grid --nodiag [--full_params 650,1970] [--full_spacing 0.02] [--cpu_devices 2]
+  python -m experiments.benchmarks.merge_grid --nodiag [--full_params 650,1970] [--full_spacing 0.02] [--cpu_devices 1]
 
-With `--cpu_devices N` the library's kernels split the grid across N devices of this CPU (each loops over its own
-chunks, concurrently); the `lax.map` + LAPACK baseline stays on one device, so compare its time with a run without
-the flag too.
+The library's kernels split the grid across `--cpu_devices` devices of this CPU (default: one per core; each loops
+over its own chunks, concurrently); the `lax.map` + LAPACK baseline stays on one device, so compare its time with a
+run at `--cpu_devices 1` too.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from bmerge.merge import _fullcov
 from bmerge import em
 from bmerge import grid
 from bmerge import merge
+from experiments import devices
 from experiments.benchmarks.common import block, matmul_flops, median_time
 
 FLAGS = flags.FLAGS
@@ -69,8 +70,6 @@ def define_flags():
   flags.DEFINE_float("full_spacing", 0.02, "simplex spacing of (d)-(e) (G = 1,326 for T = 3)")
   flags.DEFINE_integer("full_new_alphas", 0, "time the new kernels on at most this many alphas (0: all); for "
                        "P > 1,024 at most 64 unless set")
-  flags.DEFINE_integer("cpu_devices", 0, "split this CPU into N JAX devices first (jax_num_cpu_devices; 0: leave "
-                       "as is): the full-covariance kernels then run each device's share of the chunks concurrently")
   flags.DEFINE_integer("full_old_alphas", 8, "alphas on which the lax.map and per-alpha-loop baselines are timed "
                        "(a sixth of them, at least 2, for P > 1,024)")
 
@@ -278,8 +277,7 @@ def run_full(params=(650, 1970), tasks: int = 3, components: int = 20, spacing: 
 
 
 def main(_):
-  if FLAGS.cpu_devices:
-    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  devices.apply()
   print(f"devices: {jax.devices()}")
   if FLAGS.diag:
     run_diag()

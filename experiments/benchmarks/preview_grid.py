@@ -21,7 +21,8 @@ regression (650 parameters). Posteriors are Laplace approximations: per task, th
 plus prior_precision / 2 |theta|^2 (full-batch GD with momentum, `--map_steps` steps), and the exact Hessian of
 that loss there (its diagonal for `DiagGaussian`). The timings do not depend on their quality. Run:
   python -m experiments.benchmarks.preview_grid [--spacing 0.02] [--chunk_size 128] [--nofull] [--full_alphas 128]
-                                               [--cpu_devices 2]
+                                               [--cpu_devices 1]
+The preview splits its chunks across `--cpu_devices` devices (default: one per core); the per-alpha loops run on one.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from bmerge import data
 from bmerge import grid
 from bmerge import merge
 from bmerge.models import logistic
+from experiments import devices
 from experiments.benchmarks.common import block, matmul_flops, median_time
 
 FLAGS = flags.FLAGS
@@ -58,8 +60,6 @@ def define_flags():
   flags.DEFINE_bool("nll", False, "evaluate the test NLL too (not only the accuracy)")
   flags.DEFINE_integer("full_alphas", 128, "the full-covariance line times both sides on this many alphas of the grid "
                        "(one Cholesky each; 0: all of them)")
-  flags.DEFINE_integer("cpu_devices", 0, "split this CPU into N JAX devices first (jax_num_cpu_devices; 0: leave "
-                       "as is); the preview splits its chunks across them, the per-alpha loops run on one")
 
 TASKS = ((0, 1), (2, 3, 4), (5, 6, 7, 8, 9))
 PRIOR_PRECISION = 1.0
@@ -274,8 +274,7 @@ def run(spacing: float, chunk_size: int, repeats: int, map_steps: int, full: boo
 
 
 def main(_):
-  if FLAGS.cpu_devices:
-    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  devices.apply()
   run(FLAGS.spacing, FLAGS.chunk_size, FLAGS.repeats, FLAGS.map_steps, FLAGS.full, FLAGS.full_alphas, nll=FLAGS.nll)
 
 
