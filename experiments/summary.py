@@ -41,8 +41,12 @@ __all__ = ["HEADER", "NOT_RECORDED", "RESULTS", "available", "load", "rows", "ta
 
 
 def available(results: pathlib.Path = RESULTS) -> list[str]:
-  """The names of the result folders that hold a `metrics.json`, sorted."""
-  return sorted(p.parent.name for p in pathlib.Path(results).glob("*/metrics.json"))
+  """The names of the result folders whose `metrics.json` scores previews (has "methods"), sorted.
+
+  Other records (the Pareto benchmark's, which compares front estimators) have reports of their own.
+  """
+  return sorted(p.parent.name for p in pathlib.Path(results).glob("*/metrics.json")
+                if "methods" in json.loads(p.read_text()))
 
 
 def load(name: str, results: pathlib.Path = RESULTS) -> dict:
